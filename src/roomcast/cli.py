@@ -1,0 +1,143 @@
+"""The ``roomcast`` command: a thin layer over :class:`~roomcast.settings.Settings`.
+
+Every flag has an environment variable (``ROOMCAST_<NAME>``); a flag given on the command line
+wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from roomcast.errors import ConfigurationError
+from roomcast.settings import LogLevel, Settings
+
+__all__ = ["cli", "main"]
+
+cli = typer.Typer(
+    name="roomcast",
+    help="roomcast: a real-time WebSocket server for Python, on FastAPI and uvicorn.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _opt(env: str, help_: str) -> Any:
+    return typer.Option(envvar=f"ROOMCAST_{env}", help=help_, show_envvar=True)
+
+
+@cli.callback()
+def _root() -> None:
+    """roomcast: a real-time WebSocket server for Python, on FastAPI and uvicorn."""
+
+
+@cli.command()
+def serve(
+    host: Annotated[str | None, _opt("HOST", "Interface to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, _opt("PORT", "TCP port (default 8000).")] = None,
+    workers: Annotated[
+        int | None, _opt("WORKERS", "Worker processes; above 1 needs a shared broker (default 1).")
+    ] = None,
+    broker: Annotated[
+        str | None, _opt("BROKER_URL", "Where rooms live (default memory://).")
+    ] = None,
+    max_message_size: Annotated[
+        int | None, _opt("MAX_MESSAGE_SIZE", "Largest client message in bytes (default 1 MiB).")
+    ] = None,
+    outbox_size: Annotated[
+        int | None,
+        _opt("OUTBOX_SIZE", "Messages queued per chat member before it is cut (default 1024)."),
+    ] = None,
+    ping_interval: Annotated[
+        float | None, _opt("PING_INTERVAL", "Seconds between pings, 0 = off (default 20).")
+    ] = None,
+    ping_timeout: Annotated[
+        float | None, _opt("PING_TIMEOUT", "Seconds to wait for a pong (default 20).")
+    ] = None,
+    drain_timeout: Annotated[
+        float | None,
+        _opt("DRAIN_TIMEOUT", "Seconds handlers get after SIGTERM/SIGINT (default 5)."),
+    ] = None,
+    log_level: Annotated[
+        LogLevel | None, _opt("LOG_LEVEL", "critical|error|warning|info|debug|trace.")
+    ] = None,
+    access_log: Annotated[
+        bool | None, _opt("ACCESS_LOG", "Log each request and handshake (default on).")
+    ] = None,
+) -> None:
+    """Start the server (tokens for /ws/secure: ROOMCAST_TOKENS='{"token": "user"}')."""
+    given = {
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "broker_url": broker,
+        "max_message_size": max_message_size,
+        "outbox_size": outbox_size,
+        "ping_interval": ping_interval,
+        "ping_timeout": ping_timeout,
+        "drain_timeout": drain_timeout,
+        "log_level": log_level,
+        "access_log": access_log,
+    }
+    try:
+        settings = Settings.model_validate(
+            {key: value for key, value in given.items() if value is not None}
+        )
+    except ConfigurationError as error:
+        typer.echo(f"roomcast: {error}", err=True)
+        raise typer.Exit(2) from None
+    except ValidationError as error:
+        for problem in error.errors():
+            where = ".".join(str(part) for part in problem["loc"]) or "settings"
+            typer.echo(f"roomcast: {where}: {problem['msg']}", err=True)
+        raise typer.Exit(2) from None
+    run(settings)
+
+
+def run(settings: Settings) -> None:
+    """Serve ``settings`` with uvicorn until SIGTERM/SIGINT, then exit 0 after draining."""
+    import uvicorn
+
+    from roomcast.app import create_app
+    from roomcast.logs import logging_config
+
+    config = uvicorn.Config(
+        create_app(settings, announce=True),
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_message_size,
+        ws_ping_interval=settings.ping_interval or None,
+        ws_ping_timeout=settings.ping_timeout,
+        # uvicorn takes whole seconds here.
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
+        log_level=settings.log_level,
+        log_config=logging_config(settings.log_level),
+        access_log=settings.access_log,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down, to let the previous
+    # handler run; with Python's defaults that turns a clean drain into "killed by SIGTERM"
+    # (exit 143) or a KeyboardInterrupt traceback. A drained shutdown is a success: exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
+    server.run()
+    if not server.started:
+        sys.exit(1)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    sys.exit(0)
+
+
+def main() -> None:
+    """Entry point of the ``roomcast`` console script and ``python -m roomcast``."""
+    cli()

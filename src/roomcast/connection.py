@@ -1,0 +1,195 @@
+"""One client connection on a classic endpoint, spoken in raw ASGI.
+
+The classic endpoints talk to the ASGI server directly instead of through Starlette's
+``WebSocket`` wrapper: each message is one ``receive()`` or ``send()`` of the server, with the
+checks roomcast needs (frame type, size) and nothing else on the per-message path.
+
+A :class:`Connection` never raises for a peer that went away: receiving returns ``None`` and
+sending returns ``False``, so handlers end by falling out of their loop, not through an
+exception and a traceback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable
+from typing import Any, NewType
+from urllib.parse import parse_qsl
+
+from starlette.types import Message, Receive, Scope, Send
+
+from roomcast.closecodes import CloseCode
+from roomcast.errors import ClientError, MessageTooBig, UnsupportedData
+
+__all__ = ["ConnId", "Connection", "redacted_path"]
+
+logger = logging.getLogger("roomcast.connection")
+
+#: A connection's id: short, unique within the process, present in every log line about it.
+ConnId = NewType("ConnId", str)
+
+_ids = itertools.count(1)
+
+
+def redacted_path(scope: Scope) -> str:
+    """The request path for logs, with its query string left out (it may hold a token)."""
+    path: str = scope.get("path", "")
+    return path
+
+
+class Connection:
+    """An accepted (or about to be accepted) WebSocket on a classic endpoint."""
+
+    __slots__ = (
+        "_receive",
+        "_send",
+        "close_code",
+        "closed",
+        "id",
+        "max_size",
+        "path",
+        "scope",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, max_size: int) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self.max_size = max_size
+        self.id = ConnId(f"{next(_ids):x}")
+        self.path = redacted_path(scope)
+        #: True once a close frame was sent or the peer disconnected.
+        self.closed = False
+        #: The close code seen when the connection ended (sent or received).
+        self.close_code: int | None = None
+
+    # -- handshake ------------------------------------------------------------------------
+
+    def query(self) -> dict[str, str]:
+        """The query string's parameters (the last value wins for a repeated name)."""
+        raw: bytes = self.scope.get("query_string", b"")
+        return dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
+
+    async def accept(self, headers: Iterable[tuple[bytes, bytes]] = ()) -> bool:
+        """Complete the handshake; ``False`` if the client left before it completed."""
+        message = await self._receive()
+        if message["type"] != "websocket.connect":
+            self.closed = True
+            return False
+        try:
+            await self._send({"type": "websocket.accept", "headers": list(headers)})
+        except OSError:
+            self.closed = True
+            return False
+        return True
+
+    async def deny(self, reason: str) -> None:
+        """Refuse the handshake: the client gets HTTP 403 and the WebSocket never opens.
+
+        A close before accept is the one refusal every ASGI server supports (ASGI spec,
+        ``websocket.close`` while connecting). Custom statuses through the
+        ``websocket.http.response`` extension would be nicer, but uvicorn's websockets-sansio
+        protocol logs an ERROR for each one, which a client could flood.
+        """
+        self.closed = True
+        self.close_code = int(CloseCode.POLICY_VIOLATION)
+        message = await self._receive()
+        if message["type"] != "websocket.connect":
+            return
+        try:
+            await self._send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
+        except OSError:
+            return
+        logger.info("conn=%s %s refused with HTTP 403: %s", self.id, self.path, reason)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def receive(self) -> str | bytes | None:
+        """The next message, text or bytes; ``None`` once the peer has disconnected.
+
+        Raises :class:`MessageTooBig` for a message over :attr:`max_size` bytes. The ASGI
+        server usually enforces the limit itself (uvicorn's ``ws_max_size``, closing with 1009
+        before the message is even assembled); this check covers servers configured otherwise.
+        """
+        message = await self._receive()
+        if message["type"] == "websocket.receive":
+            text: str | None = message.get("text")
+            if text is not None:
+                # len(text) <= len(utf-8 bytes) <= 4 * len(text): encode only when in doubt.
+                if len(text) * 4 > self.max_size and len(text.encode()) > self.max_size:
+                    raise MessageTooBig(f"message over {self.max_size} bytes")
+                return text
+            data: bytes = message.get("bytes") or b""
+            if len(data) > self.max_size:
+                raise MessageTooBig(f"message over {self.max_size} bytes")
+            return data
+        self._disconnected(message)
+        return None
+
+    async def receive_text(self) -> str | None:
+        """The next text message; ``None`` after a disconnect. A binary frame is an error."""
+        data = await self.receive()
+        if isinstance(data, bytes):
+            raise UnsupportedData(f"{self.path} takes text frames, not binary")
+        return data
+
+    async def receive_bytes(self) -> bytes | None:
+        """The next binary message; ``None`` after a disconnect. A text frame is an error."""
+        data = await self.receive()
+        if isinstance(data, str):
+            raise UnsupportedData(f"{self.path} takes binary frames, not text")
+        return data
+
+    def _disconnected(self, message: Message) -> None:
+        self.closed = True
+        code = message.get("code")
+        if code is not None and self.close_code is None:
+            self.close_code = int(code)
+            if code == CloseCode.MESSAGE_TOO_BIG:
+                # The ASGI server cut an oversize message before the app saw it.
+                logger.info(
+                    "conn=%s %s closed %d: message over %d bytes",
+                    self.id,
+                    self.path,
+                    code,
+                    self.max_size,
+                )
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def send_text(self, text: str) -> bool:
+        """Send a text message; ``False`` if the peer is gone."""
+        return await self.send_message({"type": "websocket.send", "text": text})
+
+    async def send_bytes(self, data: bytes) -> bool:
+        """Send a binary message; ``False`` if the peer is gone."""
+        return await self.send_message({"type": "websocket.send", "bytes": data})
+
+    async def send_message(self, message: dict[str, Any]) -> bool:
+        """Send a prepared ASGI ``websocket.send`` message (shared by a broadcast's members)."""
+        if self.closed:
+            return False
+        try:
+            await self._send(message)
+        except OSError:
+            # uvicorn raises ClientDisconnected (an OSError) for a peer that is gone.
+            self.closed = True
+            return False
+        return True
+
+    async def close(self, code: CloseCode = CloseCode.NORMAL, reason: str = "") -> None:
+        """Send a close frame, once; a peer that is already gone is not an error."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_code = int(code)
+        try:
+            await self._send({"type": "websocket.close", "code": int(code), "reason": reason})
+        except OSError:
+            return
+
+    async def fail(self, error: ClientError) -> None:
+        """End the connection for a client error, with one log line and no traceback."""
+        logger.info("conn=%s %s closed %d: %s", self.id, self.path, error.close_code, error.reason)
+        await self.close(error.close_code, error.reason)

@@ -1,0 +1,69 @@
+"""roomcast's exceptions.
+
+Every error a client can cause carries the close code it ends the connection with::
+
+    RoomcastError
+    └── ClientError          (the client did something the endpoint does not accept)
+        ├── UnsupportedData  1003  wrong frame type
+        ├── InvalidPayload   1007  e.g. invalid JSON
+        ├── PolicyViolation  1008  e.g. a query parameter out of bounds
+        └── MessageTooBig    1009  over ROOMCAST_MAX_MESSAGE_SIZE
+    ConfigurationError       a setting that cannot work (not tied to a connection)
+"""
+
+from __future__ import annotations
+
+from roomcast.closecodes import CloseCode
+
+__all__ = [
+    "ClientError",
+    "ConfigurationError",
+    "InvalidPayload",
+    "MessageTooBig",
+    "PolicyViolation",
+    "RoomcastError",
+    "UnsupportedData",
+]
+
+
+class RoomcastError(Exception):
+    """Root of every roomcast exception."""
+
+
+class ConfigurationError(RoomcastError):
+    """The settings describe a server that cannot work as asked."""
+
+
+class ClientError(RoomcastError):
+    """A client broke an endpoint's rules; the connection ends with :attr:`close_code`."""
+
+    close_code: CloseCode = CloseCode.POLICY_VIOLATION
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        #: Sent in the close frame; RFC 6455 section 5.5 limits it to 123 bytes.
+        self.reason = reason.encode()[:123].decode(errors="ignore")
+
+
+class UnsupportedData(ClientError):
+    """A binary frame where text is expected, or the reverse."""
+
+    close_code = CloseCode.UNSUPPORTED_DATA
+
+
+class InvalidPayload(ClientError):
+    """A message whose content the endpoint cannot accept, such as invalid JSON."""
+
+    close_code = CloseCode.INVALID_PAYLOAD
+
+
+class PolicyViolation(ClientError):
+    """A request the endpoint refuses by policy, such as a parameter out of bounds."""
+
+    close_code = CloseCode.POLICY_VIOLATION
+
+
+class MessageTooBig(ClientError):
+    """A message larger than the configured maximum."""
+
+    close_code = CloseCode.MESSAGE_TOO_BIG

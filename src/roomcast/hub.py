@@ -1,0 +1,198 @@
+"""Local fan-out: rooms of members, each with a bounded outbox and its own writer task.
+
+A broadcast builds its ASGI message once and appends the same object to every member's outbox;
+it never awaits anyone's socket, so a member that stops reading cannot stall the room.
+
+Overflow policy: a member whose outbox already holds ``outbox_size`` messages when another
+arrives is *cut*: removed from its room at once, its outbox dropped, and close 1013 (try again
+later) queued behind the message its writer is sending. The room's other members are told it
+left, as for any other departure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any, Final
+
+from roomcast.closecodes import CloseCode
+from roomcast.connection import Connection, ConnId
+
+__all__ = ["Hub", "Member", "Room"]
+
+logger = logging.getLogger("roomcast.hub")
+
+#: Marks the end of an outbox: the writer closes the connection when it reaches it.
+_CLOSE: Final[dict[str, Any]] = {"type": "roomcast.close"}
+
+
+class Member:
+    """A connection's membership in one room: its outbox and the task that drains it."""
+
+    __slots__ = (
+        "_close_reason",
+        "_outbox",
+        "_wakeup",
+        "_writer",
+        "active",
+        "conn",
+        "limit",
+        "room",
+    )
+
+    def __init__(self, conn: Connection, room: str, limit: int) -> None:
+        self.conn = conn
+        self.room = room
+        self.limit = limit
+        #: False once the member left or was cut; its messages are no longer broadcast.
+        self.active = True
+        self._outbox: deque[dict[str, Any]] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._close_reason = ""
+
+    def push(self, message: dict[str, Any]) -> bool:
+        """Queue a message for this member; ``False`` if the outbox is full."""
+        outbox = self._outbox
+        if len(outbox) >= self.limit:
+            return False
+        outbox.append(message)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set_result(None)
+        return True
+
+    def close_after_current(self, reason: str) -> None:
+        """Drop the outbox and have the writer close with 1013 once its current send is done."""
+        self.active = False
+        self._close_reason = reason
+        self._outbox.clear()
+        self._outbox.append(_CLOSE)
+        if self._wakeup is not None:
+            wakeup, self._wakeup = self._wakeup, None
+            wakeup.set_result(None)
+
+    async def _write(self) -> None:
+        outbox = self._outbox
+        send = self.conn.send_message
+        loop = asyncio.get_running_loop()
+        while True:
+            while outbox:
+                message = outbox.popleft()
+                if message is _CLOSE:
+                    await self.conn.close(CloseCode.TRY_AGAIN_LATER, self._close_reason)
+                    return
+                if not await send(message):
+                    return
+            self._wakeup = loop.create_future()
+            await self._wakeup
+
+
+class Room:
+    """Members of one room, in join order, and what the others hear when one leaves."""
+
+    __slots__ = ("leave_notice", "members", "name")
+
+    def __init__(self, name: str, leave_notice: str | None) -> None:
+        self.name = name
+        self.leave_notice = leave_notice
+        self.members: dict[ConnId, Member] = {}
+
+
+class Hub:
+    """Rooms of one process; every method is synchronous except :meth:`stop`."""
+
+    def __init__(self, outbox_size: int) -> None:
+        self.outbox_size = outbox_size
+        self._rooms: dict[str, Room] = {}
+        self._writers: set[asyncio.Task[None]] = set()
+
+    def join(self, conn: Connection, room: str, leave_notice: str | None = None) -> Member:
+        """Add ``conn`` to ``room`` (created on first join) and start its writer."""
+        entry = self._rooms.get(room)
+        if entry is None:
+            entry = self._rooms[room] = Room(room, leave_notice)
+        member = Member(conn, room, self.outbox_size)
+        writer = asyncio.get_running_loop().create_task(
+            member._write(), name=f"roomcast-writer-{conn.id}"
+        )
+        member._writer = writer
+        self._writers.add(writer)
+        writer.add_done_callback(self._writers.discard)
+        entry.members[conn.id] = member
+        return member
+
+    def broadcast(self, room: str, text: str) -> int:
+        """Queue ``text`` for every member of ``room``; returns how many members got it."""
+        entry = self._rooms.get(room)
+        if entry is None:
+            return 0
+        message = {"type": "websocket.send", "text": text}
+        overflowed: list[Member] | None = None
+        for member in entry.members.values():
+            if not member.push(message):
+                if overflowed is None:
+                    overflowed = []
+                overflowed.append(member)
+        if overflowed is not None:
+            for member in overflowed:
+                self._cut(member)
+        return len(entry.members)
+
+    def _cut(self, member: Member) -> None:
+        logger.info(
+            "conn=%s %s cut %d: outbox overflow (%d messages unread)",
+            member.conn.id,
+            member.conn.path,
+            CloseCode.TRY_AGAIN_LATER,
+            member.limit,
+        )
+        member.close_after_current(f"too slow: more than {member.limit} messages unread")
+        self._remove(member)
+
+    def _remove(self, member: Member) -> None:
+        member.active = False
+        entry = self._rooms.get(member.room)
+        if entry is None or entry.members.pop(member.conn.id, None) is None:
+            return
+        if not entry.members:
+            del self._rooms[member.room]
+        elif entry.leave_notice is not None:
+            self.broadcast(member.room, entry.leave_notice)
+
+    async def leave(self, member: Member) -> None:
+        """Remove ``member`` (if still in its room), tell the room, and stop its writer."""
+        self._remove(member)
+        writer = member._writer
+        if writer is not None and not writer.done():
+            writer.cancel()
+            try:
+                await writer
+            except asyncio.CancelledError:
+                # Re-raise only if *we* are being cancelled, not just the writer.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+
+    def stats(self) -> dict[str, int]:
+        """Counts for ``/stats``: rooms, members and live writer tasks."""
+        return {
+            "rooms": len(self._rooms),
+            "chat_members": sum(len(room.members) for room in self._rooms.values()),
+            "writer_tasks": len(self._writers),
+        }
+
+    def members(self, room: str) -> list[Member]:
+        """The members of ``room`` in join order (empty for an unknown room)."""
+        entry = self._rooms.get(room)
+        return list(entry.members.values()) if entry is not None else []
+
+    async def stop(self) -> None:
+        """Cancel every writer (server shutdown, after handlers had their drain time)."""
+        writers = list(self._writers)
+        for writer in writers:
+            writer.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
+        self._rooms.clear()

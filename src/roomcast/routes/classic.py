@@ -1,0 +1,210 @@
+"""The guide's eight endpoints, with the guide's exact messages, made safe.
+
+Each endpoint is a raw ASGI app (see :mod:`roomcast.connection` for why). What the guide leaves
+out is added here: frame-type and size checks with close codes, a stream that stops when its
+client leaves, rooms on the hub, and clean removal on every path out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+from collections.abc import Awaitable, Callable
+
+from starlette.routing import WebSocketRoute
+from starlette.types import Receive, Scope, Send
+
+from roomcast.closecodes import CloseCode
+from roomcast.connection import Connection
+from roomcast.errors import ClientError, InvalidPayload, PolicyViolation
+from roomcast.runtime import Runtime
+from roomcast.settings import Settings
+
+__all__ = ["DEFAULT_ROOM", "LEAVE_NOTICE", "ROOM_NAME", "classic_routes"]
+
+#: The room of ``/ws/chat``; named rooms cannot collide with it (``/`` is not a room character).
+DEFAULT_ROOM = "/"
+#: What the remaining members hear when one leaves (the guide's text).
+LEAVE_NOTICE = "A client left the chat"
+ROOM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+Handler = Callable[[Connection], Awaitable[None]]
+
+
+class ClassicEndpoint:
+    """Runs a handler on a :class:`Connection`; client errors end it with their close code."""
+
+    def __init__(self, runtime: Runtime, handler: Handler) -> None:
+        self.runtime = runtime
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        conn = Connection(scope, receive, send, self.runtime.settings.max_message_size)
+        connections = self.runtime.connections
+        connections.add(conn)
+        try:
+            await self.handler(conn)
+        except ClientError as error:
+            await conn.fail(error)
+        finally:
+            connections.discard(conn)
+
+
+def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
+    """The guide's endpoints, bound to ``runtime``."""
+    settings = runtime.settings
+    hub = runtime.hub
+
+    async def echo(conn: Connection) -> None:
+        if not await conn.accept():
+            return
+        while (text := await conn.receive_text()) is not None:
+            if not await conn.send_text(f"Echo: {text}"):
+                return
+
+    async def chat(conn: Connection, room: str = DEFAULT_ROOM) -> None:
+        if not await conn.accept():
+            return
+        member = hub.join(conn, room, LEAVE_NOTICE)
+        try:
+            while (text := await conn.receive_text()) is not None:
+                # A member cut for being slow keeps being read (so its close handshake can
+                # finish) but speaks no more.
+                if member.active:
+                    hub.broadcast(room, f"Client says: {text}")
+        finally:
+            await hub.leave(member)
+
+    async def named_chat(conn: Connection) -> None:
+        room: str = conn.scope.get("path_params", {}).get("room", "")
+        if ROOM_NAME.fullmatch(room) is None:
+            # Accept, then close 1008 with the reason: unlike an HTTP refusal, a browser can
+            # read a close reason.
+            if await conn.accept():
+                raise PolicyViolation("room names are 1-64 characters of A-Z a-z 0-9 _ . : -")
+            return
+        await chat(conn, room)
+
+    async def secure(conn: Connection) -> None:
+        user = runtime.tokens.user(conn.query().get("token"))
+        if user is None:
+            await conn.deny("invalid or missing token")
+            return
+        if not await conn.accept():
+            return
+        if not await conn.send_text(f"Hello, {user}! Welcome to the secure WebSocket."):
+            return
+        while (text := await conn.receive_text()) is not None:
+            if not await conn.send_text(f"You said: {text}"):
+                return
+
+    async def stream(conn: Connection) -> None:
+        if not await conn.accept():
+            return
+        count, interval = _stream_params(conn.query(), settings)
+        # Watch for the client leaving while we sleep, so the stream stops at once instead of
+        # at its next send (the guide notices only then, up to `interval` later).
+        left = asyncio.ensure_future(_until_disconnect(conn))
+        try:
+            for number in range(1, count + 1):
+                if not await conn.send_text(f"Streaming message {number}"):
+                    return
+                await asyncio.wait((left,), timeout=interval)
+                if left.done():
+                    error = left.result()
+                    if error is not None:
+                        raise error
+                    return
+            await conn.close(CloseCode.NORMAL)
+        finally:
+            left.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await left
+
+    async def methods_text(conn: Connection) -> None:
+        if not await conn.accept():
+            return
+        while (text := await conn.receive_text()) is not None:
+            if not await conn.send_text(f"Server received: {text}"):
+                return
+
+    async def methods_bytes(conn: Connection) -> None:
+        if not await conn.accept():
+            return
+        while (data := await conn.receive_bytes()) is not None:
+            if not await conn.send_bytes(b"Server received: " + data):
+                return
+
+    async def methods_json(conn: Connection) -> None:
+        if not await conn.accept():
+            return
+        while (text := await conn.receive_text()) is not None:
+            # The standard library's json on purpose: the reply must be byte-for-byte what the
+            # guide's Starlette send_json() writes (same separators, same float repr).
+            try:
+                data = json.loads(text)
+                reply = json.dumps(
+                    {"message": "Server received your JSON", "data": data},
+                    separators=(",", ":"),
+                    ensure_ascii=False,
+                )
+            except ValueError as error:
+                raise InvalidPayload(f"invalid JSON: {error}") from None
+            except RecursionError:
+                raise InvalidPayload("invalid JSON: nested too deeply") from None
+            if not await conn.send_text(reply):
+                return
+
+    async def methods_raw(conn: Connection) -> None:
+        if not await conn.accept():
+            return
+        while (data := await conn.receive()) is not None:
+            if isinstance(data, str):
+                sent = await conn.send_text(f"Raw echo: {data}")
+            else:
+                sent = await conn.send_bytes(b"Raw echo: " + data)
+            if not sent:
+                return
+
+    endpoints: dict[str, Handler] = {
+        "/ws/echo": echo,
+        "/ws/chat": chat,
+        "/ws/chat/{room}": named_chat,
+        "/ws/secure": secure,
+        "/ws/stream": stream,
+        "/ws/methods_text": methods_text,
+        "/ws/methods_bytes": methods_bytes,
+        "/ws/methods_json": methods_json,
+        "/ws/methods_raw": methods_raw,
+    }
+    return [
+        WebSocketRoute(path, ClassicEndpoint(runtime, handler), name=path.strip("/"))
+        for path, handler in endpoints.items()
+    ]
+
+
+def _stream_params(query: dict[str, str], settings: Settings) -> tuple[int, float]:
+    """``count`` and ``interval`` of ``/ws/stream``, checked against the settings' bounds."""
+    try:
+        count = int(query.get("count", "10"))
+        interval = float(query.get("interval", "1"))
+    except ValueError:
+        raise PolicyViolation("count must be an integer, interval a number of seconds") from None
+    if not 1 <= count <= settings.stream_max_count:
+        raise PolicyViolation(f"count must be between 1 and {settings.stream_max_count}")
+    if not (math.isfinite(interval) and 0 <= interval <= settings.stream_max_interval):
+        raise PolicyViolation(f"interval must be between 0 and {settings.stream_max_interval}")
+    return count, interval
+
+
+async def _until_disconnect(conn: Connection) -> ClientError | None:
+    """Read and discard until the peer leaves; a client error is returned, not raised."""
+    try:
+        while await conn.receive() is not None:
+            pass
+    except ClientError as error:
+        return error
+    return None

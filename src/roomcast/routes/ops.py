@@ -1,0 +1,30 @@
+"""Operational HTTP endpoints: liveness and live counters."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+
+from roomcast.runtime import Runtime
+
+__all__ = ["ops_router"]
+
+
+def ops_router(runtime: Runtime) -> APIRouter:
+    """``GET /health`` and ``GET /stats`` for ``runtime``."""
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/health", summary="Liveness: the server answers")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/stats", summary="Live counters of connections, rooms and tasks")
+    async def stats() -> dict[str, int]:
+        return {
+            "connections": len(runtime.connections),
+            **runtime.hub.stats(),
+            "asyncio_tasks": len(asyncio.all_tasks()),
+        }
+
+    return router

@@ -1,0 +1,60 @@
+"""What one roomcast app holds at run time: settings, the hub, tokens, live connections."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+
+from roomcast.connection import Connection
+from roomcast.hub import Hub
+from roomcast.settings import Settings
+
+__all__ = ["Runtime", "TokenTable"]
+
+#: The user a generated token stands for; the guide's name for its one user.
+GENERATED_TOKEN_USER = "authenticated_user"
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class TokenTable:
+    """Static tokens for ``/ws/secure``, looked up by digest.
+
+    Keying the table by SHA-256 of the token means a lookup's timing depends on the digest,
+    never on how many leading characters of a real token a guess got right.
+    """
+
+    __slots__ = ("_users", "generated")
+
+    def __init__(self, tokens: dict[str, str]) -> None:
+        #: The token made up at start when none was configured (printed once, never stored).
+        self.generated: str | None = None
+        if not tokens:
+            self.generated = secrets.token_urlsafe(24)
+            tokens = {self.generated: GENERATED_TOKEN_USER}
+        self._users = {_digest(token): user for token, user in tokens.items()}
+
+    def user(self, token: str | None) -> str | None:
+        """The user ``token`` belongs to, or ``None``."""
+        if not token:
+            return None
+        return self._users.get(_digest(token))
+
+
+@dataclass(eq=False)
+class Runtime:
+    """The state of one app; endpoints reach it through closures, not globals."""
+
+    settings: Settings
+    hub: Hub = field(init=False)
+    tokens: TokenTable = field(init=False)
+    connections: set[Connection] = field(default_factory=set)
+    #: Log "listening on ..." at start (the CLI knows the real address; an embedder may not).
+    announce: bool = False
+
+    def __post_init__(self) -> None:
+        self.hub = Hub(outbox_size=self.settings.outbox_size)
+        self.tokens = TokenTable(self.settings.tokens)

@@ -1,0 +1,95 @@
+"""One settings object for the whole server.
+
+Every field can be set with an environment variable ``ROOMCAST_<FIELD>`` (``ROOMCAST_TOKENS``
+takes JSON), and the CLI's flags override the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from roomcast.errors import ConfigurationError
+
+__all__ = ["Settings"]
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+
+#: Broker URL schemes whose rooms are shared between processes. None exists yet; the Redis
+#: broker adds ``redis://`` and ``rediss://``.
+SHARED_BROKER_SCHEMES: frozenset[str] = frozenset()
+
+
+class Settings(BaseSettings):
+    """roomcast's configuration (environment prefix ``ROOMCAST_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="ROOMCAST_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    workers: int = Field(
+        1, ge=1, le=64, description="Worker processes; above 1 needs a shared broker."
+    )
+    broker_url: str = Field(
+        "memory://", description="Where rooms live: memory:// keeps them in this process."
+    )
+    tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description='Tokens for /ws/secure as JSON {"token": "user"}; empty: one is generated.',
+    )
+    max_message_size: int = Field(
+        1024 * 1024, ge=125, description="Largest message a client may send, in bytes."
+    )
+    outbox_size: int = Field(
+        1024, ge=1, description="Messages queued for one chat member before it is cut (1013)."
+    )
+    ping_interval: float = Field(20.0, ge=0, description="Seconds between server pings; 0: off.")
+    ping_timeout: float = Field(20.0, gt=0, description="Seconds to wait for a pong.")
+    drain_timeout: float = Field(
+        5.0, ge=0, description="Seconds handlers get to finish after a shutdown signal."
+    )
+    stream_max_count: int = Field(1000, ge=1, description="Largest count /ws/stream accepts.")
+    stream_max_interval: float = Field(
+        60.0, ge=0, description="Largest interval /ws/stream accepts, in seconds."
+    )
+    log_level: LogLevel = Field("info", description="Log level of the server.")
+    access_log: bool = Field(True, description="Log every request and handshake.")
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_not_blank(cls, tokens: dict[str, str]) -> dict[str, str]:
+        for token, user in tokens.items():
+            if not token.strip() or not user.strip():
+                raise ValueError("tokens and user names must not be blank")
+        return tokens
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, url: str) -> str:
+        scheme = url.partition("://")[0]
+        if scheme != "memory" and scheme not in SHARED_BROKER_SCHEMES:
+            raise ValueError(
+                f"unsupported broker {url!r}: this version of roomcast has memory:// only"
+            )
+        return url
+
+    @model_validator(mode="after")
+    def _workers_need_a_shared_broker(self) -> Settings:
+        # The guide's biggest trap: rooms held in one process's memory silently split across
+        # workers, so members on different workers never see each other. Refuse it.
+        if self.workers > 1 and self.broker_scheme not in SHARED_BROKER_SCHEMES:
+            raise ConfigurationError(
+                f"--workers {self.workers} refused: with broker {self.broker_url} every worker "
+                "process keeps its own rooms in memory, so chat members connected to different "
+                "workers would never see each other's messages. Run one worker (the default), "
+                "or configure a shared broker with --broker / ROOMCAST_BROKER_URL (redis://) "
+                "once your roomcast version supports it."
+            )
+        return self
+
+    @property
+    def broker_scheme(self) -> str:
+        """The scheme of :attr:`broker_url`, e.g. ``memory``."""
+        return self.broker_url.partition("://")[0]
