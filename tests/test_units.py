@@ -1,0 +1,108 @@
+"""Pure pieces: settings, log redaction, the token table, close codes, the public API."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from pydantic import ValidationError
+
+import roomcast
+from roomcast.closecodes import CloseCode
+from roomcast.errors import ClientError, InvalidPayload, MessageTooBig, UnsupportedData
+from roomcast.logs import RedactSecrets, redact
+from roomcast.runtime import TokenTable
+from roomcast.settings import Settings
+
+
+def test_public_api() -> None:
+    assert set(roomcast.__all__) == {
+        "ClientError",
+        "CloseCode",
+        "ConfigurationError",
+        "Hub",
+        "InvalidPayload",
+        "MessageTooBig",
+        "PolicyViolation",
+        "RoomcastError",
+        "Settings",
+        "UnsupportedData",
+        "__version__",
+        "create_app",
+    }
+    for name in roomcast.__all__:
+        assert getattr(roomcast, name) is not None
+
+
+def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROOMCAST_TOKENS", '{"t1": "ann", "t2": "bob"}')
+    monkeypatch.setenv("ROOMCAST_MAX_MESSAGE_SIZE", "4096")
+    monkeypatch.setenv("ROOMCAST_PORT", "9001")
+    settings = Settings()
+    assert settings.tokens == {"t1": "ann", "t2": "bob"}
+    assert settings.max_message_size == 4096
+    assert settings.port == 9001
+    assert Settings(port=9002).port == 9002  # explicit values win over the environment
+
+
+def test_more_than_one_worker_needs_a_shared_broker() -> None:
+    with pytest.raises(roomcast.ConfigurationError, match="ROOMCAST_BROKER_URL"):
+        Settings(workers=2)
+    assert Settings(workers=1).workers == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"broker_url": "kafka://x"}, {"max_message_size": 0}, {"tokens": {"": "x"}}, {"port": -1}],
+)
+def test_invalid_settings_are_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        Settings.model_validate(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("/ws/secure?token=abc", "/ws/secure?token=[redacted]"),
+        ("/x?a=1&token=abc&b=2", "/x?a=1&token=[redacted]&b=2"),
+        ("/x?ACCESS_TOKEN=abc", "/x?ACCESS_TOKEN=[redacted]"),
+        ("/x?tokens=abc", "/x?tokens=abc"),
+        ("no query", "no query"),
+    ],
+)
+def test_redact(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+def test_redaction_filter_rewrites_arguments() -> None:
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s"', ("1.2.3.4", "/q?token=s3"), None
+    )
+    assert RedactSecrets().filter(record)
+    assert "s3" not in record.getMessage()
+
+
+def test_token_table() -> None:
+    table = TokenTable({"secret-token": "authenticated_user"})
+    assert table.generated is None
+    assert table.user("secret-token") == "authenticated_user"
+    assert table.user("secret-token ") is None
+    assert table.user("") is None
+    assert table.user(None) is None
+
+
+def test_token_table_generates_a_token_when_none_is_configured() -> None:
+    first, second = TokenTable({}), TokenTable({})
+    assert first.generated and second.generated
+    assert first.generated != second.generated
+    assert len(first.generated) >= 32
+    assert first.user(first.generated) == "authenticated_user"
+    assert first.user("secret-token") is None
+
+
+def test_errors_carry_their_close_codes() -> None:
+    assert UnsupportedData("x").close_code == CloseCode.UNSUPPORTED_DATA == 1003
+    assert InvalidPayload("x").close_code == 1007
+    assert MessageTooBig("x").close_code == 1009
+    # a close reason must fit a control frame (RFC 6455 section 5.5: 125 bytes with the code)
+    assert len(ClientError("é" * 200).reason.encode()) <= 123
