@@ -93,7 +93,8 @@ def test_token_table() -> None:
 
 def test_token_table_generates_a_token_when_none_is_configured() -> None:
     first, second = TokenTable({}), TokenTable({})
-    assert first.generated and second.generated
+    assert first.generated
+    assert second.generated
     assert first.generated != second.generated
     assert len(first.generated) >= 32
     assert first.user(first.generated) == "authenticated_user"
