@@ -1,0 +1,119 @@
+"""What a real browser (Chromium, driven by Playwright) sees of roomcast's refusals.
+
+docs/endpoints.md promises: a bad token on /ws/secure is an HTTP 403 that a page sees only as
+``error`` then ``close`` with code 1006; a bad parameter is a close 1008 whose reason the page
+can read. These tests hold the docs to that.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from helpers import TIMEOUT, RoomcastServer
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+if CHROMIUM is None:
+    if os.environ.get("CI"):
+        pytest.fail("CI needs Chromium for the browser tests (apt-get install chromium)")
+    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+playwright_api = pytest.importorskip("playwright.async_api", reason="pip install playwright")
+
+# Flags for a sandboxed, offline machine: no first-run UI, no calls home.
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+# Opens a WebSocket and reports every event until it closes (bounded by a timer).
+OPEN_AND_WATCH = """
+([url, send, timeoutMs]) => new Promise((resolve) => {
+  const events = [];
+  const ws = new WebSocket(url);
+  const timer = setTimeout(() => resolve({events, timedOut: true}), timeoutMs);
+  ws.onopen = () => { events.push({type: "open"}); if (send !== null) ws.send(send); };
+  ws.onmessage = (e) => events.push({type: "message", data: e.data});
+  ws.onerror = () => events.push({type: "error"});
+  ws.onclose = (e) => {
+    events.push({type: "close", code: e.code, reason: e.reason, wasClean: e.wasClean});
+    clearTimeout(timer);
+    resolve({events, timedOut: false});
+  };
+})
+"""
+
+
+@pytest.fixture
+async def page(server: RoomcastServer) -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{server.http_url}/health")
+            yield page
+        finally:
+            await browser.close()
+
+
+async def watch(page: Any, server: RoomcastServer, path: str, send: str | None = None) -> Any:
+    url = f"ws://127.0.0.1:{server.port}{path}"
+    result = await page.evaluate(OPEN_AND_WATCH, [url, send, int(4 * TIMEOUT * 1000)])
+    assert not result["timedOut"], result
+    return result["events"]
+
+
+async def test_browser_sees_bad_token_as_error_then_1006(page: Any, server: RoomcastServer) -> None:
+    events = await watch(page, server, "/ws/secure?token=wrong")
+    assert [e["type"] for e in events] == ["error", "close"]
+    assert events[-1]["code"] == 1006
+    assert events[-1]["reason"] == ""
+
+
+async def test_browser_with_good_token_is_greeted(page: Any, server: RoomcastServer) -> None:
+    url = f"ws://127.0.0.1:{server.port}/ws/secure?token=secret-token"
+    greeting = await page.evaluate(
+        """(url) => new Promise((resolve, reject) => {
+             const ws = new WebSocket(url);
+             ws.onmessage = (e) => { resolve(e.data); ws.close(); };
+             ws.onclose = (e) => reject(new Error("closed " + e.code));
+           })""",
+        url,
+    )
+    assert greeting == "Hello, authenticated_user! Welcome to the secure WebSocket."
+
+
+async def test_browser_reads_the_reason_of_a_bad_parameter(
+    page: Any, server: RoomcastServer
+) -> None:
+    events = await watch(page, server, "/ws/stream?count=0")
+    assert [e["type"] for e in events] == ["open", "close"]
+    assert events[-1]["code"] == 1008
+    assert "count" in events[-1]["reason"]
+
+
+async def test_browser_gets_1003_for_binary_on_a_text_endpoint(
+    page: Any, server: RoomcastServer
+) -> None:
+    url = f"ws://127.0.0.1:{server.port}/ws/echo"
+    close = await page.evaluate(
+        """(url) => new Promise((resolve) => {
+             const ws = new WebSocket(url);
+             ws.onopen = () => ws.send(new Uint8Array([1, 2, 3]));
+             ws.onclose = (e) => resolve({code: e.code, reason: e.reason});
+           })""",
+        url,
+    )
+    assert close["code"] == 1003
+    assert "text" in close["reason"]
