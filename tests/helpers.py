@@ -307,6 +307,15 @@ def close_code_lines(text: str, code: int) -> list[str]:
     return [line for line in text.splitlines() if "conn=" in line and pattern.search(line)]
 
 
+def kernel_send_buffer_max() -> int:
+    """The most a server socket's send buffer can grow to (tcp_wmem max), 4 MiB if unknown."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+            return int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 4 << 20
+
+
 # -- raw WebSocket client (for peers that must not read / must not answer pings) -------------
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"

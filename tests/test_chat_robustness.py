@@ -18,6 +18,7 @@ from helpers import (
     RawFrameReader,
     RoomcastServer,
     ServerFactory,
+    kernel_send_buffer_max,
     raw_ws_handshake,
     recv,
     ws_connect,
@@ -30,15 +31,6 @@ HEALTHY = 5  # healthy[0] is also the sender
 PAD = 4096  # bytes per chat message
 WINDOW = 16  # the sender keeps at most this many of its own messages unconfirmed
 AFTER_CUT = 200  # messages sent after the staller was cut
-
-
-def kernel_send_buffer_max() -> int:
-    """The most a server socket's send buffer can grow to (tcp_wmem max), 4 MiB if unknown."""
-    try:
-        with open("/proc/sys/net/ipv4/tcp_wmem") as f:
-            return int(f.read().split()[2])
-    except (OSError, ValueError, IndexError):
-        return 4 << 20
 
 
 # The staller is cut once the kernel buffers, the transport's buffer and its outbox are full;
