@@ -1,0 +1,30 @@
+"""The benchmark's configuration, shared by run.py and describe.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SCENARIOS = ("ceiling", "echo", "chat", "memory")
+
+
+@dataclass
+class Config:
+    """What to run and how big."""
+
+    only: tuple[str, ...]
+    repeats: int
+    duration: float
+    echo_rounds: int
+    warmup: float
+    echo_conns: int
+    members: int
+    messages: int
+    fill_messages: int
+    idle_conns: int
+    settle: float
+    drain_timeout: float
+    idle_timeout: float
+    roomcast_as_baseline: bool
+    output: Path | None
+    wait_quiet: bool

@@ -1,0 +1,513 @@
+"""Benchmark roomcast against the guide's servers: ``python benchmarks/run.py [--quick]``.
+
+Runs every scenario on both servers in one invocation, interleaved (baseline and roomcast take
+turns, and the order flips on every repeat), prints a table and writes docs/benchmarks.md.
+See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import resource
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from benchconfig import SCENARIOS, Config
+from chat import ChatConfig, ChatResult, run_chat, run_cut_check
+from describe import how_it_was_run, scenario_text
+from loadgen import EchoResult, background_load, run_echo, run_idle
+from report import (
+    ROLES,
+    Results,
+    RunRecord,
+    fmt,
+    metric_specs,
+    print_console,
+    render_markdown,
+)
+from servers import (
+    HOST,
+    REPO_DIR,
+    log_dir,
+    pin_current_process_to_loadgen_core,
+    roomcast_importable,
+    running_server,
+    server_spec,
+)
+
+QUIET_LOAD = 0.15  # cores used by others below which the machine counts as quiet
+QUIET_WAIT_BUDGET_S = 120.0  # the most a whole invocation waits for quiet
+NOISY_OTHER = 0.25  # cores used by others during a run above which the run is called noisy
+BUSY_LOADGEN = 0.9  # load generator CPU share above which it may have been the bottleneck
+DEFAULT_OUTPUT = REPO_DIR / "docs" / "benchmarks.md"
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    """Parse the command line into a Config (``--quick`` shrinks every size)."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller, shorter runs (about a minute) to check that all works",
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help="comma-separated scenarios among: "
+        + ", ".join(SCENARIOS)
+        + " (chat runs the plain fan-out and the one with a stalled member)",
+    )
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repeats (median kept)")
+    p.add_argument("--duration", type=float, help="echo: measured seconds per run (3)")
+    p.add_argument(
+        "--echo-rounds",
+        type=int,
+        help="echo: interleaved rounds per repeat, the median is kept (3)",
+    )
+    p.add_argument("--warmup", type=float, help="echo: unmeasured seconds first (0.5)")
+    p.add_argument("--echo-conns", type=int, default=64, help="echo: the many-connection case")
+    p.add_argument("--members", type=int, help="chat: members (1000)")
+    p.add_argument("--messages", type=int, help="chat: measured 64-byte messages (200)")
+    p.add_argument(
+        "--fill-messages",
+        type=int,
+        default=300,
+        help="stall: 1 KiB messages sent first to fill the stalled member's buffers",
+    )
+    p.add_argument("--idle-conns", type=int, help="memory: idle connections (2000)")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="chat: max seconds to wait for all deliveries",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=5.0,
+        help="chat: a phase with no delivery for this long counts as stalled",
+    )
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown report path")
+    p.add_argument("--no-write", action="store_true", help="print only, write no report")
+    p.add_argument(
+        "--no-wait-quiet",
+        action="store_true",
+        help="do not wait (up to 2 min in all) for other processes to go quiet",
+    )
+    p.add_argument(
+        "--roomcast-as-baseline",
+        action="store_true",
+        help="harness self-test: run the baseline in the roomcast role too",
+    )
+    a = p.parse_args(argv)
+    only = tuple(s.strip() for s in a.only.split(",") if s.strip())
+    unknown = set(only) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    quick = a.quick
+    cfg = Config(
+        only=only,
+        repeats=max(1, a.repeats),
+        duration=a.duration or (1.5 if quick else 3.0),
+        echo_rounds=max(1, a.echo_rounds or (1 if quick else 3)),
+        warmup=a.warmup if a.warmup is not None else (0.3 if quick else 0.5),
+        echo_conns=a.echo_conns,
+        members=a.members or (200 if quick else 1000),
+        messages=a.messages or (100 if quick else 200),
+        fill_messages=a.fill_messages,
+        idle_conns=a.idle_conns or (500 if quick else 2000),
+        settle=1.0 if quick else 2.0,
+        drain_timeout=a.drain_timeout,
+        idle_timeout=min(a.idle_timeout, 3.0) if quick else a.idle_timeout,
+        roomcast_as_baseline=a.roomcast_as_baseline,
+        output=None if a.no_write else a.output,
+        wait_quiet=not a.no_wait_quiet,
+    )
+    return cfg
+
+
+def raise_fd_limit(needed: int) -> int:
+    """Raise RLIMIT_NOFILE's soft limit (inherited by the servers); return the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    limit = max(soft, target)
+    if limit < needed:
+        print(
+            f"warning: only {limit} file descriptors allowed, {needed} wanted; raise the hard "
+            "limit (ulimit -Hn) or use smaller --idle-conns / --members",
+            file=sys.stderr,
+        )
+    return limit
+
+
+class Bench:
+    """Runs the scenarios and records their figures into ``results``."""
+
+    def __init__(self, cfg: Config) -> None:
+        """Prepare an empty Results."""
+        self.cfg = cfg
+        self.results = Results()
+        self.quiet_budget = QUIET_WAIT_BUDGET_S if cfg.wait_quiet else 0.0
+
+    async def wait_for_quiet(self) -> None:
+        """Wait (within the run's budget) until other work on the machine has calmed down."""
+        load = await background_load()
+        if load < QUIET_LOAD or self.quiet_budget <= 0:
+            return
+        print(f" (machine busy: {load:.2f} cores used by others; waiting)", end="", flush=True)
+        start = time.perf_counter()
+        while load >= QUIET_LOAD and time.perf_counter() - start < self.quiet_budget:
+            load = await background_load(1.0)
+        self.quiet_budget -= time.perf_counter() - start
+        if load >= QUIET_LOAD:
+            self.results.notes.append(
+                f"other processes kept using {load:.2f} cores; the harness stopped waiting for "
+                "quiet after its 2-minute budget, so the later figures are noisy."
+            )
+
+    async def guarded(
+        self, scenario: str, role: str, run: str, body: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run one measurement; a failure is recorded (and printed), not fatal to the rest."""
+        print(f"  {scenario:<22} {role:<9} ...", end="", flush=True)
+        try:
+            await self.wait_for_quiet()
+            t0 = time.perf_counter()
+            await body()
+        except Exception as exc:  # one server failing a scenario must not stop the others
+            msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            self.results.runs.append(RunRecord(scenario, role, run, "FAILED", None, None, msg))
+            self.results.notes.append(f"{scenario} on {role} (run {run}) failed: {msg}")
+            print(f" FAILED ({msg})")
+            return
+        print(f" {time.perf_counter() - t0:5.1f} s  {self.results.runs[-1].summary}")
+
+    async def echo(self, repeat: int, order: Sequence[str]) -> None:
+        """Echo with 1 and N connections: both servers up at once, ``echo_rounds`` rounds of
+        runs taking turns (the order flips every round)."""
+        cfg = self.cfg
+        async with contextlib.AsyncExitStack() as stack:
+            servers = {}
+            for role in order:
+                spec = server_spec(role, "echo", roomcast_as_baseline=cfg.roomcast_as_baseline)
+                servers[role] = (spec, await stack.enter_async_context(running_server(spec)))
+            for rnd in range(cfg.echo_rounds):
+                turn = order if rnd % 2 == 0 else order[::-1]
+                label = f"{repeat + 1}.{rnd + 1}"
+                for conns, key in ((1, "echo1"), (cfg.echo_conns, "echoN")):
+                    for role in turn:
+                        spec, server = servers[role]
+                        await self.guarded(
+                            f"echo {conns} conn",
+                            role,
+                            label,
+                            functools.partial(
+                                self.echo_run,
+                                role,
+                                key,
+                                label,
+                                conns,
+                                spec.url("/ws/echo"),
+                                server.cpu_seconds,
+                            ),
+                        )
+
+    async def echo_run(
+        self, role: str, key: str, label: str, conns: int, url: str, cpu: Callable[[], float]
+    ) -> None:
+        """One echo measurement, recorded under ``key``."""
+        res = await run_echo(url, conns, self.cfg.warmup, self.cfg.duration, cpu)
+        self.record_echo(role, key, label, res)
+
+    def record_echo(self, role: str, key: str, label: str, res: EchoResult) -> None:
+        """Store one echo run's figures."""
+        r = self.results
+        r.add(role, f"{key}.rtps", res.rtps)
+        r.add(role, f"{key}.p50_us", res.p50_us)
+        r.add(role, f"{key}.p99_us", res.p99_us)
+        r.add(role, f"{key}.errors", res.errors)
+        r.runs.append(
+            RunRecord(
+                f"echo, {res.connections} conn",
+                role,
+                label,
+                f"{res.rtps:,.0f} rt/s, p50 {fmt(res.p50_us)} µs, p99 {fmt(res.p99_us)} µs",
+                res.usage.server,
+                res.usage.loadgen,
+                f"{res.round_trips:,} round trips in {res.window_s:.1f} s, "
+                f"{res.errors} wrong/missing replies",
+                res.usage.other,
+            )
+        )
+
+    async def chat(self, repeat: int, role: str, with_staller: bool) -> None:
+        """One chat fan-out on a fresh server (a stalled member too if ``with_staller``)."""
+        cfg = self.cfg
+        ccfg = ChatConfig(
+            members=cfg.members,
+            messages=cfg.messages,
+            with_staller=with_staller,
+            fill_messages=cfg.fill_messages,
+            drain_timeout_s=cfg.drain_timeout,
+            idle_timeout_s=cfg.idle_timeout,
+        )
+        spec = server_spec(role, "chat", roomcast_as_baseline=cfg.roomcast_as_baseline)
+        async with running_server(spec) as server:
+            res = await run_chat(HOST, spec.port, "/ws/chat", ccfg, server.cpu_seconds, server.stop)
+        self.record_chat(role, repeat, res)
+
+    def record_chat(self, role: str, repeat: int, res: ChatResult) -> None:
+        """Store one chat run's figures (and the stalled/unstalled ratio when both exist)."""
+        r = self.results
+        key = "stall" if res.with_staller else "chat"
+        r.add(role, f"{key}.dps", res.dps)
+        r.add(role, f"{key}.p50_ms", res.p50_ms)
+        r.add(role, f"{key}.p99_ms", res.p99_ms)
+        r.add(role, f"{key}.lost", res.lost)
+        if res.with_staller:
+            plain = r.samples.get((role, "chat.dps"), [])
+            if len(plain) > repeat and plain[repeat]:
+                r.add(role, "stall.rel", res.dps / float(plain[repeat] or 1))
+            room = (
+                "all delivered"
+                if not res.stalled
+                else f"STALLED: {res.delivered:,} of {res.expected:,} delivered"
+            )
+            r.add_text(role, "stall.outcome", room)
+            r.add_text(role, "stall.staller", res.staller)
+        notes = [f"{res.delivered:,}/{res.expected:,} delivered"]
+        if res.stalled:
+            why = (
+                f"no delivery for {self.cfg.idle_timeout:g} s"
+                if res.outcome == "idle"
+                else f"not all in {self.cfg.drain_timeout:g} s"
+            )
+            notes.append(f"STALLED ({why})")
+        if res.delivered and res.usage.loadgen_cpu_s > 0:
+            per = res.usage.loadgen_cpu_s / res.delivered
+            notes.append(
+                f"loadgen {per * 1e6:.1f} µs CPU per delivery (so it would saturate "
+                f"near {1 / per:,.0f}/s)"
+            )
+        if res.with_staller:
+            notes.append(f"fill {res.fill_delivered:,}/{res.fill_expected:,} ({res.fill_outcome})")
+            notes.append(f"stalled member: {res.staller_detail}")
+            notes.append(f"'A client left' notices: {res.left_notices:,}")
+        if res.mismatched or res.unexpected:
+            notes.append(f"{res.mismatched} wrong payloads, {res.unexpected} unexpected messages")
+        notes.append(f"connect {res.connect_s:.1f} s")
+        summary = (
+            f"{res.dps:,.0f} deliveries/s, p50 {fmt(res.p50_ms, 1)} ms, "
+            f"p99 {fmt(res.p99_ms, 1)} ms, lost {res.lost:,}"
+        )
+        r.runs.append(
+            RunRecord(
+                f"chat, {res.members:,} members" + (" + 1 stalled" if res.with_staller else ""),
+                role,
+                str(repeat + 1),
+                summary,
+                res.usage.server,
+                res.usage.loadgen,
+                "; ".join(notes),
+                res.usage.other,
+            )
+        )
+
+    async def cut(self, repeat: int, role: str) -> None:
+        """A sender and one stalled member: does the room cut the member or stall?"""
+        spec = server_spec(role, "chat", roomcast_as_baseline=self.cfg.roomcast_as_baseline)
+        async with running_server(spec) as server:
+            res = await run_cut_check(HOST, spec.port, "/ws/chat", server.stop)
+        self.results.add_text(role, "cut.outcome", res.summary)
+        self.results.runs.append(
+            RunRecord(
+                "chat, 1 sender + 1 stalled member",
+                role,
+                str(repeat + 1),
+                res.summary,
+                None,
+                None,
+                f"{res.sent:,} messages of 1 KiB sent; stalled member: {res.staller_detail}",
+            )
+        )
+
+    async def memory(self, repeat: int, role: str, app: str) -> None:
+        """Server RSS growth for idle connections to /ws/``app`` on a fresh server."""
+        cfg = self.cfg
+        spec = server_spec(role, app, roomcast_as_baseline=cfg.roomcast_as_baseline)
+        reply = b"Client says: warm" if app == "chat" else b"Echo: warm"
+        async with running_server(spec) as server:
+            res = await run_idle(
+                spec.url(f"/ws/{app}"),
+                cfg.idle_conns,
+                reply,
+                cfg.settle,
+                server.rss_bytes,
+                server.stop,
+            )
+        r = self.results
+        r.add(role, f"mem.{app}", res.kib_per_conn)
+        r.add(role, f"mem.{app}_mib", res.rss_after / 2**20)
+        r.runs.append(
+            RunRecord(
+                f"memory, {res.connections:,} idle /ws/{app}",
+                role,
+                str(repeat + 1),
+                f"{res.kib_per_conn:.1f} KiB/conn",
+                None,
+                None,
+                f"RSS {res.rss_before / 2**20:.1f} → {res.rss_after / 2**20:.1f} MiB; "
+                f"connect {res.connect_s:.1f} s",
+            )
+        )
+
+    async def ceiling(self) -> None:
+        """Echo and chat against the minimal reference server: the load generator's ceiling."""
+        cfg = self.cfg
+        spec = server_spec("reference", "echo")
+        async with running_server(spec) as server:
+            for conns, key in ((1, "echo1"), (cfg.echo_conns, "echoN")):
+                await self.guarded(
+                    f"ceiling: echo {conns} conn",
+                    "reference",
+                    "1",
+                    functools.partial(
+                        self.echo_run,
+                        "reference",
+                        key,
+                        "1",
+                        conns,
+                        spec.url("/ws/echo"),
+                        server.cpu_seconds,
+                    ),
+                )
+
+            async def chat_body() -> None:
+                ccfg = ChatConfig(
+                    members=cfg.members,
+                    messages=cfg.messages,
+                    drain_timeout_s=cfg.drain_timeout,
+                    idle_timeout_s=cfg.idle_timeout,
+                )
+                res = await run_chat(
+                    HOST, spec.port, "/ws/chat", ccfg, server.cpu_seconds, server.stop
+                )
+                self.record_chat("reference", 0, res)
+
+            await self.guarded("ceiling: chat", "reference", "1", chat_body)
+
+    async def run_all(self) -> Results:
+        """Run every selected scenario for both servers, ``repeats`` times, interleaved."""
+        cfg = self.cfg
+        if "ceiling" in cfg.only:
+            print("load generator ceiling (minimal picows server)")
+            await self.ceiling()
+        for repeat in range(cfg.repeats):
+            order = ROLES if repeat % 2 == 0 else ROLES[::-1]
+            print(f"repeat {repeat + 1}/{cfg.repeats} (order: {' then '.join(order)})")
+            if "echo" in cfg.only:
+                await self.echo(repeat, order)
+            for with_staller in (False, True):
+                if "chat" not in cfg.only:
+                    continue
+                for role in order:
+                    await self.guarded(
+                        "chat" + (" + stalled member" if with_staller else ""),
+                        role,
+                        str(repeat + 1),
+                        functools.partial(self.chat, repeat, role, with_staller),
+                    )
+            if "chat" in cfg.only:
+                for role in order:
+                    await self.guarded(
+                        "chat: cut or stall?",
+                        role,
+                        str(repeat + 1),
+                        functools.partial(self.cut, repeat, role),
+                    )
+            if "memory" in cfg.only:
+                for app in ("chat", "echo"):
+                    for role in order:
+                        await self.guarded(
+                            f"memory /ws/{app}",
+                            role,
+                            str(repeat + 1),
+                            functools.partial(self.memory, repeat, role, app),
+                        )
+        return self.results
+
+
+def auto_notes(cfg: Config, results: Results) -> None:
+    """Add notes that follow from the numbers (saturated load generator, self-test)."""
+    if cfg.roomcast_as_baseline:
+        results.notes.insert(0, "SELF-TEST: the roomcast column ran the baseline too.")
+    for r in results.runs:
+        if r.other_cpu is not None and r.other_cpu >= NOISY_OTHER:
+            results.notes.append(
+                f"other processes used {r.other_cpu * 100:.0f} % of a core during "
+                f"'{r.scenario}' on {r.role}: that figure is noisy."
+            )
+        if r.role in ROLES and r.loadgen_cpu is not None and r.loadgen_cpu >= BUSY_LOADGEN:
+            results.notes.append(
+                f"load generator at {r.loadgen_cpu * 100:.0f} % of its core in "
+                f"'{r.scenario}' on {r.role}: that figure may be limited by the client side."
+            )
+    if cfg.repeats == 1:
+        results.notes.append(
+            "One repeat (echo: medians of its interleaved rounds): figures within ~10 % of each "
+            "other are within run-to-run noise here; --repeats 3 gives medians for everything."
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; return the process exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(args)
+    try:
+        import uvloop
+    except ImportError:
+        print("uvloop is needed: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    if not cfg.roomcast_as_baseline:
+        ok, err = roomcast_importable()
+        if not ok:
+            print(
+                f"roomcast is not importable ({err}).\nInstall it: pip install -e '.[bench]'"
+                " (or try the harness with --roomcast-as-baseline)",
+                file=sys.stderr,
+            )
+            return 2
+    fd_limit = raise_fd_limit(cfg.idle_conns + cfg.members + 512)
+    pinned = pin_current_process_to_loadgen_core()
+    print(
+        f"roomcast benchmark: {', '.join(cfg.only)}; pinned: {pinned}; server logs in {log_dir()}"
+    )
+    bench = Bench(cfg)
+    start = time.perf_counter()
+    try:
+        results = uvloop.run(bench.run_all())
+    except KeyboardInterrupt:
+        print("\ninterrupted: servers stopped, no report written", file=sys.stderr)
+        return 130
+    wall = time.perf_counter() - start
+    auto_notes(cfg, results)
+    specs = metric_specs(cfg.echo_conns, cfg.members, cfg.idle_conns)
+    print_console(results, specs)
+    if cfg.output is not None:
+        text = render_markdown(
+            results, specs, how_it_was_run(cfg, args, pinned, wall, fd_limit), scenario_text(cfg)
+        )
+        cfg.output.parent.mkdir(parents=True, exist_ok=True)
+        cfg.output.write_text(text)
+        print(f"wrote {cfg.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Start, probe, measure and stop the servers under test (the guide's baseline and roomcast).
+
+Every server runs in its own subprocess, pinned to core 0 when the machine has two or more
+cores (the load generator takes core 1), listens on a free loopback port, and is always killed
+when its ``running_server`` context exits, including on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+HOST = "127.0.0.1"
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+BASELINE_DIR = BENCH_DIR / "baseline"
+BASELINE_MODULES = {"echo": "echo_server", "chat": "chat_server"}
+ROOMCAST_ENV = {
+    "ROOMCAST_LOG_LEVEL": "warning",
+    "ROOMCAST_ACCESS_LOG": "false",
+    "ROOMCAST_TOKENS": '{"secret-token":"authenticated_user"}',
+}
+READY_TIMEOUT_S = 30.0
+STOP_GRACE_S = 2.0
+SERVER_CORE = 0
+LOADGEN_CORE = 1
+_PR_SET_PDEATHSIG = 1
+
+
+def _cores_at_start() -> set[int]:
+    """Return the cores this process may use, read once before any pinning."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+
+
+_START_CORES = _cores_at_start()
+
+
+def can_pin() -> bool:
+    """Tell whether server and load generator can each get a core of their own."""
+    return {SERVER_CORE, LOADGEN_CORE} <= _START_CORES and hasattr(os, "sched_setaffinity")
+
+
+def pin_current_process_to_loadgen_core() -> bool:
+    """Pin this (load generator) process to core 1; return whether pinning happened."""
+    if not can_pin():
+        return False
+    os.sched_setaffinity(0, {LOADGEN_CORE})
+    return True
+
+
+def free_port() -> int:
+    """Return a TCP port on the loopback address that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to launch one server: the role it plays, its argv, working directory and env."""
+
+    role: str
+    app: str
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+    port: int
+    health_path: str
+    need_ok: bool = field(default=False)
+
+    def url(self, path: str) -> str:
+        """Return the ws:// URL of ``path`` on this server."""
+        return f"ws://{HOST}:{self.port}{path}"
+
+
+def server_spec(role: str, app: str, *, roomcast_as_baseline: bool = False) -> ServerSpec:
+    """Build the launch spec of ``role`` for guide app ``app``.
+
+    Roles: "baseline" (the guide's code), "roomcast", and "reference" (a minimal picows server
+    that only measures the load generator's ceiling).
+
+    ``roomcast_as_baseline`` makes the roomcast role run the baseline too: it is a self-test of
+    the harness only (both columns should then come out alike).
+    """
+    port = free_port()
+    env = dict(os.environ)
+    if role == "baseline" or roomcast_as_baseline:
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            f"{BASELINE_MODULES[app]}:app",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+        ]
+        return ServerSpec(role, app, _pinned(argv), BASELINE_DIR, env, port, "/health")
+    if role == "reference":
+        argv = [sys.executable, str(BENCH_DIR / "reference_server.py"), "--port", str(port)]
+        return ServerSpec(role, app, _pinned(argv), BENCH_DIR, env, port, "/health", need_ok=True)
+    if role != "roomcast":
+        raise ValueError(f"unknown server role {role!r}")
+    env.update(ROOMCAST_ENV)
+    src = str(REPO_DIR / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    argv = [sys.executable, "-m", "roomcast", "serve", "--host", HOST, "--port", str(port)]
+    return ServerSpec(role, app, _pinned(argv), REPO_DIR, env, port, "/health", need_ok=True)
+
+
+def _pinned(argv: list[str]) -> list[str]:
+    """Prefix ``argv`` with ``taskset -c 0`` when pinning is possible."""
+    taskset = shutil.which("taskset")
+    if can_pin() and taskset:
+        return [taskset, "-c", str(SERVER_CORE), *argv]
+    return argv
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGKILL it if the harness dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def roomcast_importable() -> tuple[bool, str]:
+    """Check that ``roomcast.cli`` imports (from src/ first); return (ok, error text)."""
+    spec = server_spec("roomcast", "echo")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import roomcast.cli"],
+        cwd=spec.cwd,
+        env=spec.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = proc.stderr.strip().splitlines()
+    return proc.returncode == 0, lines[-1] if lines else ""
+
+
+class ServerProcess:
+    """A running server subprocess with its log file."""
+
+    def __init__(self, spec: ServerSpec, log_dir: Path) -> None:
+        """Launch ``spec`` with stdout/stderr going to a log file in ``log_dir``."""
+        self.spec = spec
+        self.log_path = log_dir / f"{spec.role}-{spec.app}-{spec.port}.log"
+        self._log = self.log_path.open("wb")
+        self.popen = subprocess.Popen(
+            spec.argv,
+            cwd=spec.cwd,
+            env=spec.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        self.process = psutil.Process(self.popen.pid)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """Return the last ``lines`` lines of the server's log."""
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def tree(self) -> list[psutil.Process]:
+        """Return the server process and all its descendants that are still alive."""
+        try:
+            return [self.process, *self.process.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def rss_bytes(self) -> int:
+        """Return the resident set size of the whole process tree, in bytes."""
+        total = 0
+        for proc in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += proc.memory_info().rss
+        return total
+
+    def cpu_seconds(self) -> float:
+        """Return user+system CPU seconds used so far by the whole process tree."""
+        total = 0.0
+        for proc in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
+    async def wait_ready(self, limit_s: float = READY_TIMEOUT_S) -> None:
+        """Poll the port with HTTP GET until the server answers (bounded by ``limit_s``)."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(
+                    f"{self.spec.role} server exited with {self.popen.returncode}:\n"
+                    f"{self.log_tail()}"
+                )
+            status = await http_status(self.spec.port, self.spec.health_path)
+            if status is not None and (status == 200 or not self.spec.need_ok):
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(
+            f"{self.spec.role} server not ready after {limit_s:.0f}s:\n{self.log_tail()}"
+        )
+
+    async def stop(self) -> None:
+        """SIGTERM the tree, wait up to STOP_GRACE_S, then SIGKILL whatever is left."""
+        procs = self.tree()
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        await asyncio.to_thread(psutil.wait_procs, procs, STOP_GRACE_S)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the whole tree (idempotent) and reap the child."""
+        for proc in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=5)
+        self._log.close()
+
+
+async def http_status(port: int, path: str, limit_s: float = 1.0) -> int | None:
+    """GET ``path`` on the loopback port; return the HTTP status, or None if no answer."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(limit_s):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+            line = await reader.readline()
+        parts = line.split()
+        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+    except (OSError, TimeoutError, ValueError):
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+_LOG_DIR = Path(tempfile.mkdtemp(prefix="roomcast-bench-"))
+
+
+def log_dir() -> Path:
+    """Return the folder holding the servers' logs for this run."""
+    return _LOG_DIR
+
+
+@contextlib.asynccontextmanager
+async def running_server(spec: ServerSpec) -> AsyncIterator[ServerProcess]:
+    """Run ``spec`` until the block exits; the server is killed on every way out."""
+    server = ServerProcess(spec, _LOG_DIR)
+    try:
+        await server.wait_ready()
+        yield server
+    finally:
+        try:
+            await asyncio.shield(server.stop())
+        finally:
+            server.kill()
