@@ -59,11 +59,8 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
     hub = runtime.hub
 
     async def echo(conn: Connection) -> None:
-        if not await conn.accept():
-            return
-        while (text := await conn.receive_text()) is not None:
-            if not await conn.send_text(f"Echo: {text}"):
-                return
+        if await conn.accept():
+            await _reply_to_text(conn, "Echo: ")
 
     async def chat(conn: Connection, room: str = DEFAULT_ROOM) -> None:
         if not await conn.accept():
@@ -95,11 +92,8 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
             return
         if not await conn.accept():
             return
-        if not await conn.send_text(f"Hello, {user}! Welcome to the secure WebSocket."):
-            return
-        while (text := await conn.receive_text()) is not None:
-            if not await conn.send_text(f"You said: {text}"):
-                return
+        if await conn.send_text(f"Hello, {user}! Welcome to the secure WebSocket."):
+            await _reply_to_text(conn, "You said: ")
 
     async def stream(conn: Connection) -> None:
         if not await conn.accept():
@@ -125,11 +119,8 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
                 await left
 
     async def methods_text(conn: Connection) -> None:
-        if not await conn.accept():
-            return
-        while (text := await conn.receive_text()) is not None:
-            if not await conn.send_text(f"Server received: {text}"):
-                return
+        if await conn.accept():
+            await _reply_to_text(conn, "Server received: ")
 
     async def methods_bytes(conn: Connection) -> None:
         if not await conn.accept():
@@ -184,6 +175,13 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
         WebSocketRoute(path, ClassicEndpoint(runtime, handler), name=path.strip("/"))
         for path, handler in endpoints.items()
     ]
+
+
+async def _reply_to_text(conn: Connection, prefix: str) -> None:
+    """Answer every text message with ``prefix + text`` until the peer leaves."""
+    while (text := await conn.receive_text()) is not None:
+        if not await conn.send_text(prefix + text):
+            return
 
 
 def _stream_params(query: dict[str, str], settings: Settings) -> tuple[int, float]:
