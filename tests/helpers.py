@@ -26,8 +26,11 @@ from typing import Any, ClassVar
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.speedups import apply_mask
 
 TIMEOUT = float(os.environ.get("ROOMCAST_TEST_TIMEOUT", "5"))
+#: The WebSocket implementation the servers under test use ("" = roomcast serve's default).
+TEST_WS = os.environ.get("ROOMCAST_TEST_WS", "")
 
 HOST = "127.0.0.1"
 TOKENS_JSON = '{"secret-token": "authenticated_user"}'
@@ -54,6 +57,10 @@ def base_env(overrides: Mapping[str, str | None] | None = None) -> dict[str, str
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROOMCAST_")}
     env["ROOMCAST_TOKENS"] = TOKENS_JSON
+    # The whole suite runs once per WebSocket implementation (see .ci/run): roomcast's own
+    # transport (the pre-framed fast path) and uvicorn's (the plain-ASGI fallback).
+    if TEST_WS:
+        env["ROOMCAST_WS"] = TEST_WS
     # Uvicorn's access log goes to stdout, which is block-buffered when redirected to a file.
     env["PYTHONUNBUFFERED"] = "1"
     for key, value in (overrides or {}).items():
@@ -322,11 +329,18 @@ _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def raw_ws_handshake(
-    port: int, path: str, rcvbuf: int | None = None, timeout: float = TIMEOUT
+    port: int,
+    path: str,
+    rcvbuf: int | None = None,
+    timeout: float = TIMEOUT,
+    request_headers: Sequence[str] = (),
+    response_headers: dict[str, str] | None = None,
 ) -> tuple[socket.socket, bytes]:
-    """Open a TCP socket and complete the WebSocket upgrade by hand (no extensions).
+    """Open a TCP socket and complete the WebSocket upgrade by hand.
 
-    Returns the socket and any bytes received after the response headers.
+    ``request_headers`` are extra header lines (e.g. an extension offer); the response's
+    headers are stored into ``response_headers`` when given. Returns the socket and any bytes
+    received after the response headers.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -341,7 +355,9 @@ def raw_ws_handshake(
             "Upgrade: websocket\r\n"
             "Connection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key.decode()}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
+            "Sec-WebSocket-Version: 13\r\n"
+            + "".join(f"{line}\r\n" for line in request_headers)
+            + "\r\n"
         )
         sock.sendall(request.encode())
         buf = b""
@@ -360,6 +376,8 @@ def raw_ws_handshake(
             headers[name.strip().lower()] = value.strip()
         expected = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest()).decode()
         assert headers.get("sec-websocket-accept") == expected, f"bad accept header: {head!r}"
+        if response_headers is not None:
+            response_headers.update(headers)
         return sock, rest
     except BaseException:
         sock.close()
@@ -421,6 +439,20 @@ class RawFrameReader:
                     return frames, code, payload[2:].decode("utf-8", "replace")
                 return frames, None, ""
             frames.append((opcode, payload))
+
+
+def client_frame(opcode: int, payload: bytes, fin: bool = True, rsv1: bool = False) -> bytes:
+    """A masked client frame (RFC 6455 section 5.2), for raw-socket tests."""
+    first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", first, 0x80 | n)
+    elif n < 65536:
+        header = struct.pack("!BBH", first, 0x80 | 126, n)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, n)
+    mask = os.urandom(4)
+    return header + mask + apply_mask(payload, mask)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ wins over the environment, which wins over the default.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import signal
 import sys
@@ -15,7 +16,7 @@ import typer
 from pydantic import ValidationError
 
 from roomcast.errors import ConfigurationError
-from roomcast.settings import LogLevel, Settings
+from roomcast.settings import LogLevel, Settings, WsImplementation
 
 __all__ = ["cli", "main"]
 
@@ -65,6 +66,16 @@ def serve(
         float | None,
         _opt("DRAIN_TIMEOUT", "Seconds handlers get after SIGTERM/SIGINT (default 5)."),
     ] = None,
+    ws: Annotated[
+        WsImplementation | None,
+        _opt("WS", "roomcast (own, fast fan-out) | websockets-sansio | websockets | wsproto."),
+    ] = None,
+    handshake_timeout: Annotated[
+        float | None, _opt("HANDSHAKE_TIMEOUT", "Seconds a request head may take (default 10).")
+    ] = None,
+    close_timeout: Annotated[
+        float | None, _opt("CLOSE_TIMEOUT", "Seconds a peer gets to answer a close (default 5).")
+    ] = None,
     log_level: Annotated[
         LogLevel | None, _opt("LOG_LEVEL", "critical|error|warning|info|debug|trace.")
     ] = None,
@@ -83,6 +94,9 @@ def serve(
         "ping_interval": ping_interval,
         "ping_timeout": ping_timeout,
         "drain_timeout": drain_timeout,
+        "ws": ws,
+        "handshake_timeout": handshake_timeout,
+        "close_timeout": close_timeout,
         "log_level": log_level,
         "access_log": access_log,
     }
@@ -107,12 +121,18 @@ def run(settings: Settings) -> None:
 
     from roomcast.app import create_app
     from roomcast.logs import logging_config
+    from roomcast.transport import protocol_class
+    from roomcast.transport.http import http_protocol_class
 
+    ws: str | type[asyncio.Protocol] = settings.ws
+    if settings.ws == "roomcast":
+        ws = protocol_class(close_timeout=settings.close_timeout)
     config = uvicorn.Config(
         create_app(settings, announce=True),
         host=settings.host,
         port=settings.port,
-        ws="websockets-sansio",
+        http=http_protocol_class(settings.handshake_timeout),
+        ws=ws,
         ws_max_size=settings.max_message_size,
         ws_ping_interval=settings.ping_interval or None,
         ws_ping_timeout=settings.ping_timeout,

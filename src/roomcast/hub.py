@@ -1,7 +1,13 @@
-"""Local fan-out: rooms of members, each with a bounded outbox and its own writer task.
+"""Local fan-out: rooms of members, each with a bounded outbox drained by a writer task.
 
-A broadcast builds its ASGI message once and appends the same object to every member's outbox;
-it never awaits anyone's socket, so a member that stops reading cannot stall the room.
+A broadcast encodes its message once. On roomcast's own transport (the ``roomcast.frames`` ASGI
+extension) it builds one WebSocket frame and writes the same bytes straight to every member
+whose transport can take them; elsewhere it builds one ASGI message shared by every member.
+Either way it never awaits anyone's socket, so a member that stops reading cannot stall the room.
+
+Backpressure: a member whose transport is over its high-water mark (or that already has
+messages waiting) gets the message in its outbox instead, and a writer task sends it when the
+transport drains, in order.
 
 Overflow policy: a member whose outbox already holds ``outbox_size`` messages when another
 arrives is *cut*: removed from its room at once, its outbox dropped, and close 1013 (try again
@@ -14,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from roomcast.closecodes import CloseCode
 from roomcast.connection import Connection, ConnId
+from roomcast.transport.frames import FRAMES_EXTENSION, OP_TEXT, build_frame
 
 __all__ = ["Hub", "Member", "Room"]
 
@@ -26,42 +34,69 @@ logger = logging.getLogger("roomcast.hub")
 #: Marks the end of an outbox: the writer closes the connection when it reaches it.
 _CLOSE: Final[dict[str, Any]] = {"type": "roomcast.close"}
 
+#: An outbox holds prepared frames (fast path) or ASGI messages (plain ASGI).
+Item = bytes | dict[str, Any]
+
 
 class Member:
     """A connection's membership in one room: its outbox and the task that drains it."""
 
     __slots__ = (
+        "_busy",
         "_close_reason",
         "_outbox",
+        "_send_frame",
         "_wakeup",
+        "_write_frame",
         "_writer",
+        "_writers",
         "active",
         "conn",
         "limit",
         "room",
     )
 
-    def __init__(self, conn: Connection, room: str, limit: int) -> None:
+    def __init__(
+        self, conn: Connection, room: str, limit: int, writers: set[asyncio.Task[None]]
+    ) -> None:
         self.conn = conn
         self.room = room
         self.limit = limit
         #: False once the member left or was cut; its messages are no longer broadcast.
         self.active = True
-        self._outbox: deque[dict[str, Any]] = deque()
+        self._outbox: deque[Item] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._writers = writers
+        #: True while the writer has an item in flight (a direct write now would overtake it).
+        self._busy = False
         self._close_reason = ""
+        frames = conn.scope.get("extensions", {}).get(FRAMES_EXTENSION)
+        self._write_frame: Callable[[bytes], bool] | None = frames["write"] if frames else None
+        self._send_frame: Callable[[bytes], Awaitable[None]] | None = (
+            frames["send"] if frames else None
+        )
+        if self._write_frame is None:
+            # Plain ASGI: every message goes through the outbox, so keep one writer for life.
+            self._start_writer()
 
-    def push(self, message: dict[str, Any]) -> bool:
-        """Queue a message for this member; ``False`` if the outbox is full."""
+    @property
+    def fast(self) -> bool:
+        """Whether this member takes prepared frames (roomcast's own transport)."""
+        return self._write_frame is not None
+
+    def offer(self, frame: bytes) -> bool:
+        """Write ``frame`` now if nothing is ahead of it and the transport takes it."""
+        write = self._write_frame
+        return write is not None and not self._outbox and not self._busy and write(frame)
+
+    def push(self, item: Item) -> bool:
+        """Queue an item for this member; ``False`` if the outbox is full."""
         outbox = self._outbox
         if len(outbox) >= self.limit:
             return False
-        outbox.append(message)
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            wakeup.set_result(None)
+        outbox.append(item)
+        self._wake()
         return True
 
     def close_after_current(self, reason: str) -> None:
@@ -70,24 +105,61 @@ class Member:
         self._close_reason = reason
         self._outbox.clear()
         self._outbox.append(_CLOSE)
-        if self._wakeup is not None:
-            wakeup, self._wakeup = self._wakeup, None
+        self._wake()
+
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
             wakeup.set_result(None)
+        elif self._writer is None:
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        writer = asyncio.get_running_loop().create_task(
+            self._write(), name=f"roomcast-writer-{self.conn.id}"
+        )
+        self._writer = writer
+        self._writers.add(writer)
+        writer.add_done_callback(self._writers.discard)
 
     async def _write(self) -> None:
         outbox = self._outbox
         send = self.conn.send_message
+        send_frame = self._send_frame
         loop = asyncio.get_running_loop()
-        while True:
-            while outbox:
-                message = outbox.popleft()
-                if message is _CLOSE:
-                    await self.conn.close(CloseCode.TRY_AGAIN_LATER, self._close_reason)
-                    return
-                if not await send(message):
-                    return
-            self._wakeup = loop.create_future()
-            await self._wakeup
+        try:
+            while True:
+                while outbox:
+                    item = outbox.popleft()
+                    if item is _CLOSE:
+                        await self.conn.close(CloseCode.TRY_AGAIN_LATER, self._close_reason)
+                        return
+                    self._busy = True
+                    if type(item) is bytes:
+                        assert send_frame is not None
+                        try:
+                            await send_frame(item)
+                        except OSError:
+                            return  # the peer is gone
+                    elif not await send(item):  # type: ignore[arg-type]
+                        return
+                    self._busy = False
+                if send_frame is not None:
+                    return  # fast path: no writer while there is nothing to wait for
+                self._wakeup = loop.create_future()
+                await self._wakeup
+        finally:
+            self._busy = False
+            self._writer = None
+
+    def stop(self) -> asyncio.Task[None] | None:
+        """Cancel the writer, if one runs; returns it so the caller can await it."""
+        writer = self._writer
+        if writer is not None and not writer.done():
+            writer.cancel()
+            return writer
+        return None
 
 
 class Room:
@@ -114,13 +186,7 @@ class Hub:
         entry = self._rooms.get(room)
         if entry is None:
             entry = self._rooms[room] = Room(room, leave_notice)
-        member = Member(conn, room, self.outbox_size)
-        writer = asyncio.get_running_loop().create_task(
-            member._write(), name=f"roomcast-writer-{conn.id}"
-        )
-        member._writer = writer
-        self._writers.add(writer)
-        writer.add_done_callback(self._writers.discard)
+        member = Member(conn, room, self.outbox_size, self._writers)
         entry.members[conn.id] = member
         return member
 
@@ -129,10 +195,22 @@ class Hub:
         entry = self._rooms.get(room)
         if entry is None:
             return 0
-        message = {"type": "websocket.send", "text": text}
+        frame: bytes | None = None
+        message: dict[str, Any] | None = None
         overflowed: list[Member] | None = None
         for member in entry.members.values():
-            if not member.push(message):
+            item: Item
+            if member.fast:
+                if frame is None:
+                    frame = build_frame(OP_TEXT, text.encode())
+                if member.offer(frame):
+                    continue
+                item = frame
+            else:
+                if message is None:
+                    message = {"type": "websocket.send", "text": text}
+                item = message
+            if not member.push(item):
                 if overflowed is None:
                     overflowed = []
                 overflowed.append(member)
@@ -165,9 +243,8 @@ class Hub:
     async def leave(self, member: Member) -> None:
         """Remove ``member`` (if still in its room), tell the room, and stop its writer."""
         self._remove(member)
-        writer = member._writer
-        if writer is not None and not writer.done():
-            writer.cancel()
+        writer = member.stop()
+        if writer is not None:
             try:
                 await writer
             except asyncio.CancelledError:

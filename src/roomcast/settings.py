@@ -16,6 +16,9 @@ from roomcast.errors import ConfigurationError
 __all__ = ["Settings"]
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+#: "roomcast" is roomcast's own WebSocket protocol (pre-framed fan-out, hardened parsing); the
+#: others are uvicorn's, on which roomcast falls back to plain ASGI sends.
+WsImplementation = Literal["roomcast", "websockets-sansio", "websockets", "wsproto"]
 
 #: Broker URL schemes whose rooms are shared between processes. None exists yet; the Redis
 #: broker adds ``redis://`` and ``rediss://``.
@@ -53,6 +56,15 @@ class Settings(BaseSettings):
     stream_max_count: int = Field(1000, ge=1, description="Largest count /ws/stream accepts.")
     stream_max_interval: float = Field(
         60.0, ge=0, description="Largest interval /ws/stream accepts, in seconds."
+    )
+    ws: WsImplementation = Field(
+        "roomcast", description="WebSocket implementation: roomcast's own, or one of uvicorn's."
+    )
+    handshake_timeout: float = Field(
+        10.0, gt=0, description="Seconds a request head (the upgrade included) may take."
+    )
+    close_timeout: float = Field(
+        5.0, gt=0, description="Seconds the peer gets to answer a close frame."
     )
     log_level: LogLevel = Field("info", description="Log level of the server.")
     access_log: bool = Field(True, description="Log every request and handshake.")

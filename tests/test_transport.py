@@ -1,0 +1,235 @@
+"""roomcast's own WebSocket transport: the hardening its protocol class adds over uvicorn's.
+
+Every server here runs with ROOMCAST_WS=roomcast, whatever the suite-wide implementation is,
+and clients speak raw frames over a socket so they can break the rules on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from helpers import (
+    HOST,
+    TIMEOUT,
+    RawFrameReader,
+    RoomcastServer,
+    ServerFactory,
+    client_frame,
+    raw_ws_handshake,
+    ws_connect,
+)
+
+OWN = {"ROOMCAST_WS": "roomcast"}
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
+    srv = RoomcastServer(tmp_path_factory.mktemp("own"), env=OWN)
+    with srv:
+        yield srv
+    srv.assert_no_traceback()
+
+
+def close_of(sock: socket.socket, initial: bytes = b"") -> tuple[int | None, str]:
+    _, code, reason = RawFrameReader(sock, initial).frames_until_close(TIMEOUT)
+    return code, reason
+
+
+def peer_lines(server: RoomcastServer, sock: socket.socket, code: int) -> list[str]:
+    """Server log lines about this client's connection that carry ``code``."""
+    peer = "{}:{}".format(*sock.getsockname())
+    return [line for line in server.log().splitlines() if peer in line and str(code) in line]
+
+
+def test_invalid_utf8_closes_1007_with_one_log_line(own: RoomcastServer) -> None:
+    sock, rest = raw_ws_handshake(own.port, "/ws/echo")
+    with sock:
+        # A flood of invalid frames: the first one ends it, and only one line is logged.
+        sock.sendall(client_frame(0x1, b"\xff\xfe invalid") * 50)
+        code, _ = close_of(sock, rest)
+        assert code == 1007
+        assert len(peer_lines(own, sock, 1007)) == 1
+    assert "Traceback" not in own.log()
+
+
+def test_invalid_utf8_split_across_fragments_fails_fast(own: RoomcastServer) -> None:
+    sock, rest = raw_ws_handshake(own.port, "/ws/echo")
+    with sock:
+        # The first fragment already cannot be UTF-8: closed before the message ends.
+        sock.sendall(client_frame(0x1, b"ok \xc0\xaf", fin=False))
+        code, _ = close_of(sock, rest)
+        assert code == 1007
+
+
+def test_many_fragments_are_fine_within_the_size_limit(own: RoomcastServer) -> None:
+    sock, rest = raw_ws_handshake(own.port, "/ws/echo")
+    with sock:
+        count = 10_000  # far beyond the 4,096-fragment cap of uvicorn's legacy backend
+        frames = [client_frame(0x1, b"a", fin=False)]
+        frames += [client_frame(0x0, b"a", fin=False) for _ in range(count - 2)]
+        frames.append(client_frame(0x0, b"a", fin=True))
+        sock.sendall(b"".join(frames))
+        reader = RawFrameReader(sock, rest)
+        opcode, payload = reader.read_frame(time.monotonic() + TIMEOUT)
+        assert (opcode, payload) == (0x1, b"Echo: " + b"a" * count)
+
+
+def test_fragments_are_bounded_by_total_size(server_factory: ServerFactory) -> None:
+    server = server_factory(env={**OWN, "ROOMCAST_MAX_MESSAGE_SIZE": "4096"})
+    sock, rest = raw_ws_handshake(server.port, "/ws/echo")
+    with sock:
+        # 64 fragments of 100 bytes: each small, together over 4,096.
+        sock.sendall(client_frame(0x1, b"x" * 100, fin=False))
+        sock.sendall(b"".join(client_frame(0x0, b"x" * 100, fin=False) for _ in range(63)))
+        code, _ = close_of(sock, rest)
+        assert code == 1009
+
+
+def _deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-9)
+    out = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
+
+
+def test_compressed_messages_round_trip(own: RoomcastServer) -> None:
+    headers: dict[str, str] = {}
+    offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+    sock, rest = raw_ws_handshake(
+        own.port, "/ws/methods_raw", request_headers=[offer], response_headers=headers
+    )
+    with sock:
+        assert headers.get("sec-websocket-extensions", "").startswith("permessage-deflate")
+        sock.sendall(client_frame(0x2, _deflate(b"z" * 5000), rsv1=True))
+        opcode, payload = RawFrameReader(sock, rest).read_frame(time.monotonic() + TIMEOUT)
+        assert opcode == 0x2
+        # the reply may be compressed (RSV1): inflate it the way a client would
+        inflated = zlib.decompressobj(wbits=-15).decompress(payload + b"\x00\x00\xff\xff")
+        assert inflated == b"Raw echo: " + b"z" * 5000
+
+
+def test_deflate_bomb_is_refused_without_inflating_it(own: RoomcastServer) -> None:
+    assert own.proc is not None
+    server_process = psutil.Process(own.proc.pid)
+    offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+    bomb = _deflate(b"\x00" * (32 << 20))  # 32 MiB of zeros in ~32 KiB
+    assert len(bomb) < 64 << 10
+    before = server_process.memory_info().rss
+    socks = []
+    try:
+        for _ in range(4):
+            sock, rest = raw_ws_handshake(own.port, "/ws/methods_bytes", request_headers=[offer])
+            socks.append(sock)
+            sock.sendall(client_frame(0x2, bomb, rsv1=True))
+            code, _ = close_of(sock, rest)
+            assert code == 1009
+        grown = server_process.memory_info().rss - before
+        assert grown < 10 << 20, f"server grew by {grown / 2**20:.1f} MiB"
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        pytest.param(struct.pack("!BB", 0x81, 2) + b"hi", 1002, id="unmasked"),
+        pytest.param(client_frame(0x3, b"x"), 1002, id="reserved-opcode"),
+        pytest.param(client_frame(0x9, b"x", fin=False), 1002, id="fragmented-ping"),
+        pytest.param(client_frame(0x9, b"x" * 126), 1002, id="long-ping"),
+        pytest.param(client_frame(0x1, b"x", rsv1=True), 1002, id="rsv1-without-deflate"),
+        pytest.param(client_frame(0x0, b"x"), 1002, id="continuation-first"),
+        pytest.param(client_frame(0x8, struct.pack("!H", 999)), 1002, id="close-code-999"),
+        pytest.param(client_frame(0x8, b"\x03"), 1002, id="close-one-byte"),
+        pytest.param(client_frame(0x8, struct.pack("!H", 1000) + b"\xff"), 1007, id="close-utf8"),
+    ],
+)
+def test_protocol_violations_get_their_close_code(
+    own: RoomcastServer, frame: bytes, code: int
+) -> None:
+    sock, rest = raw_ws_handshake(own.port, "/ws/echo")
+    with sock:
+        sock.sendall(frame)
+        assert close_of(sock, rest)[0] == code
+
+
+def test_ping_gets_pong_and_close_is_echoed(own: RoomcastServer) -> None:
+    sock, rest = raw_ws_handshake(own.port, "/ws/echo")
+    with sock:
+        reader = RawFrameReader(sock, rest)
+        sock.sendall(client_frame(0x9, b"hello?"))
+        assert reader.read_frame(time.monotonic() + TIMEOUT) == (0xA, b"hello?")
+        sock.sendall(client_frame(0x8, struct.pack("!H", 1000) + b"bye"))
+        _, code, _ = reader.frames_until_close(TIMEOUT)
+        assert code == 1000
+        sock.settimeout(TIMEOUT)
+        assert sock.recv(1) == b"", "the server closes TCP after the closing handshake"
+
+
+def test_slow_request_head_is_dropped(server_factory: ServerFactory) -> None:
+    server = server_factory(env={**OWN, "ROOMCAST_HANDSHAKE_TIMEOUT": "1"})
+    start = time.monotonic()
+    with socket.create_connection((HOST, server.port), timeout=TIMEOUT) as sock:
+        request = f"GET /ws/echo HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n"
+        dropped = False
+        for byte in request.encode():
+            try:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+            except OSError:
+                dropped = True
+                break
+            if time.monotonic() - start > 1 + TIMEOUT:
+                break
+        if not dropped:
+            sock.settimeout(TIMEOUT)
+            try:
+                dropped = sock.recv(1) == b""
+            except ConnectionResetError:
+                dropped = True
+    elapsed = time.monotonic() - start
+    assert dropped, "a 1-byte-per-0.2s request head was not dropped"
+    assert 0.9 <= elapsed <= 1 + TIMEOUT
+    # ... while a normal handshake is untouched by the deadline
+    sock2, _ = raw_ws_handshake(server.port, "/ws/echo")
+    sock2.close()
+
+
+def test_close_handshake_is_bounded(server_factory: ServerFactory) -> None:
+    server = server_factory(env={**OWN, "ROOMCAST_CLOSE_TIMEOUT": "1"})
+    sock, rest = raw_ws_handshake(server.port, "/ws/stream?count=1&interval=0")
+    with sock:
+        frames, code, _ = RawFrameReader(sock, rest).frames_until_close(TIMEOUT)
+        assert frames == [(0x1, b"Streaming message 1")]
+        assert code == 1000
+        # We never answer the close: the server drops the connection after its close timeout.
+        start = time.monotonic()
+        sock.settimeout(1 + TIMEOUT)
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(1) == b""
+        assert time.monotonic() - start <= 1 + TIMEOUT
+
+
+async def test_fast_path_and_plain_asgi_rooms_agree(server_factory: ServerFactory) -> None:
+    """Chat on roomcast's transport and on uvicorn's: the same messages, in the same order."""
+    for ws in ("roomcast", "websockets-sansio"):
+        server = server_factory(env={"ROOMCAST_WS": ws})
+        async with (
+            ws_connect(server, "/ws/chat/agree") as a,
+            ws_connect(server, "/ws/chat/agree") as b,
+        ):
+            for i in range(50):
+                await a.send(f"m{i}")
+            expected = [f"Client says: m{i}" for i in range(50)]
+            for ws_client in (a, b):
+                got = [await asyncio.wait_for(ws_client.recv(), TIMEOUT) for _ in range(50)]
+                assert got == expected
