@@ -257,16 +257,32 @@ def test_serve_help_mentions_every_option() -> None:
                 assert opt in out, (opt, out)
 
 
-async def test_plain_uvicorn_serves_the_app(server_factory: ServerFactory) -> None:
+PLAIN_SERVERS = {
+    # Plain ASGI servers: the hub's fallback (no roomcast.frames extension) must serve rooms.
+    "uvicorn": ["-m", "uvicorn", "roomcast.app:app", "--host", HOST, "--port"],
+    "hypercorn": ["-m", "hypercorn", "roomcast.app:app", "--bind"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_SERVERS))
+async def test_plain_asgi_servers_serve_the_app(server_factory: ServerFactory, name: str) -> None:
+    pytest.importorskip(name)
     port = free_port()
-    argv = [
-        sys.executable, "-m", "uvicorn", "roomcast.app:app",
-        "--host", HOST, "--port", str(port),
-    ]  # fmt: skip
-    server = server_factory(argv=argv, port=port)
+    where = str(port) if name == "uvicorn" else f"{HOST}:{port}"
+    server = server_factory(argv=[sys.executable, *PLAIN_SERVERS[name], where], port=port)
     async with ws_connect(server, "/ws/echo") as ws:
-        await ws.send("via uvicorn")
-        assert await recv(ws) == "Echo: via uvicorn"
+        await ws.send(f"via {name}")
+        assert await recv(ws) == f"Echo: via {name}"
+    async with ws_connect(server, "/ws/chat") as a, ws_connect(server, "/ws/chat") as b:
+        await server.await_stats(lambda s: s["chat_members"] == 2, what="both joined")
+        for i in range(20):
+            await a.send(f"m{i}")
+        for member in (a, b):
+            assert [await recv(member) for _ in range(20)] == [
+                f"Client says: m{i}" for i in range(20)
+            ]
+        await b.close()
+        assert await recv(a) == "A client left the chat"
 
 
 # -- g) the startup log says where to connect --------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from roomcast.app import create_app
 from roomcast.closecodes import CloseCode
 from roomcast.errors import (
     ClientError,
@@ -15,6 +14,7 @@ from roomcast.errors import (
     RoomcastError,
     UnsupportedData,
 )
+from roomcast.factory import create_app
 from roomcast.hub import Hub
 from roomcast.settings import Settings
 

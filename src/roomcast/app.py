@@ -1,71 +1,11 @@
-"""The roomcast ASGI app: ``create_app(settings)`` for embedding, ``app`` for ``uvicorn``."""
+"""The app for ASGI servers: ``uvicorn roomcast.app:app``, ``hypercorn roomcast.app:app``.
 
-from __future__ import annotations
+Importing this module builds the app from the ``ROOMCAST_*`` environment (and generates a token
+for /ws/secure if none is configured); ``import roomcast`` alone does not.
+"""
 
-import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from roomcast.factory import create_app
 
-from fastapi import FastAPI
+__all__ = ["app"]
 
-from roomcast import __version__
-from roomcast.logs import install_redaction
-from roomcast.routes.classic import classic_routes
-from roomcast.routes.ops import ops_router
-from roomcast.runtime import Runtime
-from roomcast.settings import Settings
-
-__all__ = ["create_app"]  # and `app`, built on first access (see __getattr__)
-
-logger = logging.getLogger("roomcast.app")
-
-
-def create_app(settings: Settings | None = None, *, announce: bool = False) -> FastAPI:
-    """Build a roomcast app; mount it in your own FastAPI project or serve it directly.
-
-    ``settings`` defaults to :class:`Settings` read from the environment. ``announce`` logs the
-    address from the settings at start (``roomcast serve`` sets it; it knows the address).
-    """
-    runtime = Runtime(settings if settings is not None else Settings(), announce=announce)
-    install_redaction()
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        install_redaction()
-        cfg = runtime.settings
-        if runtime.tokens.generated is not None:
-            # Printed once, deliberately: without it nobody could use /ws/secure. It is never
-            # stored, and a restart makes a new one.
-            logger.warning(
-                "no ROOMCAST_TOKENS configured; generated token for /ws/secure: %s",
-                runtime.tokens.generated,
-            )
-        if runtime.announce:
-            base = f"ws://{cfg.host}:{cfg.port}"
-            logger.info(
-                "roomcast %s listening on %s (broker %s); try: python -m websockets %s/ws/echo",
-                __version__,
-                base,
-                cfg.broker_url,
-                base,
-            )
-        try:
-            yield
-        finally:
-            await runtime.hub.stop()
-
-    app = FastAPI(title="roomcast", version=__version__, lifespan=lifespan)
-    app.state.roomcast = runtime
-    app.router.routes.extend(classic_routes(runtime))
-    app.include_router(ops_router(runtime))
-    return app
-
-
-def __getattr__(name: str) -> FastAPI:
-    # `uvicorn roomcast.app:app` builds the app on first access, so importing this module
-    # (e.g. for create_app) does not read the environment or generate a token.
-    if name == "app":
-        application = create_app()
-        globals()["app"] = application
-        return application
-    raise AttributeError(name)
+app = create_app()

@@ -119,7 +119,7 @@ def run(settings: Settings) -> None:
     """Serve ``settings`` with uvicorn until SIGTERM/SIGINT, then exit 0 after draining."""
     import uvicorn
 
-    from roomcast.app import create_app
+    from roomcast.factory import create_app
     from roomcast.logs import logging_config
     from roomcast.transport import protocol_class
     from roomcast.transport.http import http_protocol_class

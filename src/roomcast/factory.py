@@ -1,0 +1,61 @@
+"""``create_app(settings)``: build a roomcast ASGI app (``roomcast.app:app`` is one, from env)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from roomcast import __version__
+from roomcast.logs import install_redaction
+from roomcast.routes.classic import classic_routes
+from roomcast.routes.ops import ops_router
+from roomcast.runtime import Runtime
+from roomcast.settings import Settings
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("roomcast.app")
+
+
+def create_app(settings: Settings | None = None, *, announce: bool = False) -> FastAPI:
+    """Build a roomcast app; mount it in your own FastAPI project or serve it directly.
+
+    ``settings`` defaults to :class:`Settings` read from the environment. ``announce`` logs the
+    address from the settings at start (``roomcast serve`` sets it; it knows the address).
+    """
+    runtime = Runtime(settings if settings is not None else Settings(), announce=announce)
+    install_redaction()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        install_redaction()
+        cfg = runtime.settings
+        if runtime.tokens.generated is not None:
+            # Printed once, deliberately: without it nobody could use /ws/secure. It is never
+            # stored, and a restart makes a new one.
+            logger.warning(
+                "no ROOMCAST_TOKENS configured; generated token for /ws/secure: %s",
+                runtime.tokens.generated,
+            )
+        if runtime.announce:
+            base = f"ws://{cfg.host}:{cfg.port}"
+            logger.info(
+                "roomcast %s listening on %s (broker %s); try: python -m websockets %s/ws/echo",
+                __version__,
+                base,
+                cfg.broker_url,
+                base,
+            )
+        try:
+            yield
+        finally:
+            await runtime.hub.stop()
+
+    app = FastAPI(title="roomcast", version=__version__, lifespan=lifespan)
+    app.state.roomcast = runtime
+    app.router.routes.extend(classic_routes(runtime))
+    app.include_router(ops_router(runtime))
+    return app
