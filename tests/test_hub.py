@@ -165,3 +165,26 @@ async def test_outbox_never_exceeds_its_bound(size: int) -> None:
         assert len(member._outbox) <= size
         await asyncio.sleep(0)
     await hub.stop()
+
+
+async def test_a_cascade_of_cuts_stays_flat() -> None:
+    """Every leave notice overflows someone else: thousands of cuts, no recursion."""
+    hub = Hub(outbox_size=1)
+    peers = [member_of(hub)[0] for _ in range(3000)]
+    for peer in peers:
+        peer.draining.clear()
+    await asyncio.sleep(0)  # plain-ASGI writers start and block on their first send
+    hub.broadcast("r", "one")
+    hub.broadcast("r", "two")
+    assert hub.stats()["chat_members"] == 0
+    await hub.stop()
+
+
+async def test_leave_without_notice() -> None:
+    hub = Hub(outbox_size=4)
+    _, a = member_of(hub)
+    pb, _ = member_of(hub)
+    await hub.leave(a, notify=False)
+    hub.broadcast("r", "after")
+    await settle(hub, lambda: pb.texts == ["after"])
+    await hub.stop()

@@ -92,6 +92,8 @@ class Member:
 
     def push(self, item: Item) -> bool:
         """Queue an item for this member; ``False`` if the outbox is full."""
+        if self.conn.closed:
+            return True  # the peer is gone: drop it; the member's handler is leaving
         outbox = self._outbox
         if len(outbox) >= self.limit:
             return False
@@ -141,8 +143,10 @@ class Member:
                         try:
                             await send_frame(item)
                         except OSError:
-                            return  # the peer is gone
+                            self._gone()
+                            return
                     elif not await send(item):  # type: ignore[arg-type]
+                        self._gone()
                         return
                     self._busy = False
                 if send_frame is not None:
@@ -152,6 +156,11 @@ class Member:
         finally:
             self._busy = False
             self._writer = None
+
+    def _gone(self) -> None:
+        """The peer went away mid-send: nothing more will reach it."""
+        self.active = False
+        self._outbox.clear()
 
     def stop(self) -> asyncio.Task[None] | None:
         """Cancel the writer, if one runs; returns it so the caller can await it."""
@@ -180,6 +189,8 @@ class Hub:
         self.outbox_size = outbox_size
         self._rooms: dict[str, Room] = {}
         self._writers: set[asyncio.Task[None]] = set()
+        self._departures: deque[tuple[str, str]] = deque()
+        self._telling = False
 
     def join(self, conn: Connection, room: str, leave_notice: str | None = None) -> Member:
         """Add ``conn`` to ``room`` (created on first join) and start its writer."""
@@ -192,6 +203,11 @@ class Hub:
 
     def broadcast(self, room: str, text: str) -> int:
         """Queue ``text`` for every member of ``room``; returns how many members got it."""
+        reached = self._fan_out(room, text)
+        self._tell_departures()
+        return reached
+
+    def _fan_out(self, room: str, text: str) -> int:
         entry = self._rooms.get(room)
         if entry is None:
             return 0
@@ -214,10 +230,11 @@ class Hub:
                 if overflowed is None:
                     overflowed = []
                 overflowed.append(member)
+        reached = len(entry.members)
         if overflowed is not None:
             for member in overflowed:
                 self._cut(member)
-        return len(entry.members)
+        return reached
 
     def _cut(self, member: Member) -> None:
         logger.info(
@@ -228,21 +245,38 @@ class Hub:
             member.limit,
         )
         member.close_after_current(f"too slow: more than {member.limit} messages unread")
-        self._remove(member)
+        self._remove(member, notify=True)
 
-    def _remove(self, member: Member) -> None:
+    def _remove(self, member: Member, notify: bool) -> None:
         member.active = False
         entry = self._rooms.get(member.room)
         if entry is None or entry.members.pop(member.conn.id, None) is None:
             return
         if not entry.members:
             del self._rooms[member.room]
-        elif entry.leave_notice is not None:
-            self.broadcast(member.room, entry.leave_notice)
+        elif notify and entry.leave_notice is not None:
+            self._departures.append((member.room, entry.leave_notice))
 
-    async def leave(self, member: Member) -> None:
-        """Remove ``member`` (if still in its room), tell the room, and stop its writer."""
-        self._remove(member)
+    def _tell_departures(self) -> None:
+        # A leave notice can overflow another member's outbox, whose cut makes another notice:
+        # a work list instead of recursion keeps that cascade flat (one notice per departure).
+        if self._telling:
+            return
+        self._telling = True
+        try:
+            while self._departures:
+                self._fan_out(*self._departures.popleft())
+        finally:
+            self._telling = False
+
+    async def leave(self, member: Member, *, notify: bool = True) -> None:
+        """Remove ``member`` (if still in its room), tell the room, and stop its writer.
+
+        ``notify=False`` skips the leave notice, e.g. when the whole server is shutting down
+        and every member is leaving anyway.
+        """
+        self._remove(member, notify)
+        self._tell_departures()
         writer = member.stop()
         if writer is not None:
             try:

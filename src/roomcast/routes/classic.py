@@ -73,7 +73,9 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
                 if member.active:
                     hub.broadcast(room, f"Client says: {text}")
         finally:
-            await hub.leave(member)
+            # When the server restarts everyone leaves at once: n leave notices to n members
+            # would be n² messages that nobody will read.
+            await hub.leave(member, notify=conn.close_code != CloseCode.SERVICE_RESTART)
 
     async def named_chat(conn: Connection) -> None:
         room: str = conn.scope.get("path_params", {}).get("room", "")
