@@ -107,3 +107,13 @@ def test_errors_carry_their_close_codes() -> None:
     assert MessageTooBig("x").close_code == 1009
     # a close reason must fit a control frame (RFC 6455 section 5.5: 125 bytes with the code)
     assert len(ClientError("é" * 200).reason.encode()) <= 123
+
+
+def test_close_payload_cuts_the_reason_on_a_character_boundary() -> None:
+    from roomcast.transport.frames import build_close_payload, parse_close_payload
+
+    payload = build_close_payload(1000, "é" * 100)
+    assert len(payload) <= 125
+    code, reason = parse_close_payload(payload)  # raises if the cut split a character
+    assert code == 1000
+    assert reason == "é" * 61

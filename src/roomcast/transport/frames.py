@@ -74,8 +74,15 @@ def build_frame(opcode: int, payload: bytes, *, rsv1: bool = False) -> bytes:
 
 
 def build_close_payload(code: int, reason: str = "") -> bytes:
-    """The payload of a close frame: the code, then the reason cut to fit 125 bytes."""
-    return _CODE.pack(code) + reason.encode()[:123]
+    """The payload of a close frame: the code, then the reason cut to fit 125 bytes.
+
+    The cut falls on a character boundary: half a UTF-8 sequence would make the peer fail the
+    connection with 1007 instead of reading the reason.
+    """
+    encoded = reason.encode()
+    if len(encoded) > 123:
+        encoded = encoded[:123].decode(errors="ignore").encode()
+    return _CODE.pack(code) + encoded
 
 
 def parse_close_payload(payload: bytes) -> tuple[int, str]:
