@@ -39,6 +39,8 @@ OP_CLOSE: Final = 0x8
 OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 
+_KNOWN_OPCODES: Final = frozenset({OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG})
+
 FIN: Final = 0x80
 RSV1: Final = 0x40
 RSV_ALL: Final = 0x70
@@ -160,6 +162,12 @@ class FrameReader:
                 return None
             length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
             header = 10
+        opcode = first & 0x0F
+        if opcode >= OP_CLOSE and length > 125:
+            # Section 5.5: refused from the header, before its payload is buffered.
+            raise WebSocketProtocolError(CloseCode.PROTOCOL_ERROR, "control frame over 125 bytes")
+        if opcode not in _KNOWN_OPCODES:
+            raise WebSocketProtocolError(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode}")
         if length > self.max_size:
             raise WebSocketProtocolError(
                 CloseCode.MESSAGE_TOO_BIG, f"frame over {self.max_size} bytes"

@@ -469,6 +469,11 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         if self._state == _OPEN:
             self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
             self._begin_close(code, reason)
+            # Half-close after our close frame: the peer sees the end at once (Autobahn 7.3.6:
+            # a peer whose own close was malformed will not send another), while we can still
+            # read its close frame. The close timer bounds the rest.
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
         self._reset_message()
 
     # -- reading -------------------------------------------------------------------------
