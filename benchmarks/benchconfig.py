@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SCENARIOS = ("ceiling", "echo", "chat", "memory")
+SCENARIOS = ("ceiling", "echo", "chat", "connect", "memory", "deflate")
 
 
 @dataclass
@@ -13,6 +13,7 @@ class Config:
     """What to run and how big."""
 
     only: tuple[str, ...]
+    servers: tuple[str, ...]
     repeats: int
     duration: float
     echo_rounds: int
@@ -21,10 +22,14 @@ class Config:
     members: int
     messages: int
     fill_messages: int
-    idle_conns: int
+    idle_counts: tuple[int, ...]
+    connect_clients: int
+    connect_duration: float
+    connect_limit: int
     settle: float
     drain_timeout: float
     idle_timeout: float
     roomcast_as_baseline: bool
     output: Path | None
     wait_quiet: bool
+    quick: bool = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -15,7 +16,8 @@ from pathlib import Path
 import psutil
 
 from benchconfig import Config
-from servers import REPO_DIR, ROOMCAST_ENV
+from deflate import MEM_LEVEL, MEMBERS
+from servers import NODE_DIR, REPO_DIR, ROOMCAST_ENV, ROOMCAST_WS
 
 VERSIONED = (
     "fastapi",
@@ -63,21 +65,40 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _ws_version() -> str:
+    """Return the installed version of Node's ws library in benchmarks/node, or "?"."""
+    with contextlib.suppress(OSError, ValueError):
+        return str(json.loads((NODE_DIR / "node_modules/ws/package.json").read_text())["version"])
+    return "?"
+
+
 def how_it_was_run(
-    cfg: Config, argv: Sequence[str], pinned: bool, wall_s: float, fd_limit: int
+    cfg: Config,
+    argv: Sequence[str],
+    pinned: bool,
+    wall_s: float,
+    fd_limit: int,
+    node_version: str,
 ) -> list[str]:
     """Return the "How it was run" bullet list."""
     cmd = " ".join(["python", "benchmarks/run.py", *(shlex.quote(a) for a in argv)])
     versions = ", ".join(f"{d} {_version(d)}" for d in VERSIONED)
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in ROOMCAST_ENV.items())
-    roomcast_cmd = (
-        "the baseline again (--roomcast-as-baseline, harness self-test)"
-        if cfg.roomcast_as_baseline
-        else f"`{env} python -m roomcast serve --host 127.0.0.1 --port PORT` "
-        "(one process serving every endpoint; src/ first on PYTHONPATH)"
-    )
+    if cfg.roomcast_as_baseline:
+        roomcast_lines = [
+            "- roomcast, roomcast-asgi: the baseline again (--roomcast-as-baseline, harness "
+            "self-test)"
+        ]
+    else:
+        roomcast_lines = [
+            f"- {role}: `ROOMCAST_WS={ws} {env} python -m roomcast serve --host 127.0.0.1 "
+            "--port PORT` (one process serving every endpoint; src/ first on PYTHONPATH)"
+            for role, ws in ROOMCAST_WS.items()
+            if role in cfg.servers
+        ]
     return [
         f"- Command: `{cmd}` (repeats: {cfg.repeats}; took {wall_s:.0f} s)",
+        f"- Servers: {', '.join(cfg.servers)}",
         f"- Date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}; "
         f"code: {_git_revision()}",
         f"- Machine: {os.cpu_count()} cores ({_cpu_model()}), "
@@ -96,18 +117,22 @@ def how_it_was_run(
         "- Baseline: `uvicorn echo_server:app --host 127.0.0.1 --port PORT` (resp. "
         "`chat_server:app`), run from `benchmarks/baseline/`, plain uvicorn defaults "
         "(INFO logging, access log on)",
-        f"- roomcast: {roomcast_cmd}",
-        "- A fresh server process for every chat and memory run; the echo runs share one "
-        "process per server. Both servers run on loopback only.",
+        f"- node: `node server.js --port PORT` in `benchmarks/node/` (Node.js {node_version}, "
+        f"ws {_ws_version()} from package-lock.json, perMessageDeflate off, no optional native "
+        "add-ons)",
+        *roomcast_lines,
+        "- A fresh server process for every chat, connect and memory run; the echo runs share "
+        "one process per server. Every server runs on loopback only.",
     ]
 
 
 def scenario_text(cfg: Config) -> list[str]:
     """Return the "Scenarios" bullet list, with this run's sizes."""
+    counts = " and ".join(f"{n:,}" for n in cfg.idle_counts)
     return [
         f"- **echo**: 1 and {cfg.echo_conns} connections to `/ws/echo`, each in a closed loop "
         "(send, await the reply, check it is exactly `Echo: ` + what was sent, send the next); "
-        f"{cfg.warmup:g} s unmeasured, then {cfg.duration:g} s measured; both servers stay up "
+        f"{cfg.warmup:g} s unmeasured, then {cfg.duration:g} s measured; all servers stay up "
         f"and take turns for {cfg.echo_rounds} round(s) (order flipped every round), medians "
         "kept. Round trips/s counts replies in the window; latency is send → reply per round "
         "trip.",
@@ -117,7 +142,9 @@ def scenario_text(cfg: Config) -> list[str]:
         "sequence number; every receipt is checked against the exact expected text). "
         "Deliveries/s = deliveries ÷ (last receipt − first send); latency = time the last "
         "member got message i − send time of i; lost = expected − received after waiting up "
-        f"to {cfg.drain_timeout:g} s (or {cfg.idle_timeout:g} s without any delivery).",
+        f"to {cfg.drain_timeout:g} s (or {cfg.idle_timeout:g} s without any delivery). The "
+        "load generator's per-delivery work is one dict lookup of the received bytes (which "
+        "identifies and verifies the message at once), a time stamp and a count.",
         "- **chat + 1 stalled member**: the same plus one member that connects over a raw "
         "socket with SO_RCVBUF = 4096 and TCP_MAXSEG = 1024 set before connecting, does the "
         "upgrade by hand and never reads again (on loopback, Linux would otherwise give the "
@@ -129,17 +156,51 @@ def scenario_text(cfg: Config) -> list[str]:
         "server's plain chat figure. The stalled member's connection is drained (3 s at most) "
         "after the measurement, to see whether the server had closed it; a server that cuts a "
         "slow member only once a queue of many messages overflows may leave it open here, "
-        "which the next scenario settles.",
+        "which the next scenario settles. Node's `ws` buffers without limit in user space, so "
+        "it neither stalls nor cuts.",
         "- **chat, 1 sender + 1 stalled member**: a room of two on a fresh server; the "
         "sender sends 1 KiB messages in batches of 100 (3,000 at most) until either it gets "
         "`A client left the chat` (the server cut the stalled member) or its own messages stop "
         "coming back for 2 s (the room stalled).",
-        f"- **memory**: {cfg.idle_conns:,} connections to `/ws/chat` (members that send "
-        "nothing) and, on another fresh server, to `/ws/echo`; server RSS (psutil, whole process "
-        f"tree) after one warm-up round trip and {cfg.settle:g} s, then again {cfg.settle:g} s "
-        "after the last connection opened; per connection = growth ÷ connections.",
-        "- **load generator ceiling**: echo and chat against `benchmarks/reference_server.py` "
-        "(see above), once per invocation.",
+        f"- **new connections**: {cfg.connect_clients} client loops on a fresh server, each: "
+        "open a TCP connection to `/ws/echo`, upgrade (status 101 and the "
+        "`Sec-WebSocket-Accept` value checked), send `hello`, await exactly `Echo: hello`, send "
+        "a close frame, await the server's close frame and the end of the connection; then "
+        f"again. {cfg.warmup:g} s unmeasured, then {cfg.connect_duration:g} s measured, at most "
+        f"{cfg.connect_limit:,} connections per run in all (loopback ports and TIME_WAIT "
+        "entries are finite; the window ends early if the budget runs out, which the per-run "
+        "notes say). Connections/s counts complete cycles in the window; the latency is TCP "
+        "connect + upgrade. The client is a plain asyncio protocol with pre-built bytes "
+        "(picows's `ws_connect` costs about 200 µs of client CPU per connection, which would "
+        "have capped the fastest servers). The guide's echo endpoint does not catch "
+        "`WebSocketDisconnect`, so uvicorn logs a traceback for every closed connection: that "
+        "is part of the baseline's cost here.",
+        f"- **memory**: {counts} connections to `/ws/chat` (members that send nothing) and, on "
+        "another fresh server, to `/ws/echo`; server RSS (psutil, whole process tree) after one "
+        f"warm-up round trip and {cfg.settle:g} s, then {cfg.settle:g} s after the last "
+        "connection of each count opened (the connections of the smaller count stay open); per "
+        "connection = growth since the first reading ÷ connections.",
+        "- **load generator ceiling**: echo, chat (batched and one write per message) and new "
+        "connections against `benchmarks/reference_server.py` (see above), once per invocation.",
         "- Before each measurement the harness waits (2 minutes at most per invocation) until "
         "other processes use less than 0.15 of a core.",
+    ]
+
+
+def deflate_text() -> list[str]:
+    """Return the prose above the permessage-deflate table."""
+    return [
+        "roomcast's transport writes one pre-built frame to every member of a room. Such a "
+        "frame can be compressed only once if no member's compressor carries context from "
+        "earlier messages (`server_no_context_takeover`): a fresh raw deflate stream per "
+        f"publication (zlib, raw, memLevel {MEM_LEVEL}, Z_SYNC_FLUSH, the trailing "
+        "`00 00 ff ff` removed). `benchmarks/deflate.py` times that with `time.perf_counter` "
+        "over many iterations (median of 5 batches, 16 different messages taken in turn: a "
+        "64-byte chat line and a 4 KiB JSON list of chat events, both after `Client says: `). "
+        f'"… per delivery" spreads the one compression over {MEMBERS:,} members; "compress '
+        'per member instead" is what per-connection compression with context takeover costs '
+        "(each member's own stream, so no frame can be shared); every receiver then inflates; "
+        "and zlib's own formulas give the state a connection keeps when contexts are kept "
+        "(deflate: 2^(wbits+2) + 2^(memLevel+9) bytes; inflate: 2^wbits + about 7 KiB), next "
+        "to the 20 KiB per idle connection roomcast aims at.",
     ]

@@ -110,25 +110,29 @@ async def close_all(clients: Sequence[Client], limit_s: float = CLOSE_TIMEOUT_S)
 
 async def wait_until(
     done: Callable[[], bool],
-    last_progress: Callable[[], float],
     limit_s: float,
     idle: float | None = None,
+    progress: Callable[[], float] | None = None,
 ) -> str:
     """Poll until ``done()``; return "done", "timeout" (after ``limit_s``) or "idle".
 
-    "idle" means no progress for ``idle`` seconds.
-
-    ``last_progress()`` is the perf_counter() time of the last useful event.
+    "idle" means that ``progress()`` (a counter of useful events) did not change for ``idle``
+    seconds; without ``progress`` a run is never idle.
     """
-    start = time.perf_counter()
+    start = last_change = time.perf_counter()
+    seen = progress() if progress is not None else 0.0
     while True:
         if done():
             return "done"
         now = time.perf_counter()
         if now - start > limit_s:
             return "timeout"
-        if idle is not None and now - max(last_progress(), start) > idle:
-            return "idle"
+        if progress is not None:
+            value = progress()
+            if value != seen:
+                seen, last_change = value, now
+            elif idle is not None and now - last_change > idle:
+                return "idle"
         await asyncio.sleep(POLL_INTERVAL_S)
 
 
@@ -353,57 +357,66 @@ class IdleClient(Client):
 
 
 @dataclass
-class MemoryResult:
-    """Server RSS before and after opening idle connections."""
+class MemoryPoint:
+    """Server RSS once ``connections`` idle connections were open (and settled)."""
 
     connections: int
-    rss_before: int
-    rss_after: int
+    rss: int
     connect_s: float
 
-    @property
-    def kib_per_conn(self) -> float:
-        """Return the RSS growth per connection in KiB."""
-        return (self.rss_after - self.rss_before) / self.connections / 1024
+
+@dataclass
+class MemoryResult:
+    """Server RSS before opening idle connections, and at each checkpoint after."""
+
+    rss_before: int
+    points: list[MemoryPoint]
+
+    def kib_per_conn(self, point: MemoryPoint) -> float:
+        """Return the RSS growth per connection at ``point``, in KiB."""
+        return (point.rss - self.rss_before) / point.connections / 1024
 
 
 async def run_idle(
     url: str,
-    count: int,
+    counts: Sequence[int],
     expected_reply: bytes,
     settle_s: float,
     rss: Callable[[], int],
     stop_server: Callable[[], Awaitable[None]],
 ) -> MemoryResult:
-    """Measure server RSS growth for ``count`` idle connections to ``url``.
+    """Measure server RSS growth as idle connections to ``url`` are opened.
 
-    One connection first sends ``warm`` and waits for ``expected_reply`` so that lazily
-    imported code is loaded before the "before" reading. The server is stopped (by
+    ``counts`` are increasing checkpoints (e.g. 2,000 then 5,000): connections are added up to
+    each one, and RSS is read ``settle_s`` after the last of them opened, so one server gives
+    every figure. One connection first sends ``warm`` and waits for ``expected_reply`` so that
+    lazily imported code is loaded before the "before" reading. The server is stopped (by
     ``stop_server``) before the clients close, so that the guide's chat does not spend its last
-    seconds broadcasting "A client left the chat" to 2,000 closing members.
+    seconds broadcasting "A client left the chat" to thousands of closing members.
     """
     warm = await connect_many(url, IdleClient, 1)
     try:
         warm[0].transport.send(WSMsgType.TEXT, b"warm")
-        outcome = await wait_until(
-            lambda: warm[0].last_text == expected_reply, time.perf_counter, limit_s=10.0
-        )
+        outcome = await wait_until(lambda: warm[0].last_text == expected_reply, limit_s=10.0)
         if outcome != "done":
             raise RuntimeError(f"warm-up reply from {url} was {warm[0].last_text!r}")
     finally:
         await close_all(warm)
     await asyncio.sleep(settle_s)
     before = rss()
-    start = time.perf_counter()
-    clients = await connect_many(url, IdleClient, count)
+    clients: list[IdleClient] = []
+    points = []
     try:
-        connect_s = time.perf_counter() - start
-        await asyncio.sleep(settle_s)
-        after = rss()
+        for count in sorted(counts):
+            start = time.perf_counter()
+            clients += await connect_many(url, IdleClient, count - len(clients))
+            connect_s = time.perf_counter() - start
+            await asyncio.sleep(settle_s)
+            points.append(MemoryPoint(count, rss(), connect_s))
     finally:
         await stop_server()
         await close_all(clients)
-    return MemoryResult(count, before, after, connect_s)
+    return MemoryResult(before, points)
 
 
 def median(values: Sequence[float]) -> float:

@@ -3,7 +3,9 @@
 It answers /ws/echo and /ws/chat like the guide (``Echo: {text}``, ``Client says: {text}`` to
 every member) at a cost per message far below any ASGI server's (chat broadcasts are batched:
 one write per member per event-loop turn), so the figures the benchmark gets from it show the
-ceiling of the load generator on this machine, not of a server.
+ceiling of the load generator on this machine, not of a server. /ws/chat-each is the same room
+without batching: one write per message per member, as the real servers do, so the load
+generator reads the messages one by one, at its highest cost per delivery.
 
 Run: ``python benchmarks/reference_server.py --port PORT`` (loopback only); GET /health → 200.
 """
@@ -57,6 +59,12 @@ class Room:
         self.members: set[WSTransport] = set()
         self.pending: list[bytes] = []
 
+    def broadcast_each(self, payload: bytes) -> None:
+        """Write ``Client says: {payload}`` to every member now, one write each (unbatched)."""
+        frame = text_frame(b"Client says: " + payload)
+        for member in self.members:
+            member.underlying_transport.write(frame)
+
     def broadcast(self, payload: bytes) -> None:
         """Queue ``Client says: {payload}`` for every member; flush at the end of this turn."""
         if not self.pending:
@@ -75,7 +83,12 @@ ROOM = Room()
 
 
 class Chat(WSListener):
-    """A member of the one room."""
+    """A member of the one room (``batched``: one write per member per event-loop turn)."""
+
+    def __init__(self, batched: bool = True) -> None:
+        """Choose how broadcasts are written."""
+        super().__init__()
+        self.batched = batched
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         """Join the room."""
@@ -88,7 +101,10 @@ class Chat(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """Broadcast text frames to everyone; close on CLOSE."""
         if frame.msg_type == WSMsgType.TEXT:
-            ROOM.broadcast(frame.get_payload_as_bytes())
+            if self.batched:
+                ROOM.broadcast(frame.get_payload_as_bytes())
+            else:
+                ROOM.broadcast_each(frame.get_payload_as_bytes())
         elif frame.msg_type == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
             transport.disconnect()
@@ -101,6 +117,8 @@ def route(request: WSUpgradeRequest) -> WSListener | WSUpgradeResponseWithListen
         return Echo()
     if path == b"/ws/chat":
         return Chat()
+    if path == b"/ws/chat-each":
+        return Chat(batched=False)
     if path == b"/health":
         return WSUpgradeResponseWithListener(
             WSUpgradeResponse.create_ok_response(b'{"status":"ok"}'), None

@@ -1,4 +1,4 @@
-"""Aggregate benchmark samples, judge the targets, print a table and write docs/benchmarks.md."""
+"""Aggregate benchmark samples, judge the targets, print tables and write docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -8,7 +8,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-ROLES = ("baseline", "roomcast")
+from deflate import DEFLATE_HEADER, DeflateRow, deflate_rows
+
+#: The servers compared, in column order.
+ROLES = ("baseline", "node", "roomcast", "roomcast-asgi")
+ROLE_TITLES = {
+    "baseline": "baseline (guide)",
+    "node": "node (ws)",
+    "roomcast": "roomcast",
+    "roomcast-asgi": "roomcast-asgi (fallback)",
+}
+#: Ratio columns: (numerator, denominator).
+RATIOS = (("roomcast", "baseline"), ("roomcast-asgi", "baseline"), ("roomcast", "node"))
+#: Load generator CPU (% of its core) from which a figure may be limited by the client side.
+BUSY_LOADGEN_PCT = 90.0
+
 Better = Literal["higher", "lower", ""]
 Agg = Literal["median", "max", "text"]
 
@@ -38,24 +52,31 @@ def _echo(n: str, name: str) -> list[MetricSpec]:
         MetricSpec(f"echo{n}.p50_us", f"{head} p50 round trip", "µs", "lower", 0),
         MetricSpec(f"echo{n}.p99_us", f"{head} p99 round trip", "µs", "lower", 0),
         MetricSpec(f"echo{n}.errors", f"{head} wrong or missing replies", "", "", 0, "max"),
+        MetricSpec(f"echo{n}.loadgen", f"{head} load generator CPU", "%", "", 0),
     ]
 
 
-def metric_specs(echo_conns: int, members: int, idle_conns: int) -> list[MetricSpec]:
+def metric_specs(
+    echo_conns: int, members: int, idle_counts: Sequence[int], connect_clients: int
+) -> list[MetricSpec]:
     """Return every figure of the results table, labelled with this run's sizes."""
     chat = f"chat, {members:,} members:"
     stall = "chat + 1 stalled member:"
-    return [
+    conn = f"new connections ({connect_clients} clients):"
+    specs = [
         *_echo("1", "1 connection"),
         *_echo("N", f"{echo_conns} connections"),
         MetricSpec("chat.dps", f"{chat} deliveries", "/s", "higher", 0),
         MetricSpec("chat.p50_ms", f"{chat} p50 send → last member", "ms", "lower", 1),
         MetricSpec("chat.p99_ms", f"{chat} p99 send → last member", "ms", "lower", 1),
         MetricSpec("chat.lost", f"{chat} lost deliveries", "", "", 0, "max"),
+        MetricSpec("chat.loadgen", f"{chat} load generator CPU", "%", "", 0),
+        MetricSpec("chat.lg_us", f"{chat} load generator CPU per delivery", "µs", "", 2),
         MetricSpec("stall.dps", f"{stall} deliveries", "/s", "higher", 0),
         MetricSpec("stall.p50_ms", f"{stall} p50 send → last member", "ms", "lower", 1),
         MetricSpec("stall.p99_ms", f"{stall} p99 send → last member", "ms", "lower", 1),
         MetricSpec("stall.lost", f"{stall} lost deliveries", "", "", 0, "max"),
+        MetricSpec("stall.loadgen", f"{stall} load generator CPU", "%", "", 0),
         MetricSpec("stall.rel", f"{stall} deliveries/s ÷ own unstalled", "×", "higher", 2),
         MetricSpec("stall.outcome", f"{stall} the room", "", "", 0, "text"),
         MetricSpec("stall.staller", f"{stall} the stalled member's connection", "", "", 0, "text"),
@@ -67,15 +88,25 @@ def metric_specs(echo_conns: int, members: int, idle_conns: int) -> list[MetricS
             0,
             "text",
         ),
-        MetricSpec(
-            "mem.chat", f"{idle_conns:,} idle /ws/chat: RSS per connection", "KiB", "lower", 1
-        ),
-        MetricSpec("mem.chat_mib", f"{idle_conns:,} idle /ws/chat: server RSS", "MiB", "lower", 1),
-        MetricSpec(
-            "mem.echo", f"{idle_conns:,} idle /ws/echo: RSS per connection", "KiB", "lower", 1
-        ),
-        MetricSpec("mem.echo_mib", f"{idle_conns:,} idle /ws/echo: server RSS", "MiB", "lower", 1),
+        MetricSpec("connect.cps", f"{conn} connections", "/s", "higher", 0),
+        MetricSpec("connect.p50_ms", f"{conn} p50 connect + upgrade", "ms", "lower", 2),
+        MetricSpec("connect.p99_ms", f"{conn} p99 connect + upgrade", "ms", "lower", 2),
+        MetricSpec("connect.errors", f"{conn} failed cycles", "", "", 0, "max"),
+        MetricSpec("connect.loadgen", f"{conn} load generator CPU", "%", "", 0),
     ]
+    for app in ("chat", "echo"):
+        for n in idle_counts:
+            head = f"{n:,} idle /ws/{app}:"
+            specs += [
+                MetricSpec(mem_key(app, n), f"{head} RSS per connection", "KiB", "lower", 1),
+                MetricSpec(mem_key(app, n, "mib"), f"{head} server RSS", "MiB", "lower", 1),
+            ]
+    return specs
+
+
+def mem_key(app: str, count: int, kind: str = "kib") -> str:
+    """Return the results key of a memory figure (per connection, or total MiB)."""
+    return f"mem.{app}.{count}.{kind}"
 
 
 @dataclass
@@ -102,6 +133,7 @@ class Results:
     texts: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
     runs: list[RunRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    deflate: list[DeflateRow] = field(default_factory=list)
 
     def add(self, role: str, key: str, value: float | None) -> None:
         """Record one sample of figure ``key`` for server ``role``."""
@@ -118,22 +150,31 @@ class Results:
 
     def value(self, role: str, spec: MetricSpec) -> float | None:
         """Return the aggregated value of ``spec`` for ``role``, or None if never measured."""
-        vals = [v for v in self.samples.get((role, spec.key), []) if v is not None]
+        return self.key_value(role, spec.key, spec.agg)
+
+    def key_value(self, role: str, key: str, agg: Agg = "median") -> float | None:
+        """Return the aggregated value of ``key`` for ``role``, or None if never measured."""
+        vals = [v for v in self.samples.get((role, key), []) if v is not None]
         if not vals:
             return None
-        return float(max(vals) if spec.agg == "max" else statistics.median(vals))
+        return float(max(vals) if agg == "max" else statistics.median(vals))
 
     def measured(self, spec: MetricSpec) -> bool:
-        """Tell whether ``spec`` was measured for either server."""
+        """Tell whether ``spec`` was measured for any server."""
         store = self.texts if spec.agg == "text" else self.samples
         return any(store.get((role, spec.key)) for role in ROLES)
 
+    def roles(self) -> list[str]:
+        """Return the compared servers that have any figure, in column order."""
+        seen = {role for role, _ in self.samples} | {role for role, _ in self.texts}
+        return [role for role in ROLES if role in seen]
 
-def ratio(spec: MetricSpec, base: float | None, room: float | None) -> float | None:
-    """Return roomcast ÷ baseline when it means something, else None."""
-    if not spec.better or base is None or room is None or base == 0:
+
+def ratio(spec: MetricSpec, num: float | None, den: float | None) -> float | None:
+    """Return ``num`` ÷ ``den`` when it means something for ``spec``, else None."""
+    if not spec.better or num is None or den is None or den == 0:
         return None
-    return room / base
+    return num / den
 
 
 def fmt(value: float | None, digits: int = 0) -> str:
@@ -148,32 +189,41 @@ def fmt_ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
 
+def ratio_pairs(roles: Sequence[str]) -> list[tuple[str, str]]:
+    """Return the ratio columns whose two servers were both measured."""
+    return [(a, b) for a, b in RATIOS if a in roles and b in roles]
+
+
+def result_header(roles: Sequence[str]) -> list[str]:
+    """Return the results table header for these servers."""
+    return [
+        "figure",
+        "unit",
+        *(ROLE_TITLES[r] for r in roles),
+        *(f"{a} ÷ {b}" for a, b in ratio_pairs(roles)),
+    ]
+
+
 def result_rows(results: Results, specs: Sequence[MetricSpec]) -> list[list[str]]:
-    """Return the results table rows: figure, unit, baseline, roomcast, ratio."""
+    """Return the results table rows: figure, unit, one column per server, the ratios."""
+    roles = results.roles()
+    pairs = ratio_pairs(roles)
     rows = []
     for spec in specs:
         if not results.measured(spec):
             continue
         if spec.agg == "text":
-            rows.append(
-                [
-                    spec.label,
-                    "",
-                    results.text("baseline", spec),
-                    results.text("roomcast", spec),
-                    "—",
-                ]
-            )
+            texts = [results.text(r, spec) for r in roles]
+            rows.append([spec.label, "", *texts, *("—" for _ in pairs)])
             continue
-        base, room = results.value("baseline", spec), results.value("roomcast", spec)
+        vals = {r: results.value(r, spec) for r in roles}
         better = {"higher": " ↑", "lower": " ↓"}.get(spec.better, "")
         rows.append(
             [
                 spec.label,
                 spec.unit + better,
-                fmt(base, spec.digits),
-                fmt(room, spec.digits),
-                fmt_ratio(ratio(spec, base, room)),
+                *(fmt(vals[r], spec.digits) for r in roles),
+                *(fmt_ratio(ratio(spec, vals[a], vals[b])) for a, b in pairs),
             ]
         )
     return rows
@@ -181,74 +231,166 @@ def result_rows(results: Results, specs: Sequence[MetricSpec]) -> list[list[str]
 
 @dataclass
 class Target:
-    """One target with what was measured and whether it was met (None = not measured)."""
+    """One target with what was measured and whether it was met (None = not measured).
+
+    ``limited`` names the runs behind the figures whose load generator was at or above
+    BUSY_LOADGEN_PCT of its core: those figures may be limited by the client side.
+    """
 
     text: str
     measured: str
     met: bool | None
+    limited: str = ""
 
 
-def _get(results: Results, specs: dict[str, MetricSpec], role: str, key: str) -> float | None:
-    """Return the aggregated ``key`` for ``role`` (None if that figure was not run)."""
-    spec = specs.get(key)
-    return None if spec is None else results.value(role, spec)
-
-
-def judge_targets(results: Results, spec_list: Sequence[MetricSpec]) -> list[Target]:
-    """Judge the four targets from the measured figures (never from constants)."""
+def judge_targets(
+    results: Results, spec_list: Sequence[MetricSpec], idle_counts: Sequence[int]
+) -> list[Target]:
+    """Judge the targets from the measured figures (never from constants)."""
     specs = {s.key: s for s in spec_list}
 
     def val(role: str, key: str) -> float | None:
-        return _get(results, specs, role, key)
+        spec = specs.get(key)
+        return None if spec is None else results.value(role, spec)
 
-    def rat(key: str) -> float | None:
-        return ratio(specs[key], val("baseline", key), val("roomcast", key))
+    def rat(key: str, num: str = "roomcast", den: str = "baseline") -> float | None:
+        return ratio(specs[key], val(num, key), val(den, key))
+
+    def busy(key: str, roles: Sequence[str], what: str = "") -> str:
+        """Name the runs of ``roles`` whose load generator CPU (figure ``key``) was high."""
+        hot = []
+        for role in roles:
+            cpu = results.key_value(role, key)
+            if cpu is not None and cpu >= BUSY_LOADGEN_PCT:
+                hot.append(f"{role}{what} {cpu:.0f} %")
+        return ", ".join(hot)
+
+    def both(a: float | None, b: float | None) -> tuple[float, float] | None:
+        return None if a is None or b is None else (a, b)
 
     targets = []
-    r1, rn = rat("echo1.rtps"), rat("echoN.rtps")
-    e1, en = val("roomcast", "echo1.errors"), val("roomcast", "echoN.errors")
-    met: bool | None = None
-    if r1 is not None and rn is not None and e1 is not None and en is not None:
-        met = r1 >= 1.0 and rn >= 1.0 and e1 == 0 and en == 0
-    targets.append(
-        Target(
-            "echo round trips/s ≥ 1.0× baseline (1 and N connections), every reply correct",
-            f"1 conn {fmt_ratio(r1)}, N conns {fmt_ratio(rn)}; wrong replies {fmt(e1)} / {fmt(en)}",
-            met,
+    # The first issue's targets, for roomcast and for its plain-ASGI fallback.
+    for role, who in (("roomcast", "roomcast"), ("roomcast-asgi", "roomcast-asgi (fallback)")):
+        r1, rn = rat("echo1.rtps", role), rat("echoN.rtps", role)
+        e1, en = val(role, "echo1.errors"), val(role, "echoN.errors")
+        met: bool | None = None
+        if None not in (r1, rn, e1, en):
+            met = r1 >= 1.0 and rn >= 1.0 and e1 == 0 and en == 0  # type: ignore[operator]
+        targets.append(
+            Target(
+                f"{who}: echo round trips/s ≥ 1.0× baseline (1 and N connections), every "
+                "reply correct",
+                f"1 conn {fmt_ratio(r1)}, N conns {fmt_ratio(rn)}; wrong replies "
+                f"{fmt(e1)} / {fmt(en)}",
+                met,
+                busy("echoN.loadgen", ("baseline", role)),
+            )
         )
-    )
-    rc, lost = rat("chat.dps"), val("roomcast", "chat.lost")
-    targets.append(
-        Target(
-            "chat fan-out: deliveries/s ≥ 1.0× baseline with 0 lost",
-            f"{fmt_ratio(rc)}, lost {fmt(lost)}",
-            None if rc is None or lost is None else rc >= 1.0 and lost == 0,
+        rc, lost = rat("chat.dps", role), val(role, "chat.lost")
+        pair = both(rc, lost)
+        targets.append(
+            Target(
+                f"{who}: chat fan-out deliveries/s ≥ 1.0× baseline with 0 lost",
+                f"{fmt_ratio(rc)}, lost {fmt(lost)}",
+                None if pair is None else pair[0] >= 1.0 and pair[1] == 0,
+                busy("chat.loadgen", ("baseline", role)),
+            )
         )
-    )
     rel, slost = val("roomcast", "stall.rel"), val("roomcast", "stall.lost")
     base_rel = val("baseline", "stall.rel")
+    pair = both(rel, slost)
     targets.append(
         Target(
-            "one stalled member: roomcast's other members get ≥ 0.9× its own unstalled rate, "
-            "0 lost",
+            "roomcast: one stalled member, the other members get ≥ 0.9× its own unstalled "
+            "rate, 0 lost",
             f"roomcast {fmt_ratio(rel)} (baseline {fmt_ratio(base_rel)}), lost {fmt(slost)}",
-            None if rel is None or slost is None else rel >= 0.9 and slost == 0,
+            None if pair is None else pair[0] >= 0.9 and pair[1] == 0,
+            ", ".join(
+                x
+                for x in (
+                    busy("chat.loadgen", ("roomcast",), " chat"),
+                    busy("stall.loadgen", ("roomcast",), " chat + stalled"),
+                )
+                if x
+            ),
         )
     )
-    mc, me = rat("mem.chat"), rat("mem.echo")
+    top = max(idle_counts) if idle_counts else 0
+    mc, me = rat(mem_key("chat", top)), rat(mem_key("echo", top))
+    pair = both(mc, me)
     targets.append(
         Target(
-            "memory per idle connection ≤ 1.15× baseline (/ws/chat and /ws/echo)",
+            f"roomcast: memory per idle connection ≤ 1.15× baseline ({top:,} connections, "
+            "/ws/chat and /ws/echo)",
             f"chat {fmt_ratio(mc)}, echo {fmt_ratio(me)}",
-            None if mc is None or me is None else mc <= 1.15 and me <= 1.15,
+            None if pair is None else pair[0] <= 1.15 and pair[1] <= 1.15,
+        )
+    )
+    # This issue's targets.
+    vs_node, vs_base = rat("chat.dps", "roomcast", "node"), rat("chat.dps")
+    p99 = {r: val(r, "chat.p99_ms") for r in ("roomcast", "node", "baseline")}
+    lost = val("roomcast", "chat.lost")
+    met = None
+    if None not in (vs_node, vs_base, lost, *p99.values()):
+        met = (
+            vs_node >= 1.3  # type: ignore[operator]
+            and vs_base >= 2.0  # type: ignore[operator]
+            and p99["roomcast"] < p99["node"]  # type: ignore[operator]
+            and p99["roomcast"] < p99["baseline"]  # type: ignore[operator]
+            and lost == 0
+        )
+    targets.append(
+        Target(
+            "roomcast: chat fan-out, deliveries/s ≥ 1.3× node and ≥ 2× baseline, lower p99 "
+            "than both, 0 lost",
+            f"{fmt_ratio(vs_node)} node, {fmt_ratio(vs_base)} baseline; p99 "
+            f"{fmt(p99['roomcast'], 1)} ms vs node {fmt(p99['node'], 1)} / baseline "
+            f"{fmt(p99['baseline'], 1)} ms; lost {fmt(lost)}",
+            met,
+            busy("chat.loadgen", ("roomcast", "node", "baseline")),
+        )
+    )
+    rn = rat("echoN.rtps")
+    targets.append(
+        Target(
+            "roomcast: echo with many connections, round trips/s ≥ 1.1× baseline",
+            fmt_ratio(rn),
+            None if rn is None else rn >= 1.1,
+            busy("echoN.loadgen", ("roomcast", "baseline")),
+        )
+    )
+    kc, ke = val("roomcast", mem_key("chat", top)), val("roomcast", mem_key("echo", top))
+    pair = both(kc, ke)
+    targets.append(
+        Target(
+            f"roomcast: memory per idle connection at {top:,} connections ≤ 20 KiB "
+            "(/ws/chat and /ws/echo)",
+            f"chat {fmt(kc, 1)} KiB, echo {fmt(ke, 1)} KiB (baseline "
+            f"{fmt(val('baseline', mem_key('chat', top)), 1)} / "
+            f"{fmt(val('baseline', mem_key('echo', top)), 1)})",
+            None if pair is None else pair[0] <= 20.0 and pair[1] <= 20.0,
+        )
+    )
+    rcps = rat("connect.cps")
+    errors = val("roomcast", "connect.errors")
+    pair = both(rcps, errors)
+    targets.append(
+        Target(
+            "roomcast: new connections per second ≥ 1.5× baseline (no failed cycle)",
+            f"{fmt_ratio(rcps)}; failed cycles {fmt(errors)}",
+            None if pair is None else pair[0] >= 1.5 and pair[1] == 0,
+            busy("connect.loadgen", ("roomcast", "baseline")),
         )
     )
     return targets
 
 
-def verdict(met: bool | None) -> str:
-    """Render a target verdict."""
-    return {True: "met", False: "NOT met", None: "not measured"}[met]
+def verdict(target: Target) -> str:
+    """Render a target verdict, with the load generator caveat when it applies."""
+    text = {True: "met", False: "NOT met", None: "not measured"}[target.met]
+    if target.limited and target.met is not None:
+        text += f" (limited by the load generator: {target.limited})"
+    return text
 
 
 def pct(value: float | None) -> str:
@@ -267,7 +409,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-RESULT_HEADER = ("figure", "unit", "baseline (guide)", "roomcast", "roomcast ÷ baseline")
 TARGET_HEADER = ("target", "measured", "verdict")
 RUN_HEADER = (
     "scenario",
@@ -279,6 +420,7 @@ RUN_HEADER = (
     "other CPU",
     "notes",
 )
+CEILING_HEADER = ("figure", "minimal server", "load generator CPU", "… per message/connection")
 
 
 def run_rows(results: Results) -> list[list[str]]:
@@ -298,61 +440,100 @@ def run_rows(results: Results) -> list[list[str]]:
     ]
 
 
+#: (figure key, load generator CPU key, CPU per message key, label) of the ceiling table.
 CEILING_KEYS = (
-    ("echo1.rtps", "echo, 1 connection: round trips/s"),
-    ("echoN.rtps", "echo, N connections: round trips/s"),
-    ("chat.dps", "chat: deliveries/s"),
+    ("echo1.rtps", "echo1.loadgen", "", "echo, 1 connection: round trips/s"),
+    ("echoN.rtps", "echoN.loadgen", "", "echo, N connections: round trips/s"),
+    (
+        "chat.dps",
+        "chat.loadgen",
+        "chat.lg_us",
+        "chat: deliveries/s, messages batched per member (many per read)",
+    ),
+    (
+        "chat_each.dps",
+        "chat_each.loadgen",
+        "chat_each.lg_us",
+        "chat: deliveries/s, one write per message per member (as the real servers do)",
+    ),
+    ("connect.cps", "connect.loadgen", "connect.lg_us", "new connections/s"),
 )
 
 
 def ceiling_rows(results: Results) -> list[list[str]]:
     """Return the rows of the load generator ceiling table (the "reference" server's runs)."""
     rows = []
-    for key, label in CEILING_KEYS:
-        vals = [v for v in results.samples.get(("reference", key), []) if v is not None]
-        if vals:
-            rows.append([label, fmt(statistics.median(vals))])
+    for key, cpu_key, per_key, label in CEILING_KEYS:
+        value = results.key_value("reference", key)
+        if value is None:
+            continue
+        cpu = results.key_value("reference", cpu_key)
+        per = results.key_value("reference", per_key) if per_key else None
+        rows.append(
+            [
+                label,
+                fmt(value),
+                "—" if cpu is None else f"{cpu:.0f} %",
+                "—" if per is None else f"{per:.2f} µs",
+            ]
+        )
     return rows
 
 
 def print_console(
-    results: Results, specs: Sequence[MetricSpec], printer: Callable[[str], None] = print
+    results: Results,
+    specs: Sequence[MetricSpec],
+    idle_counts: Sequence[int],
+    printer: Callable[[str], None] = print,
 ) -> None:
-    """Print the results and targets tables (with Rich when it is installed)."""
+    """Print the results, targets, ceiling and deflate tables (with Rich when installed)."""
+    header = result_header(results.roles())
     rows = result_rows(results, specs)
-    targets = judge_targets(results, specs)
+    targets = judge_targets(results, specs, idle_counts)
+    target_rows = [[t.text, t.measured, verdict(t)] for t in targets]
+    ceiling = ceiling_rows(results)
+    deflate = deflate_rows(results.deflate)
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        printer(markdown_table(RESULT_HEADER, rows))
+        printer(markdown_table(header, rows))
         printer("")
-        printer(
-            markdown_table(TARGET_HEADER, [[t.text, t.measured, verdict(t.met)] for t in targets])
-        )
+        printer(markdown_table(TARGET_HEADER, target_rows))
+        if ceiling:
+            printer("")
+            printer(markdown_table(CEILING_HEADER, ceiling))
+        if deflate:
+            printer("")
+            printer(markdown_table(DEFLATE_HEADER, deflate))
+        for note in results.notes:
+            printer(f"note: {note}")
         return
-    console = Console(width=160)
-    table = Table(title="roomcast vs the guide's server")
-    for i, name in enumerate(RESULT_HEADER):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console = Console(width=200)
+
+    def show(title: str, head: Sequence[str], body: Sequence[Sequence[str]]) -> None:
+        table = Table(title=title)
+        for i, name in enumerate(head):
+            if i == 0:
+                table.add_column(name, justify="left", min_width=44)
+            else:
+                table.add_column(name, justify="right")
+        for row in body:
+            table.add_row(*row)
+        console.print(table)
+
+    show("roomcast, the guide's server and Node's ws", header, rows)
     ttable = Table(title="targets")
-    for name in TARGET_HEADER:
-        ttable.add_column(name)
-    for t in targets:
+    for name, width in zip(TARGET_HEADER, (56, 56, 50), strict=True):
+        ttable.add_column(name, min_width=width)
+    for t, row in zip(targets, target_rows, strict=True):
         style = {True: "green", False: "bold red", None: "yellow"}[t.met]
-        ttable.add_row(t.text, t.measured, f"[{style}]{verdict(t.met)}[/{style}]")
+        ttable.add_row(row[0], row[1], f"[{style}]{row[2]}[/{style}]")
     console.print(ttable)
-    ceiling = ceiling_rows(results)
     if ceiling:
-        ctable = Table(title="load generator ceiling (minimal picows server)")
-        ctable.add_column("figure")
-        ctable.add_column("minimal server", justify="right")
-        for row in ceiling:
-            ctable.add_row(*row)
-        console.print(ctable)
+        show("load generator ceiling (minimal picows server)", CEILING_HEADER, ceiling)
+    if deflate:
+        show("permessage-deflate, compressing a broadcast once", DEFLATE_HEADER, deflate)
     for note in results.notes:
         console.print(f"note: {note}", markup=False)
 
@@ -360,17 +541,22 @@ def print_console(
 def render_markdown(
     results: Results,
     specs: Sequence[MetricSpec],
+    idle_counts: Sequence[int],
     how_it_was_run: Sequence[str],
     scenario_text: Sequence[str],
+    deflate_text: Sequence[str],
 ) -> str:
     """Return the full docs/benchmarks.md text."""
-    targets = judge_targets(results, specs)
+    targets = judge_targets(results, specs, idle_counts)
+    roles = results.roles()
+    ratios = ", ".join(f"{a} ÷ {b}" for a, b in ratio_pairs(roles)) or "none"
     parts = [
         "# Benchmarks",
         "",
         "roomcast against the FastAPI WebSocket guide's own servers "
-        "([`benchmarks/baseline/`](../benchmarks/baseline/), verbatim), measured by "
-        "[`benchmarks/run.py`](../benchmarks/run.py). This file is written by that script; "
+        "([`benchmarks/baseline/`](../benchmarks/baseline/), verbatim) and against the same "
+        "endpoints on Node's `ws` library ([`benchmarks/node/`](../benchmarks/node/)), measured "
+        "by [`benchmarks/run.py`](../benchmarks/run.py). This file is written by that script; "
         "do not edit it by hand, run the benchmark again.",
         "",
         "## How it was run",
@@ -379,17 +565,24 @@ def render_markdown(
         "",
         "## Results",
         "",
-        "Ratios are roomcast ÷ baseline; ↑ marks figures where higher is better, ↓ lower. "
-        "Over several runs (echo rounds, repeats), rates and latencies are medians and failure "
-        "counts the worst run.",
+        f"Ratios: {ratios}. ↑ marks figures where higher is better, ↓ lower. Over several "
+        "runs (echo rounds, repeats), rates and latencies are medians and failure counts the "
+        "worst run. `roomcast` is roomcast on its own WebSocket transport (broadcasts write one "
+        "pre-built frame to every member); `roomcast-asgi` is the same app on uvicorn's "
+        "`websockets-sansio` protocol, where roomcast falls back to plain ASGI sends. Load "
+        f"generator CPU at or above {BUSY_LOADGEN_PCT:.0f} % of its core means that figure may "
+        "be limited by the client side rather than by the server.",
         "",
-        markdown_table(RESULT_HEADER, result_rows(results, specs)),
+        markdown_table(result_header(roles), result_rows(results, specs)),
         "",
         "## Targets",
         "",
-        "Judged from the figures above by the script.",
+        'Judged from the figures above by the script. A verdict followed by "limited by the '
+        'load generator" names the runs behind it whose load generator used '
+        f"{BUSY_LOADGEN_PCT:.0f} % or more of its core: there the server may have had room left, "
+        "so a ratio against it is uncertain.",
         "",
-        markdown_table(TARGET_HEADER, [[t.text, t.measured, verdict(t.met)] for t in targets]),
+        markdown_table(TARGET_HEADER, [[t.text, t.measured, verdict(t)] for t in targets]),
         "",
     ]
     ceiling = ceiling_rows(results)
@@ -398,14 +591,26 @@ def render_markdown(
             "## Load generator ceiling",
             "",
             "The same loads against `benchmarks/reference_server.py`, a minimal picows (Cython) "
-            "server: what the load generator does when the server costs next to nothing. The "
-            "chat figure is an upper bound: that server writes all pending messages to a member "
-            "at once, so the load generator reads many per system call, while the real servers "
-            'send every message on its own and cost it several µs of CPU per delivery ("loadgen '
-            '… per delivery" in the run notes below). The loadgen CPU column below is the real '
+            "server: what the load generator does when the server costs next to nothing. Two "
+            "chat figures: with broadcasts batched (the server writes all pending messages to "
+            "a member at once, so the load generator reads many per system call: an upper "
+            "bound) and with one write per message per member, like the real servers. In the "
+            "second, each message mostly arrives in a TCP read of its own, and most of the "
+            "load generator's CPU per delivery is the kernel's (the read, and the ACK it sends "
+            "back over loopback); that server is itself limited by one write system call per "
+            "delivery. The loadgen CPU columns in the results and per-run tables are the real "
             "check that the client side kept up.",
             "",
-            markdown_table(("figure", "minimal server"), ceiling),
+            markdown_table(CEILING_HEADER, ceiling),
+            "",
+        ]
+    if results.deflate:
+        parts += [
+            "## permessage-deflate for broadcasts",
+            "",
+            *deflate_text,
+            "",
+            markdown_table(DEFLATE_HEADER, deflate_rows(results.deflate)),
             "",
         ]
     parts += [

@@ -1,7 +1,7 @@
-"""Benchmark roomcast against the guide's servers: ``python benchmarks/run.py [--quick]``.
+"""Benchmark roomcast against the guide's servers and Node's ws: ``python benchmarks/run.py``.
 
-Runs every scenario on both servers in one invocation, interleaved (baseline and roomcast take
-turns, and the order flips on every repeat), prints a table and writes docs/benchmarks.md.
+Runs every scenario on every server in one invocation, interleaved (the servers take turns, and
+the order flips on every repeat), prints tables and writes docs/benchmarks.md.
 See benchmarks/README.md.
 """
 
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,13 +20,16 @@ from pathlib import Path
 
 from benchconfig import SCENARIOS, Config
 from chat import ChatConfig, ChatResult, run_chat, run_cut_check
-from describe import how_it_was_run, scenario_text
+from connect import ConnectResult, run_connect
+from deflate import run_deflate
+from describe import deflate_text, how_it_was_run, scenario_text
 from loadgen import EchoResult, background_load, run_echo, run_idle
 from report import (
     ROLES,
     Results,
     RunRecord,
     fmt,
+    mem_key,
     metric_specs,
     print_console,
     render_markdown,
@@ -32,10 +37,12 @@ from report import (
 from servers import (
     HOST,
     REPO_DIR,
+    ensure_node_server,
     log_dir,
     pin_current_process_to_loadgen_core,
     roomcast_importable,
     running_server,
+    scan_logs,
     server_spec,
 )
 
@@ -46,13 +53,18 @@ BUSY_LOADGEN = 0.9  # load generator CPU share above which it may have been the 
 DEFAULT_OUTPUT = REPO_DIR / "docs" / "benchmarks.md"
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    """Parse "2000,5000" into (2000, 5000)."""
+    return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+
+
 def parse_args(argv: Sequence[str]) -> Config:
     """Parse the command line into a Config (``--quick`` shrinks every size)."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smaller, shorter runs (about a minute) to check that all works",
+        help="smaller, shorter runs (about two minutes) to check that all works",
     )
     p.add_argument(
         "--only",
@@ -61,6 +73,11 @@ def parse_args(argv: Sequence[str]) -> Config:
         + ", ".join(SCENARIOS)
         + " (chat runs the plain fan-out and the one with a stalled member)",
     )
+    p.add_argument(
+        "--servers",
+        default=",".join(ROLES),
+        help="comma-separated servers among: " + ", ".join(ROLES),
+    )
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats (median kept)")
     p.add_argument("--duration", type=float, help="echo: measured seconds per run (3)")
     p.add_argument(
@@ -68,7 +85,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         type=int,
         help="echo: interleaved rounds per repeat, the median is kept (3)",
     )
-    p.add_argument("--warmup", type=float, help="echo: unmeasured seconds first (0.5)")
+    p.add_argument("--warmup", type=float, help="echo, connect: unmeasured seconds first (0.5)")
     p.add_argument("--echo-conns", type=int, default=64, help="echo: the many-connection case")
     p.add_argument("--members", type=int, help="chat: members (1000)")
     p.add_argument("--messages", type=int, help="chat: measured 64-byte messages (200)")
@@ -78,7 +95,18 @@ def parse_args(argv: Sequence[str]) -> Config:
         default=300,
         help="stall: 1 KiB messages sent first to fill the stalled member's buffers",
     )
-    p.add_argument("--idle-conns", type=int, help="memory: idle connections (2000)")
+    p.add_argument(
+        "--idle-conns",
+        type=_ints,
+        help="memory: idle connection counts, RSS read at each (2000,5000)",
+    )
+    p.add_argument("--connect-clients", type=int, default=32, help="connect: client loops (32)")
+    p.add_argument("--connect-duration", type=float, help="connect: measured seconds (3)")
+    p.add_argument(
+        "--connect-limit",
+        type=int,
+        help="connect: most connections opened per run, warm-up included (20000)",
+    )
     p.add_argument(
         "--drain-timeout",
         type=float,
@@ -101,16 +129,25 @@ def parse_args(argv: Sequence[str]) -> Config:
     p.add_argument(
         "--roomcast-as-baseline",
         action="store_true",
-        help="harness self-test: run the baseline in the roomcast role too",
+        help="harness self-test: run the baseline in the roomcast roles too",
     )
     a = p.parse_args(argv)
     only = tuple(s.strip() for s in a.only.split(",") if s.strip())
     unknown = set(only) - set(SCENARIOS)
     if unknown:
         p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    wanted = {s.strip() for s in a.servers.split(",") if s.strip()}
+    if wanted - set(ROLES):
+        p.error(f"unknown server(s): {', '.join(sorted(wanted - set(ROLES)))}")
+    if not wanted:
+        p.error("--servers names no server")
     quick = a.quick
+    idle_counts = a.idle_conns or ((500, 1000) if quick else (2000, 5000))
+    if not idle_counts or min(idle_counts) <= 0:
+        p.error("--idle-conns needs positive counts")
     cfg = Config(
         only=only,
+        servers=tuple(r for r in ROLES if r in wanted),
         repeats=max(1, a.repeats),
         duration=a.duration or (1.5 if quick else 3.0),
         echo_rounds=max(1, a.echo_rounds or (1 if quick else 3)),
@@ -119,13 +156,17 @@ def parse_args(argv: Sequence[str]) -> Config:
         members=a.members or (200 if quick else 1000),
         messages=a.messages or (100 if quick else 200),
         fill_messages=a.fill_messages,
-        idle_conns=a.idle_conns or (500 if quick else 2000),
+        idle_counts=idle_counts,
+        connect_clients=max(1, a.connect_clients),
+        connect_duration=a.connect_duration or (1.0 if quick else 3.0),
+        connect_limit=a.connect_limit or (8000 if quick else 20000),
         settle=1.0 if quick else 2.0,
         drain_timeout=a.drain_timeout,
-        idle_timeout=min(a.idle_timeout, 3.0) if quick else a.idle_timeout,
+        idle_timeout=min(a.idle_timeout, 2.0) if quick else a.idle_timeout,
         roomcast_as_baseline=a.roomcast_as_baseline,
         output=None if a.no_write else a.output,
         wait_quiet=not a.no_wait_quiet,
+        quick=quick,
     )
     return cfg
 
@@ -175,7 +216,7 @@ class Bench:
         self, scenario: str, role: str, run: str, body: Callable[[], Awaitable[None]]
     ) -> None:
         """Run one measurement; a failure is recorded (and printed), not fatal to the rest."""
-        print(f"  {scenario:<22} {role:<9} ...", end="", flush=True)
+        print(f"  {scenario:<24} {role:<13} ...", end="", flush=True)
         try:
             await self.wait_for_quiet()
             t0 = time.perf_counter()
@@ -189,16 +230,25 @@ class Bench:
         print(f" {time.perf_counter() - t0:5.1f} s  {self.results.runs[-1].summary}")
 
     async def echo(self, repeat: int, order: Sequence[str]) -> None:
-        """Echo with 1 and N connections: both servers up at once, ``echo_rounds`` rounds of
-        runs taking turns (the order flips every round)."""
+        """Echo with 1 and N connections: all servers up at once, ``echo_rounds`` rounds of
+        runs taking turns (the order flips every round). A server that does not start is
+        recorded as failed and left out."""
         cfg = self.cfg
         async with contextlib.AsyncExitStack() as stack:
             servers = {}
             for role in order:
                 spec = server_spec(role, "echo", roomcast_as_baseline=cfg.roomcast_as_baseline)
-                servers[role] = (spec, await stack.enter_async_context(running_server(spec)))
+                try:
+                    servers[role] = (spec, await stack.enter_async_context(running_server(spec)))
+                except Exception as exc:  # the other servers still get measured
+                    msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                    self.results.runs.append(
+                        RunRecord("echo", role, str(repeat + 1), "FAILED", None, None, msg)
+                    )
+                    self.results.notes.append(f"echo server {role} did not start: {msg}")
+                    print(f"  echo: {role} did not start ({msg})")
             for rnd in range(cfg.echo_rounds):
-                turn = order if rnd % 2 == 0 else order[::-1]
+                turn = [r for r in (order if rnd % 2 == 0 else order[::-1]) if r in servers]
                 label = f"{repeat + 1}.{rnd + 1}"
                 for conns, key in ((1, "echo1"), (cfg.echo_conns, "echoN")):
                     for role in turn:
@@ -232,6 +282,7 @@ class Bench:
         r.add(role, f"{key}.p50_us", res.p50_us)
         r.add(role, f"{key}.p99_us", res.p99_us)
         r.add(role, f"{key}.errors", res.errors)
+        r.add(role, f"{key}.loadgen", res.usage.loadgen * 100)
         r.runs.append(
             RunRecord(
                 f"echo, {res.connections} conn",
@@ -262,10 +313,13 @@ class Bench:
             res = await run_chat(HOST, spec.port, "/ws/chat", ccfg, server.cpu_seconds, server.stop)
         self.record_chat(role, repeat, res)
 
-    def record_chat(self, role: str, repeat: int, res: ChatResult) -> None:
+    def record_chat(self, role: str, repeat: int, res: ChatResult, key: str = "") -> None:
         """Store one chat run's figures (and the stalled/unstalled ratio when both exist)."""
         r = self.results
-        key = "stall" if res.with_staller else "chat"
+        key = key or ("stall" if res.with_staller else "chat")
+        per_delivery = res.usage.loadgen_cpu_s / res.delivered if res.delivered else None
+        r.add(role, f"{key}.loadgen", res.usage.loadgen * 100)
+        r.add(role, f"{key}.lg_us", None if per_delivery is None else per_delivery * 1e6)
         r.add(role, f"{key}.dps", res.dps)
         r.add(role, f"{key}.p50_ms", res.p50_ms)
         r.add(role, f"{key}.p99_ms", res.p99_ms)
@@ -289,11 +343,10 @@ class Bench:
                 else f"not all in {self.cfg.drain_timeout:g} s"
             )
             notes.append(f"STALLED ({why})")
-        if res.delivered and res.usage.loadgen_cpu_s > 0:
-            per = res.usage.loadgen_cpu_s / res.delivered
+        if per_delivery:
             notes.append(
-                f"loadgen {per * 1e6:.1f} µs CPU per delivery (so it would saturate "
-                f"near {1 / per:,.0f}/s)"
+                f"loadgen {per_delivery * 1e6:.2f} µs CPU per delivery (at this batching it "
+                f"would saturate near {1 / per_delivery:,.0f}/s)"
             )
         if res.with_staller:
             notes.append(f"fill {res.fill_delivered:,}/{res.fill_expected:,} ({res.fill_outcome})")
@@ -306,9 +359,12 @@ class Bench:
             f"{res.dps:,.0f} deliveries/s, p50 {fmt(res.p50_ms, 1)} ms, "
             f"p99 {fmt(res.p99_ms, 1)} ms, lost {res.lost:,}"
         )
+        scenario = f"chat, {res.members:,} members" + (" + 1 stalled" if res.with_staller else "")
+        if key == "chat_each":
+            scenario += ", one write per message"
         r.runs.append(
             RunRecord(
-                f"chat, {res.members:,} members" + (" + 1 stalled" if res.with_staller else ""),
+                scenario,
                 role,
                 str(repeat + 1),
                 summary,
@@ -338,37 +394,103 @@ class Bench:
         )
 
     async def memory(self, repeat: int, role: str, app: str) -> None:
-        """Server RSS growth for idle connections to /ws/``app`` on a fresh server."""
+        """Server RSS growth for idle connections to /ws/``app`` on a fresh server, read at
+        every checkpoint of ``idle_counts``."""
         cfg = self.cfg
         spec = server_spec(role, app, roomcast_as_baseline=cfg.roomcast_as_baseline)
         reply = b"Client says: warm" if app == "chat" else b"Echo: warm"
         async with running_server(spec) as server:
             res = await run_idle(
                 spec.url(f"/ws/{app}"),
-                cfg.idle_conns,
+                cfg.idle_counts,
                 reply,
                 cfg.settle,
                 server.rss_bytes,
                 server.stop,
             )
         r = self.results
-        r.add(role, f"mem.{app}", res.kib_per_conn)
-        r.add(role, f"mem.{app}_mib", res.rss_after / 2**20)
+        for point in res.points:
+            r.add(role, mem_key(app, point.connections), res.kib_per_conn(point))
+            r.add(role, mem_key(app, point.connections, "mib"), point.rss / 2**20)
         r.runs.append(
             RunRecord(
-                f"memory, {res.connections:,} idle /ws/{app}",
+                f"memory, idle /ws/{app}",
                 role,
                 str(repeat + 1),
-                f"{res.kib_per_conn:.1f} KiB/conn",
+                ", ".join(
+                    f"{p.connections:,}: {res.kib_per_conn(p):.1f} KiB/conn" for p in res.points
+                ),
                 None,
                 None,
-                f"RSS {res.rss_before / 2**20:.1f} → {res.rss_after / 2**20:.1f} MiB; "
-                f"connect {res.connect_s:.1f} s",
+                f"RSS {res.rss_before / 2**20:.1f} MiB before, then "
+                + ", ".join(
+                    f"{p.rss / 2**20:.1f} MiB at {p.connections:,} (connected in "
+                    f"{p.connect_s:.1f} s)"
+                    for p in res.points
+                ),
+            )
+        )
+
+    async def connect(self, repeat: int, role: str) -> None:
+        """New connections per second to /ws/echo on a fresh server."""
+        spec = server_spec(role, "echo", roomcast_as_baseline=self.cfg.roomcast_as_baseline)
+        async with running_server(spec) as server:
+            res = await self.connect_run(spec.port, server.cpu_seconds)
+        self.record_connect(role, str(repeat + 1), res)
+
+    async def connect_run(self, port: int, cpu: Callable[[], float]) -> ConnectResult:
+        """One connect measurement against the server on ``port``."""
+        cfg = self.cfg
+        return await run_connect(
+            HOST,
+            port,
+            "/ws/echo",
+            cfg.connect_clients,
+            cfg.warmup,
+            cfg.connect_duration,
+            cfg.connect_limit,
+            cpu,
+        )
+
+    def record_connect(self, role: str, label: str, res: ConnectResult) -> None:
+        """Store one connect run's figures."""
+        r = self.results
+        r.add(role, "connect.cps", res.cps)
+        r.add(role, "connect.p50_ms", res.handshake_p50_ms)
+        r.add(role, "connect.p99_ms", res.handshake_p99_ms)
+        r.add(role, "connect.errors", res.errors + res.wrong)
+        r.add(role, "connect.loadgen", res.usage.loadgen * 100)
+        per = res.usage.loadgen_cpu_s / res.completed if res.completed else None
+        r.add(role, "connect.lg_us", None if per is None else per * 1e6)
+        notes = [
+            f"{res.completed:,} cycles in {res.window_s:.1f} s ({res.started:,} started in all)",
+            f"cycle p50 {fmt(res.cycle_p50_ms, 2)} ms",
+        ]
+        if per is not None:
+            notes.append(f"loadgen {per * 1e6:.0f} µs CPU per connection")
+        if res.budget_spent:
+            notes.append("connection budget spent: the window ended early")
+        if res.errors or res.wrong:
+            notes.append(
+                f"{res.errors} failed, {res.wrong} wrong replies; first: {res.first_error}"
+            )
+        r.runs.append(
+            RunRecord(
+                f"new connections, {res.clients} clients",
+                role,
+                label,
+                f"{res.cps:,.0f} conn/s, connect+upgrade p50 {fmt(res.handshake_p50_ms, 2)} ms, "
+                f"p99 {fmt(res.handshake_p99_ms, 2)} ms, errors {res.errors + res.wrong}",
+                res.usage.server,
+                res.usage.loadgen,
+                "; ".join(notes),
+                res.usage.other,
             )
         )
 
     async def ceiling(self) -> None:
-        """Echo and chat against the minimal reference server: the load generator's ceiling."""
+        """Echo, chat and connect against the minimal reference server: the load generator's
+        ceiling."""
         cfg = self.cfg
         spec = server_spec("reference", "echo")
         async with running_server(spec) as server:
@@ -388,28 +510,60 @@ class Bench:
                     ),
                 )
 
-            async def chat_body() -> None:
+            async def chat_body(path: str, key: str) -> None:
                 ccfg = ChatConfig(
                     members=cfg.members,
                     messages=cfg.messages,
                     drain_timeout_s=cfg.drain_timeout,
                     idle_timeout_s=cfg.idle_timeout,
                 )
-                res = await run_chat(
-                    HOST, spec.port, "/ws/chat", ccfg, server.cpu_seconds, server.stop
-                )
-                self.record_chat("reference", 0, res)
+                res = await run_chat(HOST, spec.port, path, ccfg, server.cpu_seconds, server.stop)
+                self.record_chat("reference", 0, res, key)
 
-            await self.guarded("ceiling: chat", "reference", "1", chat_body)
+            if "chat" in cfg.only:
+                await self.guarded(
+                    "ceiling: chat, batched",
+                    "reference",
+                    "1",
+                    functools.partial(chat_body, "/ws/chat", "chat"),
+                )
+        if "chat" in cfg.only:
+            # A fresh server: the first chat run stopped its server before disconnecting.
+            spec = server_spec("reference", "chat")
+            async with running_server(spec) as server:
+                await self.guarded(
+                    "ceiling: chat, unbatched",
+                    "reference",
+                    "1",
+                    functools.partial(chat_body, "/ws/chat-each", "chat_each"),
+                )
+        if "connect" in cfg.only:
+            spec = server_spec("reference", "echo")
+            async with running_server(spec) as server:
+
+                async def connect_body() -> None:
+                    res = await self.connect_run(spec.port, server.cpu_seconds)
+                    self.record_connect("reference", "1", res)
+
+                await self.guarded("ceiling: connect", "reference", "1", connect_body)
+
+    async def deflate(self) -> None:
+        """The permessage-deflate micro-benchmark (no server involved)."""
+        print("  permessage-deflate micro-benchmark ...", end="", flush=True)
+        await self.wait_for_quiet()
+        t0 = time.perf_counter()
+        self.results.deflate = run_deflate(0.02 if self.cfg.quick else 0.05)
+        print(f" {time.perf_counter() - t0:5.1f} s")
 
     async def run_all(self) -> Results:
-        """Run every selected scenario for both servers, ``repeats`` times, interleaved."""
+        """Run every selected scenario for every server, ``repeats`` times, interleaved."""
         cfg = self.cfg
+        roles = cfg.servers
         if "ceiling" in cfg.only:
             print("load generator ceiling (minimal picows server)")
             await self.ceiling()
         for repeat in range(cfg.repeats):
-            order = ROLES if repeat % 2 == 0 else ROLES[::-1]
+            order = roles if repeat % 2 == 0 else roles[::-1]
             print(f"repeat {repeat + 1}/{cfg.repeats} (order: {' then '.join(order)})")
             if "echo" in cfg.only:
                 await self.echo(repeat, order)
@@ -431,6 +585,14 @@ class Bench:
                         str(repeat + 1),
                         functools.partial(self.cut, repeat, role),
                     )
+            if "connect" in cfg.only:
+                for role in order:
+                    await self.guarded(
+                        "new connections",
+                        role,
+                        str(repeat + 1),
+                        functools.partial(self.connect, repeat, role),
+                    )
             if "memory" in cfg.only:
                 for app in ("chat", "echo"):
                     for role in order:
@@ -440,6 +602,8 @@ class Bench:
                             str(repeat + 1),
                             functools.partial(self.memory, repeat, role, app),
                         )
+        if "deflate" in cfg.only:
+            await self.deflate()
         return self.results
 
 
@@ -458,11 +622,40 @@ def auto_notes(cfg: Config, results: Results) -> None:
                 f"load generator at {r.loadgen_cpu * 100:.0f} % of its core in "
                 f"'{r.scenario}' on {r.role}: that figure may be limited by the client side."
             )
+    wall = results.key_value("reference", "chat_each.dps")
+    for role in ("roomcast", "roomcast-asgi", "node"):
+        dps = results.key_value(role, "chat.dps")
+        if wall and dps and dps >= 0.9 * wall:
+            results.notes.append(
+                f"{role}'s chat fan-out ({dps:,.0f} deliveries/s) is within 10 % of (or above) "
+                f"the minimal server that writes every message with one system call per member "
+                f"({wall:,.0f}/s, load generator ceiling): on this machine that is about the "
+                "limit for unbatched writes, whatever the server's own code costs."
+            )
+    if not cfg.roomcast_as_baseline:  # (in the self-test those logs are the baseline's)
+        for role, path, summary in scan_logs(("roomcast", "roomcast-asgi")):
+            results.notes.append(f"{role} server log {path}: {summary}")
     if cfg.repeats == 1:
         results.notes.append(
             "One repeat (echo: medians of its interleaved rounds): figures within ~10 % of each "
             "other are within run-to-run noise here; --repeats 3 gives medians for everything."
         )
+
+
+def prepare_node(cfg: Config, notes: list[str]) -> tuple[Config, str]:
+    """Install benchmarks/node's dependencies if needed; drop the node column if that fails.
+
+    Returns the (possibly reduced) config and the Node.js version (or the reason it is absent).
+    """
+    if "node" not in cfg.servers:
+        return cfg, "not run"
+    try:
+        return cfg, ensure_node_server()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"node column dropped: {exc}", file=sys.stderr)
+        notes.append(f"the node column was not run: {str(exc).splitlines()[0]}")
+        servers = tuple(r for r in cfg.servers if r != "node")
+        return dataclasses.replace(cfg, servers=servers), f"unavailable ({exc})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -474,7 +667,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         print("uvloop is needed: pip install -e '.[bench]'", file=sys.stderr)
         return 2
-    if not cfg.roomcast_as_baseline:
+    if not cfg.roomcast_as_baseline and {"roomcast", "roomcast-asgi"} & set(cfg.servers):
         ok, err = roomcast_importable()
         if not ok:
             print(
@@ -483,12 +676,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    fd_limit = raise_fd_limit(cfg.idle_conns + cfg.members + 512)
+    early_notes: list[str] = []
+    cfg, node_version = prepare_node(cfg, early_notes)
+    fd_limit = raise_fd_limit(max(cfg.idle_counts) + cfg.members + cfg.connect_clients + 512)
     pinned = pin_current_process_to_loadgen_core()
     print(
-        f"roomcast benchmark: {', '.join(cfg.only)}; pinned: {pinned}; server logs in {log_dir()}"
+        f"roomcast benchmark: {', '.join(cfg.only)} on {', '.join(cfg.servers)}; "
+        f"pinned: {pinned}; server logs in {log_dir()}"
     )
     bench = Bench(cfg)
+    bench.results.notes.extend(early_notes)
     start = time.perf_counter()
     try:
         results = uvloop.run(bench.run_all())
@@ -497,11 +694,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     wall = time.perf_counter() - start
     auto_notes(cfg, results)
-    specs = metric_specs(cfg.echo_conns, cfg.members, cfg.idle_conns)
-    print_console(results, specs)
+    specs = metric_specs(cfg.echo_conns, cfg.members, cfg.idle_counts, cfg.connect_clients)
+    print_console(results, specs, cfg.idle_counts)
+    print(f"took {wall:.0f} s; server logs in {log_dir()}")
     if cfg.output is not None:
         text = render_markdown(
-            results, specs, how_it_was_run(cfg, args, pinned, wall, fd_limit), scenario_text(cfg)
+            results,
+            specs,
+            cfg.idle_counts,
+            how_it_was_run(cfg, args, pinned, wall, fd_limit, node_version),
+            scenario_text(cfg),
+            deflate_text(),
         )
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         cfg.output.write_text(text)

@@ -1,4 +1,9 @@
-"""Start, probe, measure and stop the servers under test (the guide's baseline and roomcast).
+"""Start, probe, measure and stop the servers under test.
+
+Roles: "baseline" (the guide's code), "node" (Node's ws library, benchmarks/node/), "roomcast"
+(its own WebSocket transport, ``ROOMCAST_WS=roomcast``), "roomcast-asgi" (the same app on
+uvicorn's websockets-sansio protocol: the plain-ASGI fallback) and "reference" (a minimal picows
+server that measures the load generator only).
 
 Every server runs in its own subprocess, pinned to core 0 when the machine has two or more
 cores (the load generator takes core 1), listens on a free loopback port, and is always killed
@@ -28,12 +33,16 @@ HOST = "127.0.0.1"
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 BASELINE_DIR = BENCH_DIR / "baseline"
+NODE_DIR = BENCH_DIR / "node"
 BASELINE_MODULES = {"echo": "echo_server", "chat": "chat_server"}
 ROOMCAST_ENV = {
     "ROOMCAST_LOG_LEVEL": "warning",
     "ROOMCAST_ACCESS_LOG": "false",
     "ROOMCAST_TOKENS": '{"secret-token":"authenticated_user"}',
 }
+#: The WebSocket implementation each roomcast role runs (the ROOMCAST_WS setting).
+ROOMCAST_WS = {"roomcast": "roomcast", "roomcast-asgi": "websockets-sansio"}
+NPM_TIMEOUT_S = 180.0
 READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 2.0
 SERVER_CORE = 0
@@ -89,17 +98,14 @@ class ServerSpec:
 
 
 def server_spec(role: str, app: str, *, roomcast_as_baseline: bool = False) -> ServerSpec:
-    """Build the launch spec of ``role`` for guide app ``app``.
+    """Build the launch spec of ``role`` for guide app ``app`` (see the module docstring).
 
-    Roles: "baseline" (the guide's code), "roomcast", and "reference" (a minimal picows server
-    that only measures the load generator's ceiling).
-
-    ``roomcast_as_baseline`` makes the roomcast role run the baseline too: it is a self-test of
-    the harness only (both columns should then come out alike).
+    ``roomcast_as_baseline`` makes the roomcast roles run the baseline too: it is a self-test of
+    the harness only (their columns should then come out like the baseline's).
     """
     port = free_port()
     env = dict(os.environ)
-    if role == "baseline" or roomcast_as_baseline:
+    if role == "baseline" or (roomcast_as_baseline and role in ROOMCAST_WS):
         argv = [
             sys.executable,
             "-m",
@@ -114,9 +120,13 @@ def server_spec(role: str, app: str, *, roomcast_as_baseline: bool = False) -> S
     if role == "reference":
         argv = [sys.executable, str(BENCH_DIR / "reference_server.py"), "--port", str(port)]
         return ServerSpec(role, app, _pinned(argv), BENCH_DIR, env, port, "/health", need_ok=True)
-    if role != "roomcast":
+    if role == "node":
+        argv = [node_binary(), str(NODE_DIR / "server.js"), "--port", str(port)]
+        return ServerSpec(role, app, _pinned(argv), NODE_DIR, env, port, "/health", need_ok=True)
+    if role not in ROOMCAST_WS:
         raise ValueError(f"unknown server role {role!r}")
     env.update(ROOMCAST_ENV)
+    env["ROOMCAST_WS"] = ROOMCAST_WS[role]
     src = str(REPO_DIR / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
     argv = [sys.executable, "-m", "roomcast", "serve", "--host", HOST, "--port", str(port)]
@@ -129,6 +139,47 @@ def _pinned(argv: list[str]) -> list[str]:
     if can_pin() and taskset:
         return [taskset, "-c", str(SERVER_CORE), *argv]
     return argv
+
+
+def node_binary() -> str:
+    """Return the path of ``node`` (or plain "node" if it is not on PATH)."""
+    return shutil.which("node") or "node"
+
+
+def ensure_node_server() -> str:
+    """Make benchmarks/node runnable: install its locked dependencies if node_modules is missing.
+
+    Runs ``npm ci`` (``npm install`` when there is no lock file), bounded by NPM_TIMEOUT_S.
+    Returns the Node.js version; raises RuntimeError with the reason when Node or npm fails.
+    """
+    node = shutil.which("node")
+    if node is None:
+        raise RuntimeError("node is not on PATH (Node.js 18+ is needed for the node column)")
+    if not (NODE_DIR / "node_modules" / "ws" / "package.json").is_file():
+        npm = shutil.which("npm")
+        if npm is None:
+            raise RuntimeError("npm is not on PATH, and benchmarks/node/node_modules is missing")
+        locked = (NODE_DIR / "package-lock.json").is_file()
+        cmd = [npm, "ci" if locked else "install", "--no-audit", "--no-fund"]
+        print(f"installing benchmarks/node dependencies: {' '.join(cmd[1:])}", flush=True)
+        try:
+            proc = subprocess.run(
+                cmd,
+                cwd=NODE_DIR,
+                capture_output=True,
+                text=True,
+                timeout=NPM_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"npm took more than {NPM_TIMEOUT_S:.0f} s; gave up") from exc
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
+            raise RuntimeError(f"{' '.join(cmd[1:])} failed ({proc.returncode}):\n{tail}")
+    proc = subprocess.run(
+        [node, "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    return proc.stdout.strip() or "unknown version"
 
 
 def _die_with_parent() -> None:
@@ -281,3 +332,26 @@ async def running_server(spec: ServerSpec) -> AsyncIterator[ServerProcess]:
             await asyncio.shield(server.stop())
         finally:
             server.kill()
+
+
+#: Log lines that show a server misbehaving (uvicorn's and Python's wording).
+LOG_PROBLEMS = ("Traceback", "ERROR", "Exception in ASGI", "CRITICAL", "Fatal")
+
+
+def scan_logs(roles: tuple[str, ...]) -> list[tuple[str, Path, str]]:
+    """Look through this run's logs of ``roles`` for errors and tracebacks.
+
+    Returns (role, log path, summary with the first problem line) for every log that has any.
+    """
+    found = []
+    for path in sorted(_LOG_DIR.glob("*.log")):
+        role = next(
+            (r for r in sorted(roles, key=len, reverse=True) if path.name.startswith(r + "-")), None
+        )
+        if role is None:
+            continue
+        lines = path.read_text(errors="replace").splitlines()
+        bad = [ln for ln in lines if any(word in ln for word in LOG_PROBLEMS)]
+        if bad:
+            found.append((role, path, f"{len(bad)} error line(s); first: {bad[0].strip()[:200]}"))
+    return found
