@@ -80,6 +80,8 @@ _OPEN: Final = 2
 _CLOSING: Final = 3  # our close frame is sent; waiting for the peer's
 _CLOSED: Final = 4
 
+#: Corked frames written at once, before the end of the loop turn, past this many.
+_CORK_LIMIT: Final = 256
 #: Complete messages held for the app before frames are left unparsed and reading pauses.
 _INBOX_LIMIT: Final = 4
 
@@ -96,6 +98,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
     __slots__ = (
         "_app_task",
         "_close_timer",
+        "_corked",
         "_deflate",
         "_denial",
         "_drain_waiter",
@@ -173,6 +176,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         self._pong_timer: asyncio.TimerHandle | None = None
         self._ping_payload = b""
         self._frames_ext: dict[str, Any] | None = None
+        self._corked: list[bytes] | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -186,6 +190,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         self.connections.discard(self)
         was = self._state
         self._state = _CLOSED
+        self._corked = None
         self._cancel_timers()
         if was in (_CONNECTING, _OPEN):
             self._deliver({"type": "websocket.disconnect", "code": CloseCode.ABNORMAL})
@@ -415,10 +420,22 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
     # -- the roomcast.frames extension ---------------------------------------------------
 
     def write_frame(self, frame: bytes) -> bool:
-        """Write a prepared frame now if the connection can take it; else ``False``."""
+        """Take a prepared frame for writing if the connection can take it; else ``False``.
+
+        Frames taken in one turn of the event loop leave in one write at its end: a burst of
+        publications costs each member one system call, not one per message.
+        """
         if self._state != _OPEN or not self._writable:
             return False
-        self.transport.write(frame)
+        corked = self._corked
+        if corked is None:
+            self._corked = [frame]
+            self.loop.call_soon(self._uncork)
+        elif len(corked) < _CORK_LIMIT:
+            corked.append(frame)
+        else:
+            corked.append(frame)
+            self._uncork()
         return True
 
     async def send_frame(self, frame: bytes) -> None:
@@ -427,7 +444,20 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             await self._wait_writable()
         if self._state != _OPEN:
             raise ClientDisconnected()
-        self.transport.write(frame)
+        self._out(frame)
+
+    def _uncork(self) -> None:
+        corked = self._corked
+        if corked is not None:
+            self._corked = None
+            if self._state != _CLOSED:
+                self.transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
+
+    def _out(self, data: bytes) -> None:
+        """Write after whatever frames are corked, keeping the order they were taken in."""
+        if self._corked is not None:
+            self._uncork()
+        self.transport.write(data)
 
     async def _wait_writable(self) -> None:
         waiter = self._drain_waiter
@@ -448,13 +478,13 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         deflate = self._deflate
         if deflate is not None and payload:
             frame = deflate.encode(Frame(Opcode(opcode), payload))
-            self.transport.write(build_frame(opcode, bytes(frame.data), rsv1=frame.rsv1))
+            self._out(build_frame(opcode, bytes(frame.data), rsv1=frame.rsv1))
         else:
-            self.transport.write(build_frame(opcode, payload))
+            self._out(build_frame(opcode, payload))
 
     def _write_close(self, code: int, reason: str) -> None:
         payload = b"" if code == CloseCode.NO_STATUS else build_close_payload(code, reason)
-        self.transport.write(build_frame(OP_CLOSE, payload))
+        self._out(build_frame(OP_CLOSE, payload))
 
     def _begin_close(self, code: int, reason: str) -> None:
         """Send our close frame and give the peer ``close timeout`` seconds to answer."""
@@ -521,7 +551,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
                 self._fail(CloseCode.PROTOCOL_ERROR, "control frames must be whole and short")
             elif opcode == OP_PING:
                 if self._state == _OPEN:
-                    self.transport.write(build_frame(OP_PONG, payload))
+                    self._out(build_frame(OP_PONG, payload))
             elif opcode == OP_PONG:
                 self._pong(payload)
             elif opcode == OP_CLOSE:
@@ -636,7 +666,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         if self._state != _OPEN:
             return
         self._ping_payload = struct.pack("!I", random.getrandbits(32))
-        self.transport.write(build_frame(OP_PING, self._ping_payload))
+        self._out(build_frame(OP_PING, self._ping_payload))
         timeout = self.config.ws_ping_timeout
         if timeout:
             self._pong_timer = self.loop.call_later(timeout, self._pong_missed)
