@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from loadgen import CpuProbe, Usage, UsageMeter, percentile, wait_until
+from staller import parse_frame
 
 perf_counter = time.perf_counter
 WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -65,25 +66,13 @@ def upgrade_request(host: str, port: int, path: str) -> bytes:
     ).encode()
 
 
-def parse_frame(buf: bytearray) -> tuple[int, bytes] | None:
+def take_frame(buf: bytearray) -> tuple[int, bytes] | None:
     """Take one unmasked server frame off the front of ``buf``: (opcode, payload), or None."""
-    if len(buf) < 2:
+    parsed = parse_frame(buf)
+    if parsed is None:
         return None
-    length = buf[1] & 0x7F
-    pos = 2
-    if length == 126:
-        if len(buf) < 4:
-            return None
-        length, pos = int.from_bytes(buf[2:4], "big"), 4
-    elif length == 127:
-        if len(buf) < 10:
-            return None
-        length, pos = int.from_bytes(buf[2:10], "big"), 10
-    if len(buf) < pos + length:
-        return None
-    opcode = buf[0] & 0x0F
-    payload = bytes(buf[pos : pos + length])
-    del buf[: pos + length]
+    opcode, payload, used = parsed
+    del buf[:used]
     return opcode, payload
 
 
@@ -133,7 +122,7 @@ class CycleProtocol(asyncio.Protocol):
             assert self.transport is not None
             self.transport.write(TEXT_FRAME)
         while self.phase in (REPLYING, CLOSING):
-            frame = parse_frame(buf)
+            frame = take_frame(buf)
             if frame is None:
                 return
             opcode, payload = frame

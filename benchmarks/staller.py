@@ -89,7 +89,7 @@ class StalledMember:
             read += len(chunk)
             buf += chunk
             while True:
-                parsed = _parse_frame(buf)
+                parsed = parse_frame(buf)
                 if parsed is None:
                     break
                 opcode, payload, used = parsed
@@ -106,7 +106,7 @@ class StalledMember:
             self.sock.close()
 
 
-def _parse_frame(buf: bytearray) -> tuple[int, bytes, int] | None:
+def parse_frame(buf: bytearray) -> tuple[int, bytes, int] | None:
     """Parse one unmasked server frame at the start of ``buf``: (opcode, payload, bytes used)."""
     if len(buf) < 2:
         return None
