@@ -22,7 +22,6 @@ to the size limit (no deflate bomb); the closing handshake is bounded by a timer
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
 import random
 import struct
@@ -33,8 +32,6 @@ from urllib.parse import unquote
 from uvicorn.config import Config
 from uvicorn.protocols.utils import ClientDisconnected, get_local_addr, get_remote_addr, is_ssl
 from uvicorn.server import ServerState
-from websockets.exceptions import PayloadTooBig
-from websockets.exceptions import ProtocolError as WebSocketsProtocolError
 from websockets.extensions.permessage_deflate import (
     PerMessageDeflate,
     ServerPerMessageDeflateFactory,
@@ -67,6 +64,7 @@ from roomcast.transport.handshake import (
     negotiate_deflate,
     parse_upgrade_request,
 )
+from roomcast.transport.messages import MessageAssembler
 
 __all__ = ["FRAMES_EXTENSION", "RoomcastWebSocketProtocol", "protocol_class"]
 
@@ -84,8 +82,6 @@ _CLOSED: Final = 4
 _CORK_LIMIT: Final = 256
 #: Complete messages held for the app before frames are left unparsed and reading pauses.
 _INBOX_LIMIT: Final = 4
-
-_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
 class RoomcastWebSocketProtocol(asyncio.Protocol):
@@ -106,11 +102,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         "_frames_ext",
         "_head",
         "_inbox",
-        "_msg_compressed",
-        "_msg_decoder",
-        "_msg_opcode",
-        "_msg_parts",
-        "_msg_size",
+        "_messages",
         "_ping_payload",
         "_ping_timer",
         "_pong_timer",
@@ -165,11 +157,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         self._deflate: PerMessageDeflate | None = None
         self._ext_header: str | None = None
         self._denial: tuple[int, list[tuple[bytes, bytes]], list[bytes]] | None = None
-        self._msg_opcode = 0
-        self._msg_parts: list[Any] = []
-        self._msg_size = 0
-        self._msg_compressed = False
-        self._msg_decoder: codecs.IncrementalDecoder | None = None
+        self._messages = MessageAssembler(config.ws_max_size)
         self._app_task: asyncio.Task[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
@@ -261,6 +249,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             negotiated = negotiate_deflate(request.extensions, factory)
             if negotiated is not None:
                 self._ext_header, self._deflate = negotiated
+                self._messages.deflate = self._deflate
         raw_path, _, query = request.target.partition("?")
         root = self.config.root_path
         self._frames_ext = {"write": self.write_frame, "send": self.send_frame}
@@ -504,7 +493,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             # read its close frame. The close timer bounds the rest.
             if self.transport.can_write_eof():
                 self.transport.write_eof()
-        self._reset_message()
+        self._messages.reset()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -559,84 +548,17 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             else:
                 self._fail(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode}")
             return
-        if opcode == OP_CONT:
-            if not self._msg_opcode:
-                self._fail(CloseCode.PROTOCOL_ERROR, "continuation frame outside a message")
-                return
-        elif opcode in (OP_TEXT, OP_BINARY):
-            if self._msg_opcode:
-                self._fail(CloseCode.PROTOCOL_ERROR, "new message inside a fragmented one")
-                return
-            self._msg_opcode = opcode
-            self._msg_compressed = bool(first & RSV1)
-        else:
-            self._fail(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode}")
-            return
-        if self._state != _OPEN:
-            if first & FIN:
-                self._reset_message()
-            return  # closing: data frames are checked, then dropped
-        fin = bool(first & FIN)
-        if self._msg_compressed:
-            payload = self._inflate(opcode, first, payload)
-            if self._state != _OPEN:
-                return
-        self._msg_size += len(payload)
-        if self._msg_size > self._reader.max_size:
-            self._fail(CloseCode.MESSAGE_TOO_BIG, f"message over {self._reader.max_size} bytes")
-            return
-        if self._msg_opcode == OP_TEXT:
-            self._text(payload, fin)
-        elif fin:
-            parts = self._msg_parts
-            data = payload if not parts else b"".join([*parts, payload])
-            self._reset_message()
-            self._deliver({"type": "websocket.receive", "bytes": data})
-        else:
-            self._msg_parts.append(payload)
-
-    def _text(self, payload: bytes, fin: bool) -> None:
-        decoder = self._msg_decoder
         try:
-            if fin and decoder is None:
-                text = payload.decode()  # the common case: one frame, one message
-            else:
-                if decoder is None:
-                    decoder = self._msg_decoder = _utf8_decoder()
-                # Decoding each fragment as it comes fails fast on invalid UTF-8 (Autobahn 6.x).
-                chunk = decoder.decode(payload, fin)
-                if not fin:
-                    self._msg_parts.append(chunk)
-                    return
-                text = "".join([*self._msg_parts, chunk])
-        except UnicodeDecodeError:
-            self._fail(CloseCode.INVALID_PAYLOAD, "text message is not valid UTF-8")
+            message = self._messages.frame(first, payload, keep=self._state == _OPEN)
+        except WebSocketProtocolError as error:
+            self._fail(error.code, error.reason)
             return
-        self._reset_message()
-        self._deliver({"type": "websocket.receive", "text": text})
-
-    def _inflate(self, opcode: int, first: int, payload: bytes) -> bytes:
-        deflate = self._deflate
-        assert deflate is not None
-        frame = Frame(Opcode(opcode), payload, bool(first & FIN), bool(first & RSV1))
-        try:
-            # Inflate at most what the message may still grow by: a small compressed frame
-            # that expands to gigabytes stops at the limit (RFC 7692 section 8.2, "bombs").
-            # (zlib reads a max_length of 0 as "no limit", hence at least 1.)
-            budget = max(1, self._reader.max_size - self._msg_size)
-            return bytes(deflate.decode(frame, max_size=budget).data)
-        except PayloadTooBig:
-            self._fail(CloseCode.MESSAGE_TOO_BIG, f"message over {self._reader.max_size} bytes")
-        except (WebSocketsProtocolError, ValueError) as error:
-            self._fail(CloseCode.PROTOCOL_ERROR, f"bad compressed data: {error}")
-        return b""
-
-    def _reset_message(self) -> None:
-        self._msg_opcode = 0
-        self._msg_parts = []
-        self._msg_size = 0
-        self._msg_compressed = False
-        self._msg_decoder = None
+        if message is None:
+            return
+        if type(message) is str:
+            self._deliver({"type": "websocket.receive", "text": message})
+        else:
+            self._deliver({"type": "websocket.receive", "bytes": message})
 
     def _peer_close(self, payload: bytes) -> None:
         try:
