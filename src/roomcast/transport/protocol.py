@@ -78,6 +78,8 @@ _OPEN: Final = 2
 _CLOSING: Final = 3  # our close frame is sent; waiting for the peer's
 _CLOSED: Final = 4
 
+#: Control opcodes: RSV1 (compression) is never allowed on them (RFC 7692 section 6.1).
+_CONTROL: Final = (OP_CLOSE, OP_PING, OP_PONG)
 #: Corked frames written at once, before the end of the loop turn, past this many.
 _CORK_LIMIT: Final = 256
 #: Complete messages held for the app before frames are left unparsed and reading pauses.
@@ -531,7 +533,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
     def _frame(self, first: int, payload: bytes) -> None:
         opcode = first & 0x0F
         if first & RSV_ALL and (
-            first & RSV_ALL != RSV1 or self._deflate is None or opcode in (OP_CONT, 8, 9, 10)
+            first & RSV_ALL != RSV1 or self._deflate is None or opcode in (OP_CONT, *_CONTROL)
         ):
             self._fail(CloseCode.PROTOCOL_ERROR, "reserved bits set")
             return
