@@ -28,6 +28,7 @@ def test_public_api() -> None:
         "Settings",
         "UnsupportedData",
         "__version__",
+        "connect",
         "create_app",
     }
     for name in roomcast.__all__:

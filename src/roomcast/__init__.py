@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
+from roomcast.client import connect
 from roomcast.closecodes import CloseCode
 from roomcast.errors import (
     ClientError,
@@ -30,5 +31,6 @@ __all__ = [
     "Settings",
     "UnsupportedData",
     "__version__",
+    "connect",
     "create_app",
 ]

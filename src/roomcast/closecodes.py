@@ -1,7 +1,7 @@
 """WebSocket close codes used by roomcast, in one place.
 
 Codes 1000-1015 are defined by RFC 6455 section 7.4.1 and the IANA registry; 4000-4999 are
-reserved for applications (RFC 6455 section 7.4.2) and roomcast's own codes will live there.
+reserved for applications (RFC 6455 section 7.4.2), where the `/ws` protocol's own codes live.
 """
 
 from __future__ import annotations
@@ -38,3 +38,8 @@ class CloseCode(IntEnum):
     SERVICE_RESTART = 1012
     #: The client could not keep up (its outbox overflowed); reconnect and read faster.
     TRY_AGAIN_LATER = 1013
+    #: ``/ws``: the connection was closed through the HTTP API (``POST /api/disconnect``);
+    #: clients should not reconnect on their own.
+    DISCONNECTED = 4001
+    #: ``/ws``: the client read too slowly (its outbox overflowed); reconnect and recover.
+    SLOW = 4008

@@ -10,8 +10,10 @@ from fastapi import FastAPI
 
 from roomcast import __version__
 from roomcast.logs import install_redaction
+from roomcast.routes.api import api_router
 from roomcast.routes.classic import classic_routes
 from roomcast.routes.ops import ops_router
+from roomcast.routes.realtime import realtime_routes
 from roomcast.runtime import Runtime
 from roomcast.settings import Settings
 
@@ -49,13 +51,17 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
                 cfg.broker_url,
                 base,
             )
+        await runtime.node.start()
         try:
             yield
         finally:
             await runtime.hub.stop()
+            await runtime.node.stop()
 
     app = FastAPI(title="roomcast", version=__version__, lifespan=lifespan)
     app.state.roomcast = runtime
     app.router.routes.extend(classic_routes(runtime))
+    app.router.routes.extend(realtime_routes(runtime))
     app.include_router(ops_router(runtime))
+    app.include_router(api_router(runtime))
     return app

@@ -43,6 +43,7 @@ class Member:
 
     __slots__ = (
         "_busy",
+        "_close_code",
         "_close_reason",
         "_outbox",
         "_send_frame",
@@ -71,6 +72,7 @@ class Member:
         #: True while the writer has an item in flight (a direct write now would overtake it).
         self._busy = False
         self._close_reason = ""
+        self._close_code = CloseCode.TRY_AGAIN_LATER
         frames = conn.scope.get("extensions", {}).get(FRAMES_EXTENSION)
         self._write_frame: Callable[[bytes], bool] | None = frames["write"] if frames else None
         self._send_frame: Callable[[bytes], Awaitable[None]] | None = (
@@ -101,10 +103,11 @@ class Member:
         self._wake()
         return True
 
-    def close_after_current(self, reason: str) -> None:
-        """Drop the outbox and have the writer close with 1013 once its current send is done."""
+    def close_after_current(self, reason: str, code: CloseCode = CloseCode.TRY_AGAIN_LATER) -> None:
+        """Drop the outbox and have the writer close with ``code`` once its current send is done."""
         self.active = False
         self._close_reason = reason
+        self._close_code = code
         self._outbox.clear()
         self._outbox.append(_CLOSE)
         self._wake()
@@ -135,7 +138,7 @@ class Member:
                 while outbox:
                     item = outbox.popleft()
                     if item is _CLOSE:
-                        await self.conn.close(CloseCode.TRY_AGAIN_LATER, self._close_reason)
+                        await self.conn.close(self._close_code, self._close_reason)
                         return
                     self._busy = True
                     if type(item) is bytes:

@@ -6,6 +6,8 @@ import hashlib
 import secrets
 from dataclasses import dataclass, field
 
+from roomcast.brokers import Broker, from_settings
+from roomcast.channels import Node
 from roomcast.connection import Connection
 from roomcast.hub import Hub
 from roomcast.settings import Settings
@@ -50,6 +52,8 @@ class Runtime:
 
     settings: Settings
     hub: Hub = field(init=False)
+    broker: Broker = field(init=False)
+    node: Node = field(init=False)
     tokens: TokenTable = field(init=False)
     connections: set[Connection] = field(default_factory=set)
     #: Log "listening on ..." at start (the CLI knows the real address; an embedder may not).
@@ -57,4 +61,6 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.hub = Hub(outbox_size=self.settings.outbox_size)
+        self.broker = from_settings(self.settings)
+        self.node = Node(self.settings, self.broker)
         self.tokens = TokenTable(self.settings.tokens)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from roomcast.errors import ConfigurationError
@@ -46,7 +46,24 @@ class Settings(BaseSettings):
         1024 * 1024, ge=125, description="Largest message a client may send, in bytes."
     )
     outbox_size: int = Field(
-        1024, ge=1, description="Messages queued for one chat member before it is cut (1013)."
+        1024,
+        ge=1,
+        description="Frames queued for one connection before it is cut (chat 1013, /ws 4008).",
+    )
+    max_subscriptions: int = Field(
+        128, ge=1, description="Channels one /ws connection may subscribe to."
+    )
+    max_publication_size: int = Field(
+        65536, ge=16, description="Largest publication data, in bytes of JSON."
+    )
+    channel_max_length: int = Field(128, ge=1, le=1024, description="Longest channel name.")
+    history_size: int = Field(256, ge=0, description="Publications kept per channel.")
+    history_ttl: float = Field(3600.0, gt=0, description="Seconds a publication is kept.")
+    history_channels: int = Field(
+        10000, ge=1, description="Channels whose history the memory:// broker keeps."
+    )
+    api_key: SecretStr | None = Field(
+        None, description="Turns the HTTP API on; requests must carry it as a Bearer token."
     )
     ping_interval: float = Field(20.0, ge=0, description="Seconds between server pings; 0: off.")
     ping_timeout: float = Field(20.0, gt=0, description="Seconds to wait for a pong.")
@@ -98,6 +115,21 @@ class Settings(BaseSettings):
                 "workers would never see each other's messages. Run one worker (the default), "
                 "or configure a shared broker with --broker / ROOMCAST_BROKER_URL (redis://) "
                 "once your roomcast version supports it."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _limits_fit(self) -> Settings:
+        if self.history_size > self.outbox_size:
+            # A recovery replays up to history_size frames at once into the outbox.
+            raise ConfigurationError(
+                f"history_size ({self.history_size}) must not exceed outbox_size "
+                f"({self.outbox_size}): a recovery replays the whole history into the outbox"
+            )
+        if self.max_publication_size + 1024 > self.max_message_size:
+            raise ConfigurationError(
+                f"max_publication_size ({self.max_publication_size}) must leave room for the "
+                f"request around it within max_message_size ({self.max_message_size})"
             )
         return self
 

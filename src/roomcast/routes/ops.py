@@ -24,6 +24,7 @@ def ops_router(runtime: Runtime) -> APIRouter:
         return {
             "connections": len(runtime.connections),
             **runtime.hub.stats(),
+            **runtime.node.stats(),
             "asyncio_tasks": len(asyncio.all_tasks()),
         }
 

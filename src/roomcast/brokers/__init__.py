@@ -1,0 +1,29 @@
+"""Brokers: where channels live. ``from_settings`` picks one by ``ROOMCAST_BROKER_URL``."""
+
+from __future__ import annotations
+
+from roomcast.brokers.base import Broker, BrokerUnavailable, HistoryPage, Position, Sink
+from roomcast.brokers.memory import MemoryBroker
+from roomcast.errors import ConfigurationError
+from roomcast.settings import Settings
+
+__all__ = [
+    "Broker",
+    "BrokerUnavailable",
+    "HistoryPage",
+    "MemoryBroker",
+    "Position",
+    "Sink",
+    "from_settings",
+]
+
+
+def from_settings(settings: Settings) -> Broker:
+    """The broker ``settings.broker_url`` names."""
+    if settings.broker_scheme == "memory":
+        return MemoryBroker(
+            history_size=settings.history_size,
+            history_ttl=settings.history_ttl,
+            history_channels=settings.history_channels,
+        )
+    raise ConfigurationError(f"unsupported broker {settings.broker_url!r}")

@@ -1,0 +1,197 @@
+"""``memory://``: the embedded broker. Everything lives in this process; nothing to run.
+
+History is bounded three ways: ``history_size`` publications per channel, ``history_ttl``
+seconds per publication, and ``history_channels`` channels (past it, the stream of the channel
+published to least recently, among those nobody is subscribed to, is dropped; its next
+publication starts a new epoch). Presence is bounded by the connections' subscription limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+from roomcast.brokers.base import HistoryPage, Position, Sink
+from roomcast.protocol import publication_frame
+
+__all__ = ["MemoryBroker"]
+
+#: How many of the least recently used streams to look at for one not in use, per eviction.
+_EVICTION_SCAN = 16
+
+
+class _Stream:
+    """One channel's history stream."""
+
+    __slots__ = ("epoch", "offset", "publications", "touched")
+
+    def __init__(self, now: float) -> None:
+        self.epoch = secrets.token_hex(4)
+        self.offset = 0
+        #: (offset, time stored, encoded frame), oldest first.
+        self.publications: deque[tuple[int, float, bytes]] = deque()
+        self.touched = now
+
+
+class MemoryBroker:
+    """Channels of one process (the default broker)."""
+
+    shared = False
+
+    def __init__(
+        self,
+        *,
+        history_size: int,
+        history_ttl: float,
+        history_channels: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.history_channels = history_channels
+        self._clock = clock
+        self._streams: OrderedDict[str, _Stream] = OrderedDict()
+        self._presence: dict[str, dict[str, dict[str, Any]]] = {}
+        self._sink: Sink | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, sink: Sink) -> None:
+        self._sink = sink
+        self._sweeper = asyncio.get_running_loop().create_task(
+            self._sweep_forever(), name="roomcast-history-sweeper"
+        )
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        self._sink = None
+
+    async def subscribe(self, channel: str) -> None:
+        return None  # every publication of this process is delivered to this process
+
+    async def unsubscribe(self, channel: str) -> None:
+        return None
+
+    # -- publications and history ---------------------------------------------------------
+
+    def _stream(self, channel: str) -> _Stream:
+        now = self._clock()
+        stream = self._streams.get(channel)
+        if stream is None:
+            stream = self._streams[channel] = _Stream(now)
+            if len(self._streams) > self.history_channels:
+                self._evict()
+        else:
+            self._streams.move_to_end(channel)
+            self._expire(stream, now)
+        stream.touched = now
+        return stream
+
+    def _evict(self) -> None:
+        for _, (name, _stream) in zip(range(_EVICTION_SCAN), self._streams.items(), strict=False):
+            if name not in self._presence:
+                del self._streams[name]
+                return
+        # Every stream looked at has subscribers: keep them all for now (the subscription
+        # limits bound how many such streams there can be).
+
+    def _expire(self, stream: _Stream, now: float) -> None:
+        publications = stream.publications
+        oldest = now - self.history_ttl
+        while publications and publications[0][1] < oldest:
+            publications.popleft()
+
+    async def publish(self, channel: str, data: bytes, info: bytes) -> Position:
+        stream = self._stream(channel)
+        stream.offset += 1
+        offset = stream.offset
+        frame = publication_frame(channel, offset, data, info)
+        if self.history_size:
+            publications = stream.publications
+            publications.append((offset, stream.touched, frame))
+            if len(publications) > self.history_size:
+                publications.popleft()
+        if self._sink is not None:
+            self._sink.on_publication(channel, offset, frame)
+        return Position(stream.epoch, offset)
+
+    async def position(self, channel: str) -> Position:
+        stream = self._stream(channel)
+        return Position(stream.epoch, stream.offset)
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: int | None = None,
+        before: int | None = None,
+        limit: int,
+    ) -> HistoryPage:
+        stream = self._stream(channel)
+        stored = stream.publications
+        start = stored[0][0] if stored else stream.offset + 1
+        if since is not None:
+            # Offsets in the deque are consecutive: index arithmetic finds the first one.
+            first = max(0, since + 1 - start)
+            chosen = [stored[i] for i in range(first, min(len(stored), first + limit))]
+        else:
+            end = len(stored) if before is None else max(0, min(len(stored), before - start))
+            chosen = [stored[i] for i in range(max(0, end - limit), end)]
+        return HistoryPage(
+            stream.epoch,
+            stream.offset,
+            start,
+            [(offset, frame) for offset, _, frame in chosen],
+        )
+
+    # -- presence -------------------------------------------------------------------------
+
+    async def presence_add(self, channel: str, client: str, entry: dict[str, Any]) -> None:
+        self._presence.setdefault(channel, {})[client] = entry
+
+    async def presence_remove(self, channel: str, client: str) -> None:
+        entries = self._presence.get(channel)
+        if entries is not None:
+            entries.pop(client, None)
+            if not entries:
+                del self._presence[channel]
+
+    async def presence(self, channel: str) -> list[dict[str, Any]]:
+        return list(self._presence.get(channel, {}).values())
+
+    async def emit(self, channel: str, frame: bytes, client: str) -> None:
+        if self._sink is not None:
+            self._sink.on_event(channel, frame, client)
+
+    async def channels(self) -> dict[str, int]:
+        return {channel: len(entries) for channel, entries in self._presence.items()}
+
+    # -- retention ------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Drop expired publications, and streams idle past the TTL that nobody uses."""
+        now = self._clock()
+        idle_since = now - self.history_ttl
+        for name in list(self._streams):
+            stream = self._streams[name]
+            self._expire(stream, now)
+            if (
+                not stream.publications
+                and stream.touched < idle_since
+                and name not in self._presence
+            ):
+                del self._streams[name]
+
+    async def _sweep_forever(self) -> None:
+        interval = max(1.0, min(self.history_ttl, 60.0))
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep()

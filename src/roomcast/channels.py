@@ -1,0 +1,433 @@
+"""The node: ``/ws`` clients, their subscriptions, and local fan-out of publications.
+
+One :class:`Node` per process sits between the ``/ws`` connections and the broker. The broker
+gives publications their offsets and delivers each one to the node once; the node writes the
+publication's frame, built once, to every local subscriber through the same bounded outboxes
+as the chat rooms (:class:`roomcast.hub.Member`): a subscriber that reads too slowly is closed
+with 4008 and never slows the others.
+
+Recovery without gaps or duplicates: a new subscription starts *pending*. Publications that
+arrive while the node is still asking the broker for the channel's position or history are
+kept in the subscription's pending list. When the answer comes, the reply goes out, then the
+replayed publications, then the pending ones newer than the last replayed, and from then on the
+live ones. Every subscription remembers the last offset it was sent and skips anything not
+newer, so the switch from replay to live can neither repeat nor skip a publication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import orjson
+
+from roomcast import __version__
+from roomcast.brokers import Broker, BrokerUnavailable
+from roomcast.closecodes import CloseCode
+from roomcast.connection import Connection, ConnId
+from roomcast.hub import Member
+from roomcast.protocol import (
+    ErrorCode,
+    Request,
+    RequestError,
+    channel_pattern,
+    channel_rule,
+    connected_frame,
+    encode_info,
+    error_reply,
+    event_frame,
+    history_result,
+    ok_reply,
+    parse_request,
+    utc_now,
+)
+from roomcast.settings import Settings
+from roomcast.transport.frames import OP_TEXT, build_frame
+
+__all__ = ["Client", "Node", "Subscription"]
+
+logger = logging.getLogger("roomcast.channels")
+
+EMPTY: Final = b"{}"
+HISTORY_LIMIT_DEFAULT: Final = 100
+HISTORY_LIMIT_MAX: Final = 1000
+
+#: What an operation returns: the encoded result, and what to do right after the reply.
+Outcome = tuple[bytes, Callable[[], None] | None]
+
+
+class Client:
+    """One ``/ws`` connection: who it is, its outbox and its subscriptions."""
+
+    __slots__ = ("conn", "connected_at", "id", "info", "member", "node", "subscriptions", "user")
+
+    def __init__(self, node: Node, conn: Connection, user: str | None, member: Member) -> None:
+        self.node = node
+        self.conn = conn
+        self.id = str(conn.id)
+        self.user = user
+        self.member = member
+        self.connected_at = utc_now()
+        self.info = encode_info(self.id, user)
+        self.subscriptions: dict[str, Subscription] = {}
+
+    def send(self, payload: bytes) -> None:
+        """Queue one frame for this client; a full outbox cuts it (4008)."""
+        member = self.member
+        if not member.active:
+            return
+        if member.fast:
+            frame = build_frame(OP_TEXT, payload)
+            if member.offer(frame):
+                return
+            if member.push(frame):
+                return
+        elif member.push({"type": "websocket.send", "text": payload.decode()}):
+            return
+        self.node.cut(self)
+
+
+class Subscription:
+    """A client's subscription to one channel."""
+
+    __slots__ = ("channel", "client", "join_leave", "offset", "pending")
+
+    def __init__(self, client: Client, channel: str, join_leave: bool) -> None:
+        self.client = client
+        self.channel = channel
+        self.join_leave = join_leave
+        #: The offset of the last publication sent to the client (or its starting point).
+        self.offset = 0
+        #: Publications that arrived before the subscribe reply was sent; ``None`` once live.
+        self.pending: list[tuple[int, bytes]] | None = []
+
+
+class Node:
+    """The ``/ws`` side of one process; the broker's :class:`~roomcast.brokers.Sink`."""
+
+    def __init__(self, settings: Settings, broker: Broker) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.clients: dict[str, Client] = {}
+        #: channel -> client id -> subscription, for the channels with a local subscriber.
+        self.local: dict[str, dict[str, Subscription]] = {}
+        self._writers: set[asyncio.Task[None]] = set()
+        self.channel_name = channel_pattern(settings.channel_max_length)
+        self.channel_rule = channel_rule(settings.channel_max_length)
+        self._ops: dict[str, Callable[[Client, Request], Awaitable[Outcome]]] = {
+            "subscribe": self._subscribe,
+            "unsubscribe": self._unsubscribe,
+            "publish": self._publish,
+            "presence": self._presence,
+            "history": self._history,
+            "ping": self._ping,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.broker.start(self)
+
+    async def stop(self) -> None:
+        writers = list(self._writers)
+        for writer in writers:
+            writer.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
+        await self.broker.close()
+
+    def attach(self, conn: Connection, user: str | None) -> Client:
+        """A new ``/ws`` connection (accepted): give it an id and send ``connected``."""
+        client_id = secrets.token_hex(6)
+        while client_id in self.clients:
+            client_id = secrets.token_hex(6)
+        conn.id = ConnId(client_id)
+        member = Member(conn, "", self.settings.outbox_size, self._writers)
+        client = Client(self, conn, user, member)
+        self.clients[client_id] = client
+        client.send(connected_frame(client_id, user, __version__))
+        return client
+
+    async def detach(self, client: Client, *, notify: bool = True) -> None:
+        """The connection ended: drop its subscriptions, presence and writer."""
+        self.clients.pop(client.id, None)
+        client.member.active = False
+        for channel in list(client.subscriptions):
+            await self._drop(client, channel, notify=notify)
+        writer = client.member.stop()
+        if writer is not None:
+            try:
+                await writer
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+
+    def cut(self, client: Client) -> None:
+        """Close a client that reads too slowly (4008); its subscriptions end with it."""
+        member = client.member
+        if not member.active:
+            return
+        logger.info(
+            "conn=%s /ws cut %d: outbox overflow (%d frames unread)",
+            client.id,
+            CloseCode.SLOW,
+            member.limit,
+        )
+        member.close_after_current(
+            f"too slow: more than {member.limit} frames unread", CloseCode.SLOW
+        )
+
+    def disconnect_user(self, user: str) -> int:
+        """Close every local connection of ``user`` with 4001; returns how many."""
+        closed = 0
+        for client in list(self.clients.values()):
+            if client.user == user and client.member.active:
+                logger.info("conn=%s /ws disconnected through the API", client.id)
+                client.member.close_after_current(
+                    "disconnected by the server", CloseCode.DISCONNECTED
+                )
+                closed += 1
+        return closed
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def handle(self, client: Client, frame: str | bytes) -> None:
+        """Answer one client frame with exactly one reply."""
+        request_id: int | str | None = None
+        try:
+            request = parse_request(frame)
+            request_id = request.id
+            result, after = await self._ops[request.op](client, request)
+        except RequestError as error:
+            client.send(error_reply(error.request_id, error.code, error.message))
+            return
+        except BrokerUnavailable as error:
+            client.send(error_reply(request_id, ErrorCode.UNAVAILABLE, str(error)))
+            return
+        except Exception:
+            logger.exception("conn=%s /ws request failed", client.id)
+            client.send(error_reply(request_id, ErrorCode.INTERNAL, "the server failed"))
+            return
+        client.send(ok_reply(request.id, result))
+        if after is not None:
+            after()
+
+    def _channel(self, request: Request) -> str:
+        channel = request.body.get("channel")
+        if not isinstance(channel, str) or self.channel_name.fullmatch(channel) is None:
+            raise RequestError(ErrorCode.BAD_CHANNEL, self.channel_rule, request.id)
+        return channel
+
+    async def _subscribe(self, client: Client, request: Request) -> Outcome:
+        channel = self._channel(request)
+        recover = request.mapping("recover")
+        recover_offset: int | None = None
+        recover_epoch = ""
+        if recover is not None:
+            offset = recover.get("offset")
+            epoch = recover.get("epoch")
+            if type(offset) is not int or offset < 0 or not isinstance(epoch, str):
+                raise RequestError(
+                    ErrorCode.BAD_REQUEST,
+                    '\'recover\' must be {"offset": integer >= 0, "epoch": string}',
+                    request.id,
+                )
+            recover_offset, recover_epoch = offset, epoch
+        join_leave = request.boolean("join_leave")
+        if channel in client.subscriptions:
+            raise RequestError(
+                ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {channel}", request.id
+            )
+        limit = self.settings.max_subscriptions
+        if len(client.subscriptions) >= limit:
+            raise RequestError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {limit} subscriptions per connection",
+                request.id,
+            )
+
+        subscription = Subscription(client, channel, join_leave)
+        client.subscriptions[channel] = subscription
+        subscribers = self.local.get(channel)
+        try:
+            if subscribers is None:
+                subscribers = self.local[channel] = {}
+                subscribers[client.id] = subscription
+                await self.broker.subscribe(channel)
+            else:
+                subscribers[client.id] = subscription
+            replay: list[bytes] = []
+            if recover_offset is None:
+                position = await self.broker.position(channel)
+                epoch, top = position.epoch, position.offset
+                result = orjson.dumps({"epoch": epoch, "offset": top})
+                subscription.offset = top
+            else:
+                page = await self.broker.history(
+                    channel, since=recover_offset, limit=max(1, self.settings.history_size)
+                )
+                recovered = False
+                if page.epoch == recover_epoch:
+                    if recover_offset <= page.offset:
+                        recovered = page.start <= recover_offset + 1
+                        replay = [frame for _, frame in page.publications]
+                else:
+                    # The stream the client knew is gone and a new one began after it: what
+                    # happened in between is lost, but everything the new stream still holds
+                    # is news to the client.
+                    page = await self.broker.history(
+                        channel, since=0, limit=max(1, self.settings.history_size)
+                    )
+                    replay = [frame for _, frame in page.publications]
+                epoch, top = page.epoch, page.offset
+                result = orjson.dumps(
+                    {"epoch": epoch, "offset": top, "recovered": recovered, "replayed": len(replay)}
+                )
+                subscription.offset = top
+            entry = {"client": client.id, "user": client.user, "connected_at": client.connected_at}
+            await self.broker.presence_add(channel, client.id, entry)
+        except BaseException:
+            # A failed broker call, or the server stopping: leave no half subscription behind.
+            # (Nothing else can end the subscription meanwhile: a client's requests and its
+            # departure all run in its handler, one after the other.)
+            await self._drop(client, channel, notify=False)
+            raise
+        await self.broker.emit(channel, event_frame("join", channel, client.info), client.id)
+
+        def go_live() -> None:
+            for frame in replay:
+                client.send(frame)
+            pending = subscription.pending or ()
+            subscription.pending = None
+            for offset, frame in pending:
+                if offset > subscription.offset:
+                    subscription.offset = offset
+                    client.send(frame)
+
+        return result, go_live
+
+    async def _unsubscribe(self, client: Client, request: Request) -> Outcome:
+        channel = self._channel(request)
+        if channel not in client.subscriptions:
+            raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {channel}", request.id)
+        await self._drop(client, channel, notify=True)
+        return EMPTY, None
+
+    async def _drop(self, client: Client, channel: str, *, notify: bool) -> None:
+        """End ``client``'s subscription to ``channel`` here and in the broker."""
+        if client.subscriptions.pop(channel, None) is None:
+            return
+        subscribers = self.local.get(channel)
+        if subscribers is not None:
+            subscribers.pop(client.id, None)
+            if not subscribers:
+                del self.local[channel]
+                await self.broker.unsubscribe(channel)
+        await self.broker.presence_remove(channel, client.id)
+        if notify:
+            await self.broker.emit(channel, event_frame("leave", channel, client.info), client.id)
+
+    async def _publish(self, client: Client, request: Request) -> Outcome:
+        channel = self._channel(request)
+        data = self.encode_data(request.body, request.id)
+        position = await self.broker.publish(channel, data, client.info)
+        return orjson.dumps({"epoch": position.epoch, "offset": position.offset}), None
+
+    def encode_data(self, body: dict[str, Any], request_id: int | str | None = None) -> bytes:
+        """``body["data"]`` as JSON, checked against the publication size limit."""
+        if "data" not in body:
+            raise RequestError(ErrorCode.BAD_REQUEST, "'data' is required", request_id)
+        data = orjson.dumps(body["data"])
+        limit = self.settings.max_publication_size
+        if len(data) > limit:
+            raise RequestError(
+                ErrorCode.TOO_LARGE, f"data is {len(data)} bytes; the limit is {limit}", request_id
+            )
+        return data
+
+    async def _presence(self, client: Client, request: Request) -> Outcome:
+        channel = self._channel(request)
+        clients = await self.broker.presence(channel)
+        return orjson.dumps({"clients": clients}), None
+
+    async def _history(self, client: Client, request: Request) -> Outcome:
+        channel = self._channel(request)
+        limit = request.integer(
+            "limit", low=1, high=HISTORY_LIMIT_MAX, default=HISTORY_LIMIT_DEFAULT
+        )
+        since = request.integer("since", low=0)
+        before = request.integer("before", low=0)
+        if since is not None and before is not None:
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, "give 'since' or 'before', not both", request.id
+            )
+        assert limit is not None
+        page = await self.broker.history(channel, since=since, before=before, limit=limit)
+        frames = (frame for _, frame in page.publications)
+        return history_result(page.epoch, page.offset, page.start, frames), None
+
+    async def _ping(self, client: Client, request: Request) -> Outcome:
+        return EMPTY, None
+
+    # -- deliveries from the broker ---------------------------------------------------------
+
+    def on_publication(self, channel: str, offset: int, frame: bytes) -> None:
+        """Fan a publication out to the channel's local subscribers (its frame built once)."""
+        subscribers = self.local.get(channel)
+        if not subscribers:
+            return
+        ws_frame: bytes | None = None
+        message: dict[str, Any] | None = None
+        slow: list[Client] | None = None
+        for subscription in subscribers.values():
+            if offset <= subscription.offset:
+                continue  # already sent (a replay overlapping the live stream)
+            pending = subscription.pending
+            if pending is not None:
+                pending.append((offset, frame))
+                continue
+            subscription.offset = offset
+            member = subscription.client.member
+            if not member.active:
+                continue
+            if member.fast:
+                if ws_frame is None:
+                    ws_frame = build_frame(OP_TEXT, frame)
+                if member.offer(ws_frame) or member.push(ws_frame):
+                    continue
+            else:
+                if message is None:
+                    message = {"type": "websocket.send", "text": frame.decode()}
+                if member.push(message):
+                    continue
+            if slow is None:
+                slow = []
+            slow.append(subscription.client)
+        if slow is not None:
+            for client in slow:
+                self.cut(client)
+
+    def on_event(self, channel: str, frame: bytes, client: str) -> None:
+        """Push a join/leave event to the channel's subscribers that asked for them."""
+        subscribers = self.local.get(channel)
+        if not subscribers:
+            return
+        for subscription in list(subscribers.values()):
+            if (
+                subscription.join_leave
+                and subscription.pending is None
+                and subscription.client.id != client
+            ):
+                subscription.client.send(frame)
+
+    def stats(self) -> dict[str, int]:
+        """Counts for ``/stats``."""
+        return {
+            "ws_clients": len(self.clients),
+            "ws_channels": len(self.local),
+            "ws_subscriptions": sum(len(subs) for subs in self.local.values()),
+            "ws_writer_tasks": len(self._writers),
+        }

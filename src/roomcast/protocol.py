@@ -1,0 +1,211 @@
+"""The ``/ws`` protocol's wire format, sans I/O: parse requests, check fields, encode frames.
+
+The spec is ``docs/protocol.md``. Nothing here touches a socket or the event loop, so every
+rule can be tested on plain values. Frames the server sends are built as bytes: a publication
+is encoded once (by whoever gives it its offset) and then stored, replayed and fanned out as
+the same bytes, embedded verbatim in history replies.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Final
+
+import orjson
+
+__all__ = [
+    "OPS",
+    "ErrorCode",
+    "Request",
+    "RequestError",
+    "channel_pattern",
+    "channel_rule",
+    "connected_frame",
+    "encode_info",
+    "error_reply",
+    "event_frame",
+    "history_result",
+    "ok_reply",
+    "parse_request",
+    "publication_frame",
+    "utc_now",
+]
+
+OPS: Final = ("subscribe", "unsubscribe", "publish", "presence", "history", "ping")
+MAX_ID_LENGTH: Final = 64
+#: The characters of a channel name; the part before the first ":" is its namespace.
+CHANNEL_CHARS: Final = "A-Za-z0-9_.:@=-"
+
+
+class ErrorCode(StrEnum):
+    """The ``error.code`` of a failed request (docs/protocol.md, "Error codes")."""
+
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_OP = "unknown_op"
+    BAD_CHANNEL = "bad_channel"
+    TOO_LARGE = "too_large"
+    ALREADY_SUBSCRIBED = "already_subscribed"
+    NOT_SUBSCRIBED = "not_subscribed"
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class RequestError(Exception):
+    """A request the server answers with ``ok: false``; the connection stays open."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: int | str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A parsed request: its id, its operation and the whole object (the operation's fields)."""
+
+    id: int | str
+    op: str
+    body: dict[str, Any]
+
+    # -- field readers: each raises RequestError(bad_request) naming the field --------------
+
+    def string(self, name: str) -> str:
+        value = self.body.get(name)
+        if not isinstance(value, str):
+            raise self._bad(f"'{name}' must be a string")
+        return value
+
+    def integer(
+        self, name: str, *, low: int, high: int | None = None, default: int | None = None
+    ) -> int | None:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        # bool is an int subclass in Python, but true is not a number in JSON.
+        if type(value) is not int or value < low or (high is not None and value > high):
+            bounds = f"{low}..{high}" if high is not None else f">= {low}"
+            raise self._bad(f"'{name}' must be an integer {bounds}")
+        return value
+
+    def boolean(self, name: str, *, default: bool = False) -> bool:
+        value = self.body.get(name, default)
+        if type(value) is not bool:
+            raise self._bad(f"'{name}' must be true or false")
+        return value
+
+    def mapping(self, name: str) -> dict[str, Any] | None:
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self._bad(f"'{name}' must be an object")
+        return value
+
+    def _bad(self, message: str) -> RequestError:
+        return RequestError(ErrorCode.BAD_REQUEST, message, self.id)
+
+
+def parse_request(frame: str | bytes) -> Request:
+    """Parse one client frame; raises :class:`RequestError` with the id when one was read."""
+    if isinstance(frame, bytes):
+        raise RequestError(ErrorCode.BAD_REQUEST, "binary frames are not part of the protocol")
+    try:
+        body = orjson.loads(frame)
+    except orjson.JSONDecodeError as error:
+        raise RequestError(ErrorCode.BAD_REQUEST, f"invalid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise RequestError(ErrorCode.BAD_REQUEST, "a request must be a JSON object")
+    request_id = body.get("id")
+    if not (
+        type(request_id) is int
+        or (type(request_id) is str and 0 < len(request_id) <= MAX_ID_LENGTH)
+    ):
+        raise RequestError(
+            ErrorCode.BAD_REQUEST,
+            f"'id' must be an integer or a string of 1-{MAX_ID_LENGTH} characters",
+        )
+    op = body.get("op")
+    if not isinstance(op, str):
+        raise RequestError(ErrorCode.BAD_REQUEST, "'op' must be a string", request_id)
+    if op not in OPS:
+        raise RequestError(
+            ErrorCode.UNKNOWN_OP,
+            f"unknown op {op[:64]!r}; expected one of {', '.join(OPS)}",
+            request_id,
+        )
+    return Request(request_id, op, body)
+
+
+def channel_pattern(max_length: int) -> re.Pattern[str]:
+    """The rule for channel names of at most ``max_length`` characters."""
+    return re.compile(f"[{CHANNEL_CHARS}]{{1,{max_length}}}")
+
+
+def channel_rule(max_length: int) -> str:
+    """The rule as a sentence, for error messages."""
+    return f"channel names are 1-{max_length} characters of A-Z a-z 0-9 _ - . : @ ="
+
+
+# -- frames the server sends ---------------------------------------------------------------
+
+
+def ok_reply(request_id: int | str, result: bytes) -> bytes:
+    """``{"id": ..., "ok": true, "result": <result>}`` around an encoded result."""
+    return b'{"id":' + orjson.dumps(request_id) + b',"ok":true,"result":' + result + b"}"
+
+
+def error_reply(request_id: int | str | None, code: ErrorCode, message: str) -> bytes:
+    """``{"id": ..., "ok": false, "error": {"code": ..., "message": ...}}``."""
+    return orjson.dumps(
+        {"id": request_id, "ok": False, "error": {"code": code.value, "message": message}}
+    )
+
+
+def encode_info(client: str | None, user: str | None) -> bytes:
+    """The ``info`` object naming a publisher, or who joined or left."""
+    return orjson.dumps({"client": client, "user": user})
+
+
+def publication_frame(channel: str, offset: int, data: bytes, info: bytes) -> bytes:
+    """A ``publication`` push; ``data`` and ``info`` are already-encoded JSON."""
+    return (
+        b'{"type":"publication","channel":'
+        + orjson.dumps(channel)
+        + b',"offset":%d,"data":' % offset
+        + data
+        + b',"info":'
+        + info
+        + b"}"
+    )
+
+
+def event_frame(kind: str, channel: str, info: bytes) -> bytes:
+    """A ``join`` or ``leave`` push."""
+    return b'{"type":"%s","channel":%s,"info":%s}' % (kind.encode(), orjson.dumps(channel), info)
+
+
+def connected_frame(client: str, user: str | None, version: str) -> bytes:
+    """The first push of every connection."""
+    return orjson.dumps({"type": "connected", "client": client, "user": user, "version": version})
+
+
+def history_result(epoch: str, offset: int, start: int, publications: Iterable[bytes]) -> bytes:
+    """The result of ``history``: stored publication frames embedded as they are."""
+    return (
+        b'{"epoch":'
+        + orjson.dumps(epoch)
+        + b',"offset":%d,"start":%d,"publications":[' % (offset, start)
+        + b",".join(publications)
+        + b"]}"
+    )
+
+
+def utc_now() -> str:
+    """Now as ISO 8601 UTC with milliseconds, e.g. ``2026-11-26T13:00:00.000Z``."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,178 @@
+"""The server-side HTTP API: publish, broadcast, channels, presence, history, disconnect.
+
+For the application's own backend. Off unless ``ROOMCAST_API_KEY`` is set; every request then
+carries the key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from pydantic import BaseModel, Field
+
+from roomcast.protocol import RequestError, encode_info, history_result
+from roomcast.runtime import Runtime
+
+__all__ = ["api_router"]
+
+#: Publications made through the API name no client and no user.
+API_INFO = encode_info(None, None)
+
+
+class PublishBody(BaseModel):
+    channel: str = Field(description="The channel to publish to.", examples=["chat:lobby"])
+    data: Any = Field(description="Any JSON value; delivered as sent.", examples=[{"text": "hi"}])
+
+
+class BroadcastBody(BaseModel):
+    channels: list[str] = Field(min_length=1, max_length=1000, description="Channels.")
+    data: Any = Field(description="Any JSON value, published to each channel.")
+
+
+class DisconnectBody(BaseModel):
+    user: str = Field(min_length=1, description="Close every /ws connection of this user.")
+
+
+class PositionOut(BaseModel):
+    epoch: str
+    offset: int
+
+
+class ChannelPositionOut(PositionOut):
+    channel: str
+
+
+class BroadcastOut(BaseModel):
+    results: list[ChannelPositionOut]
+
+
+class ChannelOut(BaseModel):
+    channel: str
+    subscribers: int
+
+
+class ChannelsOut(BaseModel):
+    channels: list[ChannelOut]
+
+
+class PresenceClient(BaseModel):
+    client: str
+    user: str | None
+    connected_at: str
+
+
+class PresenceOut(BaseModel):
+    clients: list[PresenceClient]
+
+
+class PublicationOut(BaseModel):
+    type: str = "publication"
+    channel: str
+    offset: int
+    data: Any
+    info: dict[str, str | None]
+
+
+class HistoryOut(BaseModel):
+    epoch: str
+    offset: int
+    start: int
+    publications: list[PublicationOut]
+
+
+class DisconnectOut(BaseModel):
+    disconnected: int
+
+
+def api_router(runtime: Runtime) -> APIRouter:
+    """The ``/api`` routes of ``runtime``."""
+    settings = runtime.settings
+    node = runtime.node
+    broker = runtime.broker
+
+    def require_key(
+        authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+        x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+    ) -> None:
+        if settings.api_key is None:
+            raise HTTPException(404, "the HTTP API is off: set ROOMCAST_API_KEY to turn it on")
+        given = x_api_key
+        if authorization is not None:
+            scheme, _, credentials = authorization.partition(" ")
+            if scheme.lower() == "bearer":
+                given = credentials.strip()
+        expected = settings.api_key.get_secret_value().encode()
+        if given is None or not hmac.compare_digest(given.encode(), expected):
+            raise HTTPException(
+                401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    router = APIRouter(prefix="/api", tags=["server API"], dependencies=[Depends(require_key)])
+
+    def channel_ok(channel: str) -> str:
+        if node.channel_name.fullmatch(channel) is None:
+            raise HTTPException(422, node.channel_rule)
+        return channel
+
+    def data_ok(data: Any) -> bytes:
+        try:
+            return node.encode_data({"data": data})
+        except RequestError as error:
+            raise HTTPException(422, error.message) from None
+
+    @router.post("/publish", summary="Publish to a channel")
+    async def publish(body: PublishBody) -> PositionOut:
+        channel = channel_ok(body.channel)
+        position = await broker.publish(channel, data_ok(body.data), API_INFO)
+        return PositionOut(epoch=position.epoch, offset=position.offset)
+
+    @router.post("/broadcast", summary="Publish the same data to many channels")
+    async def broadcast(body: BroadcastBody) -> BroadcastOut:
+        channels = [channel_ok(channel) for channel in body.channels]
+        data = data_ok(body.data)
+        results = []
+        for channel in channels:
+            position = await broker.publish(channel, data, API_INFO)
+            results.append(
+                ChannelPositionOut(channel=channel, epoch=position.epoch, offset=position.offset)
+            )
+        return BroadcastOut(results=results)
+
+    @router.get("/channels", summary="Channels with at least one subscriber")
+    async def channels() -> ChannelsOut:
+        counts = await broker.channels()
+        return ChannelsOut(
+            channels=[ChannelOut(channel=name, subscribers=n) for name, n in sorted(counts.items())]
+        )
+
+    @router.get("/presence/{channel}", summary="Who is subscribed to a channel")
+    async def presence(channel: str) -> PresenceOut:
+        clients = await broker.presence(channel_ok(channel))
+        return PresenceOut.model_validate({"clients": clients})
+
+    @router.get(
+        "/history/{channel}",
+        summary="Stored publications of a channel",
+        response_model=HistoryOut,
+    )
+    async def history(
+        channel: str,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        since: Annotated[int | None, Query(ge=0)] = None,
+        before: Annotated[int | None, Query(ge=0)] = None,
+    ) -> Response:
+        if since is not None and before is not None:
+            raise HTTPException(422, "give 'since' or 'before', not both")
+        page = await broker.history(channel_ok(channel), since=since, before=before, limit=limit)
+        frames = (frame for _, frame in page.publications)
+        # The stored frames go out as they are: no decoding and re-encoding of each one.
+        body = history_result(page.epoch, page.offset, page.start, frames)
+        return Response(body, media_type="application/json")
+
+    @router.post("/disconnect", summary="Close every /ws connection of a user (close 4001)")
+    async def disconnect(body: DisconnectBody) -> DisconnectOut:
+        return DisconnectOut(disconnected=node.disconnect_user(body.user))
+
+    return router
