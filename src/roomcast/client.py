@@ -253,7 +253,6 @@ class Client:
                 additional_headers=headers,
                 open_timeout=self.request_timeout,
                 max_size=None,
-                max_queue=None,
             )
         except InvalidStatus as error:
             if error.response.status_code in (401, 403):

@@ -1,0 +1,229 @@
+"""The Python client SDK (``roomcast.connect``) against real server processes.
+
+The reconnect tests break the connection for real: a server process stopped and started again
+on the same port, a TCP proxy that resets every connection, a server that cuts a slow reader.
+In each, the application reads one subscription and checks it saw every publication the server
+still held, once each, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import roomcast
+from helpers import GOOD_TOKEN, TIMEOUT, USER, RoomcastServer, ServerFactory, async_wait_until
+from roomcast.client import Disconnected, Presence, Publication, ServerError, Subscription
+from tcpproxy import TcpProxy
+
+API_KEY = "test-api-key"
+API_ENV = {"ROOMCAST_API_KEY": API_KEY}
+FAST = {"backoff_min": 0.05, "backoff_max": 0.2, "request_timeout": 4 * TIMEOUT}
+
+
+@pytest.fixture(scope="module")
+def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
+    srv = RoomcastServer(tmp_path_factory.mktemp("api-server"), env=API_ENV)
+    with srv:
+        yield srv
+    srv.assert_no_traceback()
+
+
+async def api_publish(http_url: str, channel: str, data: Any) -> int:
+    async with httpx.AsyncClient(base_url=http_url, timeout=TIMEOUT) as http:
+        reply = await http.post(
+            "/api/publish",
+            json={"channel": channel, "data": data},
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        )
+    assert reply.status_code == 200, reply.text
+    offset: int = reply.json()["offset"]
+    return offset
+
+
+async def take(subscription: Subscription, n: int) -> list[Publication]:
+    """The next ``n`` publications of ``subscription`` (presence events skipped)."""
+    got: list[Publication] = []
+    async with asyncio.timeout(4 * TIMEOUT):
+        async for item in subscription:
+            if isinstance(item, Publication):
+                got.append(item)
+                if len(got) == n:
+                    break
+    return got
+
+
+async def test_operations_round_trip(api_server: RoomcastServer) -> None:
+    url = api_server.url("/ws")
+    async with (
+        roomcast.connect(url, token=GOOD_TOKEN, **FAST) as alice,
+        roomcast.connect(url, **FAST) as bob,
+    ):
+        assert alice.user == USER
+        assert bob.user is None
+        assert alice.client_id and bob.client_id and alice.client_id != bob.client_id
+        lobby = await alice.subscribe("sdk:lobby", join_leave=True)
+        bobs = await bob.subscribe("sdk:lobby")
+        joined = await asyncio.wait_for(anext(lobby), TIMEOUT)
+        assert joined == Presence("sdk:lobby", "join", {"client": bob.client_id, "user": None})
+
+        first = await bob.publish("sdk:lobby", {"text": "hi"})
+        second = await alice.publish("sdk:lobby", [1, 2, 3])
+        assert second == first + 1
+        for sub in (lobby, bobs):
+            got = await take(sub, 2)
+            assert [(p.offset, p.data) for p in got] == [
+                (first, {"text": "hi"}),
+                (second, [1, 2, 3]),
+            ]
+            assert got[0].info == {"client": bob.client_id, "user": None}
+            assert got[1].info == {"client": alice.client_id, "user": USER}
+
+        clients = await bob.presence("sdk:lobby")
+        assert [c["client"] for c in clients] == [alice.client_id, bob.client_id]
+        history = await bob.history("sdk:lobby", limit=1)
+        assert [p.offset for p in history] == [second]
+        await bob.ping()
+
+        with pytest.raises(ServerError) as caught:
+            await bob.publish("not a channel", 1)
+        assert caught.value.code == "bad_channel"
+
+        await bobs.unsubscribe()
+        left = await asyncio.wait_for(anext(lobby), TIMEOUT)
+        assert left == Presence("sdk:lobby", "leave", {"client": bob.client_id, "user": None})
+        assert [item async for item in bobs] == []  # an unsubscribed iterator ends
+
+
+async def test_bad_token_is_refused_without_retrying(api_server: RoomcastServer) -> None:
+    with pytest.raises(Disconnected, match="403"):
+        async with roomcast.connect(api_server.url("/ws"), token="wrong", **FAST):
+            pass
+
+
+async def test_disconnect_through_the_api_ends_the_client(api_server: RoomcastServer) -> None:
+    async with roomcast.connect(api_server.url("/ws"), token=GOOD_TOKEN, **FAST) as client:
+        sub = await client.subscribe("sdk:kick")
+        async with httpx.AsyncClient(base_url=api_server.http_url, timeout=TIMEOUT) as http:
+            reply = await http.post(
+                "/api/disconnect", json={"user": USER}, headers={"X-API-Key": API_KEY}
+            )
+        assert reply.json()["disconnected"] >= 1
+        with pytest.raises(Disconnected, match="4001"):
+            await asyncio.wait_for(anext(sub), TIMEOUT)
+        assert client.state == "closed"
+        assert client.connections == 1  # it did not come back
+
+
+async def test_recovers_through_dropped_connections(api_server: RoomcastServer) -> None:
+    """The network fails three times; publications made meanwhile arrive once each, in order."""
+    async with TcpProxy(api_server.port) as proxy:
+        async with roomcast.connect(f"ws://127.0.0.1:{proxy.port}/ws", **FAST) as client:
+            sub = await client.subscribe("sdk:flaky")
+            sent: list[int] = []
+            for round_ in range(3):
+                for i in range(10):
+                    sent.append(await api_publish(api_server.http_url, "sdk:flaky", [round_, i]))
+                proxy.down = True
+                proxy.cut()
+                # Published while the client cannot connect: only recovery can deliver these.
+                for i in range(10, 20):
+                    sent.append(await api_publish(api_server.http_url, "sdk:flaky", [round_, i]))
+                proxy.down = False
+            got = await take(sub, len(sent))
+            assert [p.offset for p in got] == sent == list(range(1, 61))
+            assert [p.data for p in got] == [[r, i] for r in range(3) for i in range(20)]
+            assert client.connections == 4
+            assert sub.recoveries == 3 and sub.gaps == 0
+            # Nothing more is pending: the next one is the next publication, not a duplicate.
+            after = await api_publish(api_server.http_url, "sdk:flaky", "last")
+            assert [p.offset for p in await take(sub, 1)] == [after]
+
+
+async def test_reconnects_through_a_server_restart(
+    tmp_path: Path, server_factory: ServerFactory
+) -> None:
+    """The memory broker's history dies with the process: the client gets all of the new one."""
+    first = server_factory(env=API_ENV)
+    port = first.port
+    async with roomcast.connect(first.url("/ws"), **FAST) as client:
+        sub = await client.subscribe("sdk:restart")
+        before = [await api_publish(first.http_url, "sdk:restart", f"a{i}") for i in range(20)]
+        assert [p.data for p in await take(sub, 20)] == [f"a{i}" for i in range(20)]
+        assert before == list(range(1, 21))
+
+        await asyncio.to_thread(first.stop)
+        second = RoomcastServer(tmp_path / "second", env=API_ENV, port=port)
+        await asyncio.to_thread(second.start)
+        try:
+            # Published on the new server, maybe before the client is back: it must get them.
+            during = [await api_publish(second.http_url, "sdk:restart", f"b{i}") for i in range(5)]
+            await async_wait_until(lambda: client.connections == 2, what="the reconnect")
+            after = [await api_publish(second.http_url, "sdk:restart", f"c{i}") for i in range(5)]
+            got = await take(sub, 10)
+            assert [p.offset for p in got] == during + after == list(range(1, 11))
+            assert [p.data for p in got] == [f"b{i}" for i in range(5)] + [
+                f"c{i}" for i in range(5)
+            ]
+            assert sub.gaps == 1  # a new epoch: what the old server held is gone, and it says so
+        finally:
+            await asyncio.to_thread(second.stop)
+        second.assert_no_traceback()
+
+
+async def test_cut_for_reading_slowly_then_recovers(server_factory: ServerFactory) -> None:
+    """An application that stops reading gets its connection cut (4008), then catches up."""
+    env = {
+        **API_ENV,
+        "ROOMCAST_OUTBOX_SIZE": "64",
+        "ROOMCAST_HISTORY_SIZE": "64",
+    }
+    srv = server_factory(env=env)
+    payload = "x" * 16_000
+    async with roomcast.connect(srv.url("/ws"), max_queue=8, **FAST) as client:
+        sub = await client.subscribe("sdk:slow")
+        # Nobody reads `sub`: the client's queue fills, it stops reading the socket, the kernel
+        # buffers fill, then the server's outbox; the server cuts it.
+        total = 0
+        async with httpx.AsyncClient(base_url=srv.http_url, timeout=TIMEOUT) as http:
+            for _ in range(2000):
+                reply = await http.post(
+                    "/api/publish",
+                    json={"channel": "sdk:slow", "data": payload},
+                    headers={"X-API-Key": API_KEY},
+                )
+                total = reply.json()["offset"]
+                if "cut 4008" in srv.log():
+                    break
+        assert "cut 4008" in srv.log(), "the server never cut the slow reader"
+        # Now read everything: offsets strictly increase (no duplicate), and every publication
+        # the history still holds (the last 64) is there.
+        seen: list[int] = []
+        async with asyncio.timeout(4 * TIMEOUT):
+            while not seen or seen[-1] < total:
+                item = await anext(sub)
+                assert isinstance(item, Publication)
+                seen.append(item.offset)
+        assert seen == sorted(set(seen))
+        assert set(range(total - 63, total + 1)) <= set(seen)
+        assert client.connections >= 2
+
+
+async def test_requests_wait_for_the_reconnect(api_server: RoomcastServer) -> None:
+    async with TcpProxy(api_server.port) as proxy:
+        async with roomcast.connect(f"ws://127.0.0.1:{proxy.port}/ws", **FAST) as client:
+            proxy.down = True
+            proxy.cut()
+            await async_wait_until(lambda: client.state == "reconnecting", what="the drop")
+            publish = asyncio.ensure_future(client.publish("sdk:wait", "queued"))
+            await asyncio.sleep(0.2)
+            assert not publish.done()
+            proxy.down = False
+            offset = await asyncio.wait_for(publish, 4 * TIMEOUT)
+            history = await client.history("sdk:wait")
+            assert [(p.offset, p.data) for p in history] == [(offset, "queued")]
