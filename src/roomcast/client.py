@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -230,13 +231,17 @@ class Client:
                     attempt += 1
                     await asyncio.sleep(self._backoff(attempt))
                     continue
-                attempt = 0
+                opened = time.monotonic()
                 code = await self._serve(ws)
                 if code in TERMINAL_CLOSE_CODES:
                     self._stop(Disconnected(f"closed by the server with code {code}"))
                     return
                 self.state = "reconnecting"
-                await asyncio.sleep(self._backoff(1))
+                # A connection that lasted counts as a success; one closed at once (a server
+                # that keeps cutting us) backs off further each time, like a failed attempt.
+                lasted = time.monotonic() - opened
+                attempt = 1 if lasted > max(5.0, self.backoff_max) else attempt + 1
+                await asyncio.sleep(self._backoff(attempt))
         except Disconnected as error:
             self._stop(error)
 

@@ -92,12 +92,16 @@ class Member:
         write = self._write_frame
         return write is not None and not self._outbox and not self._busy and write(frame)
 
-    def push(self, item: Item) -> bool:
-        """Queue an item for this member; ``False`` if the outbox is full."""
+    def push(self, item: Item, *, force: bool = False) -> bool:
+        """Queue an item for this member; ``False`` if the outbox is full.
+
+        ``force`` queues it even past the limit: for a burst the server itself bounds, such as
+        a recovery's replay (at most the history size), not for anything a peer can repeat.
+        """
         if self.conn.closed:
             return True  # the peer is gone: drop it; the member's handler is leaving
         outbox = self._outbox
-        if len(outbox) >= self.limit:
+        if len(outbox) >= self.limit and not force:
             return False
         outbox.append(item)
         self._wake()

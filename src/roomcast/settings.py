@@ -120,12 +120,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _limits_fit(self) -> Settings:
-        if self.history_size > self.outbox_size:
-            # A recovery replays up to history_size frames at once into the outbox.
-            raise ConfigurationError(
-                f"history_size ({self.history_size}) must not exceed outbox_size "
-                f"({self.outbox_size}): a recovery replays the whole history into the outbox"
-            )
         if self.max_publication_size + 1024 > self.max_message_size:
             raise ConfigurationError(
                 f"max_publication_size ({self.max_publication_size}) must leave room for the "
