@@ -125,28 +125,30 @@ async def test_disconnect_through_the_api_ends_the_client(api_server: RoomcastSe
 
 async def test_recovers_through_dropped_connections(api_server: RoomcastServer) -> None:
     """The network fails three times; publications made meanwhile arrive once each, in order."""
-    async with TcpProxy(api_server.port) as proxy:
-        async with roomcast.connect(f"ws://127.0.0.1:{proxy.port}/ws", **FAST) as client:
-            sub = await client.subscribe("sdk:flaky")
-            sent: list[int] = []
-            for round_ in range(3):
-                for i in range(10):
-                    sent.append(await api_publish(api_server.http_url, "sdk:flaky", [round_, i]))
-                proxy.down = True
-                proxy.cut()
-                # Published while the client cannot connect: only recovery can deliver these.
-                for i in range(10, 20):
-                    sent.append(await api_publish(api_server.http_url, "sdk:flaky", [round_, i]))
-                proxy.down = False
-            got = await take(sub, len(sent))
-            assert [p.offset for p in got] == sent == list(range(1, 61))
-            assert [p.data for p in got] == [[r, i] for r in range(3) for i in range(20)]
-            assert client.connections == 4
-            assert sub.recoveries == 3
-            assert sub.gaps == 0
-            # Nothing more is pending: the next one is the next publication, not a duplicate.
-            after = await api_publish(api_server.http_url, "sdk:flaky", "last")
-            assert [p.offset for p in await take(sub, 1)] == [after]
+    async with (
+        TcpProxy(api_server.port) as proxy,
+        roomcast.connect(f"ws://127.0.0.1:{proxy.port}/ws", **FAST) as client,
+    ):
+        sub = await client.subscribe("sdk:flaky")
+        sent: list[int] = []
+        for round_ in range(3):
+            for i in range(10):
+                sent.append(await api_publish(api_server.http_url, "sdk:flaky", [round_, i]))
+            proxy.down = True
+            proxy.cut()
+            # Published while the client cannot connect: only recovery can deliver these.
+            for i in range(10, 20):
+                sent.append(await api_publish(api_server.http_url, "sdk:flaky", [round_, i]))
+            proxy.down = False
+        got = await take(sub, len(sent))
+        assert [p.offset for p in got] == sent == list(range(1, 61))
+        assert [p.data for p in got] == [[r, i] for r in range(3) for i in range(20)]
+        assert client.connections == 4
+        assert sub.recoveries == 3
+        assert sub.gaps == 0
+        # Nothing more is pending: the next one is the next publication, not a duplicate.
+        after = await api_publish(api_server.http_url, "sdk:flaky", "last")
+        assert [p.offset for p in await take(sub, 1)] == [after]
 
 
 async def test_reconnects_through_a_server_restart(
@@ -227,15 +229,17 @@ async def test_cut_for_reading_slowly_then_recovers(server_factory: ServerFactor
 
 
 async def test_requests_wait_for_the_reconnect(api_server: RoomcastServer) -> None:
-    async with TcpProxy(api_server.port) as proxy:
-        async with roomcast.connect(f"ws://127.0.0.1:{proxy.port}/ws", **FAST) as client:
-            proxy.down = True
-            proxy.cut()
-            await async_wait_until(lambda: client.state == "reconnecting", what="the drop")
-            publish = asyncio.ensure_future(client.publish("sdk:wait", "queued"))
-            await asyncio.sleep(0.2)
-            assert not publish.done()
-            proxy.down = False
-            offset = await asyncio.wait_for(publish, 4 * TIMEOUT)
-            history = await client.history("sdk:wait")
-            assert [(p.offset, p.data) for p in history] == [(offset, "queued")]
+    async with (
+        TcpProxy(api_server.port) as proxy,
+        roomcast.connect(f"ws://127.0.0.1:{proxy.port}/ws", **FAST) as client,
+    ):
+        proxy.down = True
+        proxy.cut()
+        await async_wait_until(lambda: client.state == "reconnecting", what="the drop")
+        publish = asyncio.ensure_future(client.publish("sdk:wait", "queued"))
+        await asyncio.sleep(0.2)
+        assert not publish.done()
+        proxy.down = False
+        offset = await asyncio.wait_for(publish, 4 * TIMEOUT)
+        history = await client.history("sdk:wait")
+        assert [(p.offset, p.data) for p in history] == [(offset, "queued")]
