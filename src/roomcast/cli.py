@@ -54,7 +54,20 @@ def serve(
     ] = None,
     outbox_size: Annotated[
         int | None,
-        _opt("OUTBOX_SIZE", "Messages queued per chat member before it is cut (default 1024)."),
+        _opt("OUTBOX_SIZE", "Frames queued per connection before it is cut (default 1024)."),
+    ] = None,
+    history_size: Annotated[
+        int | None, _opt("HISTORY_SIZE", "/ws: publications kept per channel (default 256).")
+    ] = None,
+    history_ttl: Annotated[
+        float | None, _opt("HISTORY_TTL", "/ws: seconds a publication is kept (default 3600).")
+    ] = None,
+    max_subscriptions: Annotated[
+        int | None,
+        _opt("MAX_SUBSCRIPTIONS", "/ws: subscriptions per connection (default 128)."),
+    ] = None,
+    api_key: Annotated[
+        str | None, _opt("API_KEY", "Turns the HTTP API (/api) on; clients send it as Bearer.")
     ] = None,
     ping_interval: Annotated[
         float | None, _opt("PING_INTERVAL", "Seconds between pings, 0 = off (default 20).")
@@ -91,6 +104,10 @@ def serve(
         "broker_url": broker,
         "max_message_size": max_message_size,
         "outbox_size": outbox_size,
+        "history_size": history_size,
+        "history_ttl": history_ttl,
+        "max_subscriptions": max_subscriptions,
+        "api_key": api_key,
         "ping_interval": ping_interval,
         "ping_timeout": ping_timeout,
         "drain_timeout": drain_timeout,

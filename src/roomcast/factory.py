@@ -51,6 +51,11 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
                 cfg.broker_url,
                 base,
             )
+        if runtime.announce:
+            logger.info(
+                "/ws channels on; HTTP API %s",
+                "on at /api (ROOMCAST_API_KEY set)" if cfg.api_key else "off (no ROOMCAST_API_KEY)",
+            )
         await runtime.node.start()
         try:
             yield
