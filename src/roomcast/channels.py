@@ -342,7 +342,11 @@ class Node:
         """``body["data"]`` as JSON, checked against the publication size limit."""
         if "data" not in body:
             raise RequestError(ErrorCode.BAD_REQUEST, "'data' is required", request_id)
-        data = orjson.dumps(body["data"])
+        try:
+            data = orjson.dumps(body["data"])
+        except orjson.JSONEncodeError as error:
+            # Only from the HTTP API, whose JSON parser takes integers of any size.
+            raise RequestError(ErrorCode.BAD_REQUEST, f"data: {error}", request_id) from None
         limit = self.settings.max_publication_size
         if len(data) > limit:
             raise RequestError(
