@@ -1,0 +1,188 @@
+"""Unit tests of the /ws wire format and the memory broker (no sockets, a fake clock)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from roomcast.brokers.memory import MemoryBroker
+from roomcast.protocol import (
+    ErrorCode,
+    RequestError,
+    channel_pattern,
+    error_reply,
+    event_frame,
+    history_result,
+    ok_reply,
+    parse_request,
+    publication_frame,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.publications: list[tuple[str, int, bytes]] = []
+        self.events: list[tuple[str, bytes, str]] = []
+
+    def on_publication(self, channel: str, offset: int, frame: bytes) -> None:
+        self.publications.append((channel, offset, frame))
+
+    def on_event(self, channel: str, frame: bytes, client: str) -> None:
+        self.events.append((channel, frame, client))
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "request_id"),
+    [
+        (b"binary", ErrorCode.BAD_REQUEST, None),
+        ("{", ErrorCode.BAD_REQUEST, None),
+        ("[1]", ErrorCode.BAD_REQUEST, None),
+        ('{"op": "ping"}', ErrorCode.BAD_REQUEST, None),
+        ('{"id": true, "op": "ping"}', ErrorCode.BAD_REQUEST, None),
+        ('{"id": 1.5, "op": "ping"}', ErrorCode.BAD_REQUEST, None),
+        ('{"id": "", "op": "ping"}', ErrorCode.BAD_REQUEST, None),
+        ('{"id": "' + "x" * 65 + '", "op": "ping"}', ErrorCode.BAD_REQUEST, None),
+        ('{"id": 7}', ErrorCode.BAD_REQUEST, 7),
+        ('{"id": 7, "op": 3}', ErrorCode.BAD_REQUEST, 7),
+        ('{"id": "a", "op": "nope"}', ErrorCode.UNKNOWN_OP, "a"),
+    ],
+)
+def test_unreadable_requests(frame: str | bytes, code: ErrorCode, request_id: object) -> None:
+    with pytest.raises(RequestError) as caught:
+        parse_request(frame)
+    assert caught.value.code is code
+    assert caught.value.request_id == request_id
+
+
+def test_field_readers() -> None:
+    request = parse_request('{"id": 1, "op": "history", "limit": true, "since": 3}')
+    assert request.integer("since", low=0) == 3
+    assert request.integer("before", low=0) is None
+    with pytest.raises(RequestError, match="'limit' must be an integer"):
+        request.integer("limit", low=1, high=10)
+    with pytest.raises(RequestError, match=r"'since' must be an integer 4\.\.9"):
+        request.integer("since", low=4, high=9)
+
+
+@given(st.text(max_size=200))
+def test_channel_names(name: str) -> None:
+    allowed = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.:@=")
+    expected = 1 <= len(name) <= 128 and set(name) <= allowed
+    assert (channel_pattern(128).fullmatch(name) is not None) == expected
+
+
+@given(
+    st.text(alphabet="abc:", min_size=1, max_size=10),
+    st.integers(min_value=1, max_value=2**53),
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+        max_leaves=10,
+    ),
+)
+def test_frames_are_the_json_they_claim(channel: str, offset: int, data: object) -> None:
+    info = orjson.dumps({"client": "c1", "user": None})
+    frame = publication_frame(channel, offset, orjson.dumps(data), info)
+    assert orjson.loads(frame) == {
+        "type": "publication",
+        "channel": channel,
+        "offset": offset,
+        "data": data,
+        "info": {"client": "c1", "user": None},
+    }
+    assert orjson.loads(ok_reply(offset, history_result("e", 3, 2, [frame, frame]))) == {
+        "id": offset,
+        "ok": True,
+        "result": {
+            "epoch": "e",
+            "offset": 3,
+            "start": 2,
+            "publications": [orjson.loads(frame)] * 2,
+        },
+    }
+    assert orjson.loads(event_frame("join", channel, info))["channel"] == channel
+    assert orjson.loads(error_reply(None, ErrorCode.INTERNAL, "x"))["error"]["code"] == "internal"
+
+
+def _broker(size: int = 5, ttl: float = 60.0, channels: int = 100) -> tuple[MemoryBroker, Clock]:
+    clock = Clock()
+    broker = MemoryBroker(
+        history_size=size, history_ttl=ttl, history_channels=channels, clock=clock
+    )
+    return broker, clock
+
+
+def test_history_size_and_paging() -> None:
+    async def scenario() -> None:
+        broker, _ = _broker(size=5)
+        sink = Recorder()
+        await broker.start(sink)
+        try:
+            for i in range(8):
+                position = await broker.publish("c", orjson.dumps(i), b"null")
+                assert position.offset == i + 1
+            assert [offset for _, offset, _ in sink.publications] == list(range(1, 9))
+            page = await broker.history("c", limit=100)
+            assert (page.offset, page.start) == (8, 4)
+            assert [offset for offset, _ in page.publications] == [4, 5, 6, 7, 8]
+            page = await broker.history("c", since=5, limit=100)
+            assert [offset for offset, _ in page.publications] == [6, 7, 8]
+            page = await broker.history("c", since=0, limit=2)
+            assert [offset for offset, _ in page.publications] == [4, 5]
+            page = await broker.history("c", before=7, limit=2)
+            assert [offset for offset, _ in page.publications] == [5, 6]
+            page = await broker.history("c", before=4, limit=2)
+            assert page.publications == []
+            page = await broker.history("c", since=8, limit=2)
+            assert page.publications == []
+        finally:
+            await broker.close()
+
+    asyncio.run(scenario())
+
+
+def test_ttl_and_idle_streams() -> None:
+    async def scenario() -> None:
+        broker, clock = _broker(size=5, ttl=10)
+        first = await broker.publish("c", b"1", b"null")
+        clock.now += 6
+        await broker.publish("c", b"2", b"null")
+        clock.now += 6
+        page = await broker.history("c", limit=10)
+        assert [offset for offset, _ in page.publications] == [2]
+        clock.now += 20
+        broker.sweep()
+        # Idle past the TTL with nothing left and nobody subscribed: a new epoch begins.
+        position = await broker.position("c")
+        assert position.epoch != first.epoch
+        assert position.offset == 0
+
+    asyncio.run(scenario())
+
+
+def test_channel_bound_spares_channels_in_use() -> None:
+    async def scenario() -> None:
+        broker, _ = _broker(channels=3)
+        await broker.presence_add("kept", "c1", {"client": "c1"})
+        kept = await broker.publish("kept", b"1", b"null")
+        for name in ("a", "b", "c", "d"):
+            await broker.publish(name, b"1", b"null")
+        assert (await broker.position("kept")) == kept  # still there: it has a subscriber
+        assert (await broker.position("a")).offset == 0  # evicted: started again
+        assert await broker.channels() == {"kept": 1}
+        await broker.presence_remove("kept", "c1")
+        assert await broker.channels() == {}
+
+    asyncio.run(scenario())
