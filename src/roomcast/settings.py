@@ -118,15 +118,6 @@ class Settings(BaseSettings):
             )
         return self
 
-    @model_validator(mode="after")
-    def _limits_fit(self) -> Settings:
-        if self.max_publication_size + 1024 > self.max_message_size:
-            raise ConfigurationError(
-                f"max_publication_size ({self.max_publication_size}) must leave room for the "
-                f"request around it within max_message_size ({self.max_message_size})"
-            )
-        return self
-
     @property
     def broker_scheme(self) -> str:
         """The scheme of :attr:`broker_url`, e.g. ``memory``."""
