@@ -40,6 +40,7 @@ from roomcast.protocol import (
     error_reply,
     event_frame,
     history_result,
+    lossy_numbers,
     ok_reply,
     parse_request,
     utc_now,
@@ -156,8 +157,7 @@ class Node:
         """The connection ended: drop its subscriptions, presence and writer."""
         self.clients.pop(client.id, None)
         client.member.active = False
-        for channel in list(client.subscriptions):
-            await self._drop(client, channel, notify=notify)
+        await self._drop_all(client, notify=notify)
         writer = client.member.stop()
         if writer is not None:
             try:
@@ -179,8 +179,11 @@ class Node:
             member.limit,
         )
         member.close_after_current(
-            f"too slow: more than {member.limit} frames unread", CloseCode.SLOW
+            f"too slow: more than {member.limit} frames unread",
+            CloseCode.SLOW,
+            grace=self.settings.close_timeout,
         )
+        self._leave_all(client)
 
     def disconnect_user(self, user: str) -> int:
         """Close every local connection of ``user`` with 4001; returns how many."""
@@ -189,8 +192,11 @@ class Node:
             if client.user == user and client.member.active:
                 logger.info("conn=%s /ws disconnected through the API", client.id)
                 client.member.close_after_current(
-                    "disconnected by the server", CloseCode.DISCONNECTED
+                    "disconnected by the server",
+                    CloseCode.DISCONNECTED,
+                    grace=self.settings.close_timeout,
                 )
+                self._leave_all(client)
                 closed += 1
         return closed
 
@@ -318,6 +324,28 @@ class Node:
         await self._drop(client, channel, notify=True)
         return EMPTY, None
 
+    def _leave_all(self, client: Client) -> None:
+        """A client being closed by the server leaves its channels now, not when it is gone.
+
+        Its close may take until the close timeout (a peer that does not read); meanwhile it
+        must not appear in presence nor receive publications.
+        """
+        if not client.subscriptions:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._drop_all(client), name=f"roomcast-leave-{client.id}"
+        )
+        self._writers.add(task)
+        task.add_done_callback(self._writers.discard)
+
+    async def _drop_all(self, client: Client, *, notify: bool = True) -> None:
+        for channel in list(client.subscriptions):
+            try:
+                await self._drop(client, channel, notify=notify)
+            except BrokerUnavailable:
+                # The broker forgets the entry by itself (presence entries expire).
+                logger.info("conn=%s /ws broker unavailable while leaving %s", client.id, channel)
+
     async def _drop(self, client: Client, channel: str, *, notify: bool) -> None:
         """End ``client``'s subscription to ``channel`` here and in the broker."""
         if client.subscriptions.pop(channel, None) is None:
@@ -334,6 +362,12 @@ class Node:
 
     async def _publish(self, client: Client, request: Request) -> Outcome:
         channel = self._channel(request)
+        if lossy_numbers(request.text, request.body.get("data")):
+            raise RequestError(
+                ErrorCode.BAD_REQUEST,
+                "data: integers must fit in 64 bits (send larger ones as strings)",
+                request.id,
+            )
         data = self.encode_data(request.body, request.id)
         position = await self.broker.publish(channel, data, client.info)
         return orjson.dumps({"epoch": position.epoch, "offset": position.offset}), None

@@ -107,7 +107,13 @@ class Member:
         self._wake()
         return True
 
-    def close_after_current(self, reason: str, code: CloseCode = CloseCode.TRY_AGAIN_LATER) -> None:
+    def close_after_current(
+        self,
+        reason: str,
+        code: CloseCode = CloseCode.TRY_AGAIN_LATER,
+        *,
+        grace: float | None = None,
+    ) -> None:
         """Drop the outbox and have the writer close with ``code`` once its current send is done."""
         self.active = False
         self._close_reason = reason
@@ -115,6 +121,23 @@ class Member:
         self._outbox.clear()
         self._outbox.append(_CLOSE)
         self._wake()
+        if grace is not None:
+            # The writer is stuck on a peer that does not read: give it `grace` seconds, then
+            # stop waiting and close over the top of the unfinished send.
+            asyncio.get_running_loop().call_later(grace, self._force_close)
+
+    def _force_close(self) -> None:
+        if self.conn.closed:
+            return
+        writer = self._writer
+        if writer is not None:
+            writer.cancel()
+        closer = asyncio.get_running_loop().create_task(
+            self.conn.close(self._close_code, self._close_reason),
+            name=f"roomcast-closer-{self.conn.id}",
+        )
+        self._writers.add(closer)
+        closer.add_done_callback(self._writers.discard)
 
     def _wake(self) -> None:
         wakeup = self._wakeup
@@ -192,8 +215,10 @@ class Room:
 class Hub:
     """Rooms of one process; every method is synchronous except :meth:`stop`."""
 
-    def __init__(self, outbox_size: int) -> None:
+    def __init__(self, outbox_size: int, close_timeout: float = 5.0) -> None:
         self.outbox_size = outbox_size
+        #: Seconds a cut member's writer may stay stuck on its current send before the close.
+        self.close_timeout = close_timeout
         self._rooms: dict[str, Room] = {}
         self._writers: set[asyncio.Task[None]] = set()
         self._departures: deque[tuple[str, str]] = deque()
@@ -251,7 +276,9 @@ class Hub:
             CloseCode.TRY_AGAIN_LATER,
             member.limit,
         )
-        member.close_after_current(f"too slow: more than {member.limit} messages unread")
+        member.close_after_current(
+            f"too slow: more than {member.limit} messages unread", grace=self.close_timeout
+        )
         self._remove(member, notify=True)
 
     def _remove(self, member: Member, notify: bool) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "error_reply",
     "event_frame",
     "history_result",
+    "lossy_numbers",
     "ok_reply",
     "parse_request",
     "publication_frame",
@@ -72,6 +73,8 @@ class Request:
     id: int | str
     op: str
     body: dict[str, Any]
+    #: The frame as received.
+    text: str
 
     # -- field readers: each raises RequestError(bad_request) naming the field --------------
 
@@ -139,7 +142,33 @@ def parse_request(frame: str | bytes) -> Request:
             f"unknown op {op[:64]!r}; expected one of {', '.join(OPS)}",
             request_id,
         )
-    return Request(request_id, op, body)
+    return Request(request_id, op, body, frame)
+
+
+#: 19 digits in a row: the shortest integer literal that may not fit in 64 bits.
+_LONG_NUMBER = re.compile(r"\d{19}")
+
+
+def lossy_numbers(text: str, value: object) -> bool:
+    """Whether parsing ``text`` into ``value`` turned an integer beyond 64 bits into a float.
+
+    orjson reads such integers as floats, silently; ``data`` must be delivered as sent, so the
+    server refuses them instead. The scan for a long run of digits keeps this off the common
+    path; only then is ``value`` walked.
+    """
+    if _LONG_NUMBER.search(text) is None:
+        return False
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is float:
+            if item.is_integer() and abs(item) >= 2.0**63:
+                return True
+        elif type(item) is list:
+            stack.extend(item)
+        elif type(item) is dict:
+            stack.extend(item.values())
+    return False
 
 
 def channel_pattern(max_length: int) -> re.Pattern[str]:

@@ -60,7 +60,9 @@ class Runtime:
     announce: bool = False
 
     def __post_init__(self) -> None:
-        self.hub = Hub(outbox_size=self.settings.outbox_size)
+        self.hub = Hub(
+            outbox_size=self.settings.outbox_size, close_timeout=self.settings.close_timeout
+        )
         self.broker = from_settings(self.settings)
         self.node = Node(self.settings, self.broker)
         self.tokens = TokenTable(self.settings.tokens)

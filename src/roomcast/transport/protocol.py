@@ -344,9 +344,11 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
 
     async def send(self, message: dict[str, Any]) -> None:
         """ASGI send."""
-        if not self._writable and self._state == _OPEN:
-            await self._wait_writable()
         kind = message["type"]
+        # A close does not wait for the peer to read what is queued: its close timer bounds
+        # it, and a peer that stopped reading must not keep its connection open forever.
+        if not self._writable and self._state == _OPEN and kind != "websocket.close":
+            await self._wait_writable()
         state = self._state
         if state == _OPEN:
             if kind == "websocket.send":
