@@ -117,6 +117,9 @@ class Node:
         self.clients: dict[str, Client] = {}
         #: channel -> client id -> subscription, for the channels with a local subscriber.
         self.local: dict[str, dict[str, Subscription]] = {}
+        #: The epoch of each channel in ``local``, as the broker last said.
+        self.epochs: dict[str, str] = {}
+        self._resync: asyncio.Task[None] | None = None
         self._writers: set[asyncio.Task[None]] = set()
         self.channel_name = channel_pattern(settings.channel_max_length)
         self.channel_rule = channel_rule(settings.channel_max_length)
@@ -132,9 +135,12 @@ class Node:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.broker.on_control(self._command)
         await self.broker.start(self)
 
     async def stop(self) -> None:
+        if self._resync is not None:
+            self._resync.cancel()
         writers = list(self._writers)
         for writer in writers:
             writer.cancel()
@@ -185,7 +191,22 @@ class Node:
         )
         self._leave_all(client)
 
-    def disconnect_user(self, user: str) -> int:
+    async def disconnect_user(self, user: str) -> int:
+        """Close every connection of ``user``, on every node, with 4001.
+
+        Returns how many this node closed (the others act on the same command).
+        """
+        if not self.broker.shared:
+            return self._disconnect_user(user)
+        closed = self._disconnect_user(user)
+        await self.broker.command("D", user)
+        return closed
+
+    def _command(self, command: str, argument: str) -> None:
+        if command == "D":
+            self._disconnect_user(argument)
+
+    def _disconnect_user(self, user: str) -> int:
         """Close every local connection of ``user`` with 4001; returns how many."""
         closed = 0
         for client in list(self.clients.values()):
@@ -271,6 +292,7 @@ class Node:
             if recover_offset is None:
                 position = await self.broker.position(channel)
                 epoch, top = position.epoch, position.offset
+                self.epochs[channel] = epoch
                 result = orjson.dumps({"epoch": epoch, "offset": top})
                 subscription.offset = top
             else:
@@ -291,6 +313,7 @@ class Node:
                     )
                     replay = [frame for _, frame in page.publications]
                 epoch, top = page.epoch, page.offset
+                self.epochs[channel] = epoch
                 result = orjson.dumps(
                     {"epoch": epoch, "offset": top, "recovered": recovered, "replayed": len(replay)}
                 )
@@ -355,6 +378,7 @@ class Node:
             subscribers.pop(client.id, None)
             if not subscribers:
                 del self.local[channel]
+                self.epochs.pop(channel, None)
                 await self.broker.unsubscribe(channel)
         await self.broker.presence_remove(channel, client.id)
         if notify:
@@ -462,6 +486,58 @@ class Node:
                 and subscription.client.id != client
             ):
                 subscription.client.send(frame)
+
+    def on_reset(self, channel: str) -> None:
+        """The channel's stream began again: its subscribers' offsets mean nothing now.
+
+        They are closed with 1012 so that they reconnect and subscribe with ``recover``: the
+        reply then says ``recovered: false`` and replays what the new stream holds.
+        """
+        for subscription in list(self.local.get(channel, {}).values()):
+            self._restart(subscription.client, f"the history of {channel} was reset")
+
+    def _restart(self, client: Client, reason: str) -> None:
+        member = client.member
+        if not member.active:
+            return
+        logger.info("conn=%s /ws closed %d: %s", client.id, CloseCode.SERVICE_RESTART, reason)
+        member.close_after_current(
+            reason, CloseCode.SERVICE_RESTART, grace=self.settings.close_timeout
+        )
+        self._leave_all(client)
+
+    def on_reconnect(self) -> None:
+        """The broker is back: deliver what was published while this node could not hear."""
+        if self._resync is None or self._resync.done():
+            self._resync = asyncio.get_running_loop().create_task(
+                self._catch_up(), name="roomcast-resync"
+            )
+
+    async def _catch_up(self) -> None:
+        limit = max(1, self.settings.history_size)
+        for channel in list(self.local):
+            subscribers = self.local.get(channel)
+            if not subscribers:
+                continue
+            live = [s for s in subscribers.values() if s.pending is None]
+            if not live:
+                continue
+            since = min(s.offset for s in live)
+            try:
+                page = await self.broker.history(channel, since=since, limit=limit)
+            except BrokerUnavailable:
+                return  # down again: the next reconnect starts over
+            if page.epoch != self.epochs.get(channel):
+                self.on_reset(channel)
+                continue
+            # Subscribers the history no longer covers must recover for themselves.
+            for subscription in live:
+                if subscription.offset < page.start - 1:
+                    self._restart(
+                        subscription.client, "missed publications while the broker was down"
+                    )
+            for offset, frame in page.publications:
+                self.on_publication(channel, offset, frame)
 
     def stats(self) -> dict[str, int]:
         """Counts for ``/stats``."""

@@ -136,6 +136,10 @@ def run(settings: Settings) -> None:
     """Serve ``settings`` with uvicorn until SIGTERM/SIGINT, then exit 0 after draining."""
     import uvicorn
 
+    if settings.workers > 1:
+        _run_workers(settings)
+        return
+
     from roomcast.factory import create_app
     from roomcast.logs import logging_config
     from roomcast.transport import protocol_class
@@ -169,6 +173,50 @@ def run(settings: Settings) -> None:
     server.run()
     if not server.started:
         sys.exit(1)
+
+
+def _run_workers(settings: Settings) -> None:
+    """Several worker processes on one socket (uvicorn's supervisor); they share the broker."""
+    import logging
+    import logging.config
+
+    import uvicorn
+
+    from roomcast.logs import logging_config
+    from roomcast.runtime import GENERATED_TOKEN_USER
+    from roomcast.workers import export_settings
+
+    generated = export_settings(settings, GENERATED_TOKEN_USER)
+    log_config = logging_config(settings.log_level)
+    logging.config.dictConfig(log_config)
+    logger = logging.getLogger("roomcast.app")
+    if generated is not None:
+        logger.warning(
+            "no ROOMCAST_TOKENS configured; generated token for /ws/secure: %s", generated
+        )
+    logger.info(
+        "roomcast listening on ws://%s:%d with %d workers (broker %s)",
+        settings.host,
+        settings.port,
+        settings.workers,
+        settings.broker_display,
+    )
+    uvicorn.run(
+        "roomcast.app:app",
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        http="roomcast.workers:HttpProtocol",
+        ws="roomcast.workers:WebSocketProtocol" if settings.ws == "roomcast" else settings.ws,
+        ws_max_size=settings.max_message_size,
+        ws_ping_interval=settings.ping_interval or None,
+        ws_ping_timeout=settings.ping_timeout,
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
+        log_level=settings.log_level,
+        log_config=log_config,
+        access_log=settings.access_log,
+        server_header=False,
+    )
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
                 "roomcast %s listening on %s (broker %s); try: python -m websockets %s/ws/echo",
                 __version__,
                 base,
-                cfg.broker_url,
+                cfg.broker_display,
                 base,
             )
         if runtime.announce:

@@ -223,6 +223,9 @@ class Hub:
         self._writers: set[asyncio.Task[None]] = set()
         self._departures: deque[tuple[str, str]] = deque()
         self._telling = False
+        #: With a shared broker, leave notices go to every node through this (room, text)
+        #: callback instead of straight to the local members.
+        self.relay: Callable[[str, str], None] | None = None
 
     def join(self, conn: Connection, room: str, leave_notice: str | None = None) -> Member:
         """Add ``conn`` to ``room`` (created on first join) and start its writer."""
@@ -298,8 +301,13 @@ class Hub:
             return
         self._telling = True
         try:
+            relay = self.relay
             while self._departures:
-                self._fan_out(*self._departures.popleft())
+                room, text = self._departures.popleft()
+                if relay is not None:
+                    relay(room, text)
+                else:
+                    self._fan_out(room, text)
         finally:
             self._telling = False
 
@@ -328,6 +336,10 @@ class Hub:
             "chat_members": sum(len(room.members) for room in self._rooms.values()),
             "writer_tasks": len(self._writers),
         }
+
+    def has_room(self, room: str) -> bool:
+        """Whether ``room`` has a local member."""
+        return room in self._rooms
 
     def members(self, room: str) -> list[Member]:
         """The members of ``room`` in join order (empty for an unknown room)."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import secrets
 from dataclasses import dataclass, field
 
-from roomcast.brokers import Broker, from_settings
+from roomcast.brokers import Broker, BrokerUnavailable, from_settings
 from roomcast.channels import Node
 from roomcast.connection import Connection
 from roomcast.hub import Hub
@@ -56,6 +58,7 @@ class Runtime:
     node: Node = field(init=False)
     tokens: TokenTable = field(init=False)
     connections: set[Connection] = field(default_factory=set)
+    _relaying: set[asyncio.Task[None]] = field(default_factory=set)
     #: Log "listening on ..." at start (the CLI knows the real address; an embedder may not).
     announce: bool = False
 
@@ -65,4 +68,38 @@ class Runtime:
         )
         self.broker = from_settings(self.settings)
         self.node = Node(self.settings, self.broker)
+        self.broker.on_room(self._deliver_room)
+        if self.broker.shared:
+            self.hub.relay = self._relay
         self.tokens = TokenTable(self.settings.tokens)
+
+    # -- the guide's chat rooms, on every node ------------------------------------------
+
+    async def join_room(self, room: str) -> None:
+        """A member joined ``room`` here: make sure this node hears the room."""
+        await self.broker.join_room(room)
+
+    async def left_room(self, room: str) -> None:
+        """A member left ``room`` here: stop hearing it if it was the last one."""
+        if not self.hub.has_room(room):
+            with contextlib.suppress(BrokerUnavailable):
+                await self.broker.leave_room(room)
+
+    async def chat_publish(self, room: str, text: str) -> None:
+        """Send ``text`` to every member of ``room``, on every node.
+
+        While a shared broker is unreachable the room degrades to this node's members
+        rather than losing the message or dropping anyone.
+        """
+        try:
+            await self.broker.room_publish(room, text)
+        except BrokerUnavailable:
+            self.hub.broadcast(room, text)
+
+    def _deliver_room(self, room: str, text: str) -> None:
+        self.hub.broadcast(room, text)
+
+    def _relay(self, room: str, text: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.chat_publish(room, text))
+        self._relaying.add(task)
+        task.add_done_callback(self._relaying.discard)

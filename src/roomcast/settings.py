@@ -20,9 +20,8 @@ LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 #: others are uvicorn's, on which roomcast falls back to plain ASGI sends.
 WsImplementation = Literal["roomcast", "websockets-sansio", "websockets", "wsproto"]
 
-#: Broker URL schemes whose rooms are shared between processes. None exists yet; the Redis
-#: broker adds ``redis://`` and ``rediss://``.
-SHARED_BROKER_SCHEMES: frozenset[str] = frozenset()
+#: Broker URL schemes whose rooms and channels are shared between processes.
+SHARED_BROKER_SCHEMES: frozenset[str] = frozenset({"redis", "rediss"})
 
 
 class Settings(BaseSettings):
@@ -36,7 +35,14 @@ class Settings(BaseSettings):
         1, ge=1, le=64, description="Worker processes; above 1 needs a shared broker."
     )
     broker_url: str = Field(
-        "memory://", description="Where rooms live: memory:// keeps them in this process."
+        "memory://",
+        description="Where rooms and channels live: memory:// (this process) or redis://host:port.",
+    )
+    presence_ttl: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="Seconds after which a dead node's presence entries expire (shared broker).",
     )
     tokens: dict[str, str] = Field(
         default_factory=dict,
@@ -100,7 +106,8 @@ class Settings(BaseSettings):
         scheme = url.partition("://")[0]
         if scheme != "memory" and scheme not in SHARED_BROKER_SCHEMES:
             raise ValueError(
-                f"unsupported broker {url!r}: this version of roomcast has memory:// only"
+                f"unsupported broker {url!r}: use memory:// or redis://host:port[/db] "
+                "(rediss:// for TLS)"
             )
         return url
 
@@ -113,10 +120,16 @@ class Settings(BaseSettings):
                 f"--workers {self.workers} refused: with broker {self.broker_url} every worker "
                 "process keeps its own rooms in memory, so chat members connected to different "
                 "workers would never see each other's messages. Run one worker (the default), "
-                "or configure a shared broker with --broker / ROOMCAST_BROKER_URL (redis://) "
-                "once your roomcast version supports it."
+                "or configure a shared broker with --broker / ROOMCAST_BROKER_URL "
+                "(redis://host:port)."
             )
         return self
+
+    @property
+    def broker_display(self) -> str:
+        """:attr:`broker_url` without credentials, for logs."""
+        scheme, _, rest = self.broker_url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
 
     @property
     def broker_scheme(self) -> str:

@@ -26,4 +26,13 @@ def from_settings(settings: Settings) -> Broker:
             history_ttl=settings.history_ttl,
             history_channels=settings.history_channels,
         )
+    if settings.broker_scheme in ("redis", "rediss"):
+        from roomcast.brokers.redis import RedisBroker
+
+        return RedisBroker(
+            settings.broker_url,
+            history_size=settings.history_size,
+            history_ttl=settings.history_ttl,
+            presence_ttl=settings.presence_ttl,
+        )
     raise ConfigurationError(f"unsupported broker {settings.broker_url!r}")

@@ -10,6 +10,7 @@ arrive while it is still awaiting the broker (see :mod:`roomcast.channels`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,12 +51,20 @@ class Sink(Protocol):
     def on_event(self, channel: str, frame: bytes, client: str) -> None:
         """A ``join``/``leave`` event of ``channel`` about ``client``."""
 
+    def on_reset(self, channel: str) -> None:
+        """``channel``'s history stream was lost and began again under a new epoch."""
+
+    def on_reconnect(self) -> None:
+        """The broker was unreachable and is back: publications may have been missed."""
+
 
 class Broker(Protocol):
     """The interface every broker implements (``memory://``, ``redis://``)."""
 
     #: True when other processes see this broker's channels (a shared broker).
     shared: bool
+    #: False while the broker cannot be reached (the node then reports not ready).
+    available: bool
 
     async def start(self, sink: Sink) -> None:
         """Connect and start delivering to ``sink``."""
@@ -103,3 +112,23 @@ class Broker(Protocol):
 
     async def channels(self) -> dict[str, int]:
         """Channels with at least one subscriber, and how many each has."""
+
+    # -- the guide's chat rooms and node commands -------------------------------------------
+
+    def on_room(self, deliver: Callable[[str, str], None]) -> None:
+        """Deliver chat room messages, from every node, to ``deliver(room, text)``."""
+
+    def on_control(self, deliver: Callable[[str, str], None]) -> None:
+        """Deliver node commands, from every node, to ``deliver(command, argument)``."""
+
+    async def join_room(self, room: str) -> None:
+        """Deliver chat room ``room`` to this node (its first local member joined)."""
+
+    async def leave_room(self, room: str) -> None:
+        """Stop delivering ``room`` to this node (its last local member left)."""
+
+    async def room_publish(self, room: str, text: str) -> None:
+        """Send ``text`` to every member of chat room ``room`` on every node."""
+
+    async def command(self, command: str, argument: str) -> int:
+        """Send a command to every node, this one included; returns how many got it."""

@@ -58,6 +58,9 @@ class MemoryBroker:
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
         self._presence: dict[str, dict[str, dict[str, Any]]] = {}
         self._sink: Sink | None = None
+        self._room_sink: Callable[[str, str], None] | None = None
+        self._control_sink: Callable[[str, str], None] | None = None
+        self.available = True
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self, sink: Sink) -> None:
@@ -173,6 +176,29 @@ class MemoryBroker:
 
     async def channels(self) -> dict[str, int]:
         return {channel: len(entries) for channel, entries in self._presence.items()}
+
+    # -- chat rooms and commands: this process is the whole cluster -----------------------
+
+    def on_room(self, deliver: Callable[[str, str], None]) -> None:
+        self._room_sink = deliver
+
+    def on_control(self, deliver: Callable[[str, str], None]) -> None:
+        self._control_sink = deliver
+
+    async def join_room(self, room: str) -> None:
+        return None
+
+    async def leave_room(self, room: str) -> None:
+        return None
+
+    async def room_publish(self, room: str, text: str) -> None:
+        if self._room_sink is not None:
+            self._room_sink(room, text)
+
+    async def command(self, command: str, argument: str) -> int:
+        if self._control_sink is not None:
+            self._control_sink(command, argument)
+        return 1
 
     # -- retention ------------------------------------------------------------------------
 

@@ -173,6 +173,6 @@ def api_router(runtime: Runtime) -> APIRouter:
 
     @router.post("/disconnect", summary="Close every /ws connection of a user (close 4001)")
     async def disconnect(body: DisconnectBody) -> DisconnectOut:
-        return DisconnectOut(disconnected=node.disconnect_user(body.user))
+        return DisconnectOut(disconnected=await node.disconnect_user(body.user))
 
     return router

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import re
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from starlette.routing import WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
+from roomcast.brokers import BrokerUnavailable
 from roomcast.closecodes import CloseCode
 from roomcast.connection import Connection
 from roomcast.errors import ClientError, InvalidPayload, PolicyViolation
@@ -32,6 +34,8 @@ LEAVE_NOTICE = "A client left the chat"
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 Handler = Callable[[Connection], Awaitable[None]]
+
+logger = logging.getLogger("roomcast.chat")
 
 
 class ClassicEndpoint:
@@ -67,15 +71,21 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
             return
         member = hub.join(conn, room, LEAVE_NOTICE)
         try:
+            try:
+                await runtime.join_room(room)
+            except BrokerUnavailable:
+                # The broker subscribes the room when it is back; until then, local only.
+                logger.warning("conn=%s chat room %r local only: broker unreachable", conn.id, room)
             while (text := await conn.receive_text()) is not None:
                 # A member cut for being slow keeps being read (so its close handshake can
                 # finish) but speaks no more.
                 if member.active:
-                    hub.broadcast(room, f"Client says: {text}")
+                    await runtime.chat_publish(room, f"Client says: {text}")
         finally:
             # When the server restarts everyone leaves at once: n leave notices to n members
             # would be n² messages that nobody will read.
             await hub.leave(member, notify=conn.close_code != CloseCode.SERVICE_RESTART)
+            await runtime.left_room(room)
 
     async def named_chat(conn: Connection) -> None:
         room: str = conn.scope.get("path_params", {}).get("room", "")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from roomcast.runtime import Runtime
 
@@ -18,6 +18,13 @@ def ops_router(runtime: Runtime) -> APIRouter:
     @router.get("/health", summary="Liveness: the server answers")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @router.get("/readyz", summary="Readiness: the broker is reachable and we accept clients")
+    async def readyz(response: Response) -> dict[str, str]:
+        if not runtime.broker.available:
+            response.status_code = 503
+            return {"status": "unavailable", "broker": "unreachable"}
+        return {"status": "ok", "broker": "ok"}
 
     @router.get("/stats", summary="Live counters of connections, rooms and tasks")
     async def stats() -> dict[str, int]:

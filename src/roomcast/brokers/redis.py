@@ -1,0 +1,539 @@
+"""``redis://`` / ``rediss://``: channels shared by every node that uses the same Redis (>= 6).
+
+Keys (``P`` is the prefix, ``roomcast`` unless the URL says ``?prefix=...``):
+
+- ``P:m:{channel}`` hash ``epoch``, ``offset``: the channel's stream position. Offsets come
+  from ``HINCRBY`` inside the publish script, so a channel has one sequence cluster-wide.
+- ``P:h:{channel}`` stream: the history, one entry per publication with the explicit id
+  ``{offset}-1``, trimmed to the history size (``MAXLEN``) and by age on every read.
+- ``P:p:{channel}`` hash client -> presence entry, and ``P:z:{channel}`` sorted set client ->
+  expiry time: each node refreshes the expiry of its own clients' entries; the entries of a node
+  that died expire after ``presence_ttl`` seconds.
+- ``P:channels`` sorted set channel -> expiry: channels with subscribers, refreshed the same way.
+- Pub/sub channel ``P:c:{channel}``: live publications (``P <epoch> <offset> <frame>``) and
+  join/leave events (``E <client> <frame>``); ``P:r:{room}``: the chat rooms; ``P:control``:
+  commands to every node (``D <user>``: disconnect that user).
+
+A publication is built into its client frame inside the Lua script (the caller passes the frame
+around the offset), stored, and published in one atomic step, so it crosses Redis once and every
+node sends the stored bytes as they are. Each node holds one Redis subscription per channel that
+has local subscribers, whatever their number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from roomcast.brokers.base import BrokerUnavailable, HistoryPage, Position, Sink
+
+__all__ = ["RedisBroker"]
+
+logger = logging.getLogger("roomcast.broker")
+
+T = TypeVar("T")
+
+#: Failures that mean "Redis cannot be reached now" (as opposed to a bug).
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+# KEYS: meta, stream. ARGV: new epoch, frame head, frame tail, history size, ttl (s), pubsub
+# channel. The frame is head .. offset .. tail; returns {epoch, offset}.
+_PUBLISH = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  redis.call('DEL', KEYS[2])
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+local frame = ARGV[2] .. offset .. ARGV[3]
+local size = tonumber(ARGV[4])
+if size > 0 then
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-1', 't', ms, 'f', frame)
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('PUBLISH', ARGV[6], 'P ' .. epoch .. ' ' .. offset .. ' ' .. frame)
+return {epoch, offset}
+"""
+
+# KEYS: meta. ARGV: new epoch, ttl (s). Returns {epoch, offset}, creating the stream if needed.
+_POSITION = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {epoch, tonumber(redis.call('HGET', KEYS[1], 'offset'))}
+"""
+
+# KEYS: meta, stream. ARGV: new epoch, ttl (s), mode (since|before|latest), bound, limit.
+# Drops entries older than the TTL first; returns {epoch, offset, start, f1, f2, ...}.
+_HISTORY = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+  redis.call('DEL', KEYS[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+local now = redis.call('TIME')
+local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  - tonumber(ARGV[2]) * 1000
+while true do
+  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+  if #oldest == 0 then break end
+  local fields = oldest[1][2]
+  if tonumber(fields[2]) >= cutoff then break end
+  redis.call('XDEL', KEYS[2], oldest[1][1])
+end
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local start = offset + 1
+if #first > 0 then start = tonumber(string.match(first[1][1], '^(%d+)')) end
+local mode = ARGV[3]
+local bound = tonumber(ARGV[4])
+local limit = tonumber(ARGV[5])
+local entries
+if mode == 'since' then
+  entries = redis.call('XRANGE', KEYS[2], '(' .. bound .. '-1', '+', 'COUNT', limit)
+elseif mode == 'before' then
+  if bound <= 1 then
+    entries = {}
+  else
+    entries = redis.call('XREVRANGE', KEYS[2], (bound - 1) .. '-1', '-', 'COUNT', limit)
+  end
+else
+  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', limit)
+end
+local out = {epoch, offset, start}
+if mode == 'since' then
+  for i = 1, #entries do out[#out + 1] = entries[i][2][4] end
+else
+  for i = #entries, 1, -1 do out[#out + 1] = entries[i][2][4] end
+end
+return out
+"""
+
+# KEYS: presence hash, presence zset. ARGV: now (ms). Drops expired entries, returns the rest.
+_PRESENCE = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+if #gone > 0 then
+  redis.call('HDEL', KEYS[1], unpack(gone))
+  redis.call('ZREM', KEYS[2], unpack(gone))
+end
+local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf')
+if #live == 0 then return {} end
+return redis.call('HMGET', KEYS[1], unpack(live))
+"""
+
+
+class RedisBroker:
+    """Channels in Redis, shared by every node connected to it."""
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_size: int,
+        history_ttl: float,
+        presence_ttl: float,
+        node_id: str | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        self.prefix = query.pop("prefix", "roomcast")
+        rest = "&".join(f"{k}={v}" for k, v in query.items())
+        self.url = urlunsplit(parts._replace(query=rest))
+        self.history_size = history_size
+        self.history_ttl = max(1, round(history_ttl))
+        self.presence_ttl = presence_ttl
+        self.node_id = node_id or secrets.token_hex(4)
+        self.available = False
+        self._redis: aioredis.Redis | None = None
+        self._pubsub: Any = None
+        self._sink: Sink | None = None
+        #: Pub/sub channels this node wants, and the futures of subscriptions not yet confirmed.
+        self._wanted: set[str] = set()
+        self._confirm: dict[str, asyncio.Future[None]] = {}
+        #: The epoch this node knows for each channel it delivers (to notice a reset).
+        self._epochs: dict[str, str] = {}
+        #: Presence entries of this node's clients: channel -> client -> encoded entry.
+        self._mine: dict[str, dict[str, bytes]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._room_sink: Callable[[str, str], None] | None = None
+        self._control_sink: Callable[[str, str], None] | None = None
+        self._publish_script: Any = None
+        self._position_script: Any = None
+        self._history_script: Any = None
+        self._presence_script: Any = None
+        self._down_since: float | None = None
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.prefix}:{kind}:{name}"
+
+    @property
+    def _control(self) -> str:
+        return f"{self.prefix}:control"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, sink: Sink) -> None:
+        self._sink = sink
+        self._redis = aioredis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            health_check_interval=10,
+        )
+        r = self._redis
+        self._publish_script = r.register_script(_PUBLISH)
+        self._position_script = r.register_script(_POSITION)
+        self._history_script = r.register_script(_HISTORY)
+        self._presence_script = r.register_script(_PRESENCE)
+        self._wanted.add(self._control)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._listen(), name="roomcast-redis-listener"),
+            loop.create_task(self._heartbeat(), name="roomcast-redis-presence"),
+        ]
+
+    def on_room(self, deliver: Callable[[str, str], None]) -> None:
+        """Deliver chat room messages (from every node) to ``deliver(room, text)``."""
+        self._room_sink = deliver
+
+    def on_control(self, deliver: Callable[[str, str], None]) -> None:
+        """Deliver node commands to ``deliver(command, argument)``."""
+        self._control_sink = deliver
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._mine and self.available:
+            # Leave no presence behind (a node that dies leaves it to expire instead).
+            with contextlib.suppress(RedisError, OSError):
+                async with asyncio.timeout(2):
+                    pipe = self._conn.pipeline(transaction=False)
+                    for channel, entries in self._mine.items():
+                        pipe.hdel(self._key("p", channel), *entries)
+                        pipe.zrem(self._key("z", channel), *entries)
+                    await pipe.execute()
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+        if self._redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.aclose()
+        self._sink = None
+
+    @property
+    def _conn(self) -> aioredis.Redis:
+        assert self._redis is not None, "the broker is not started"
+        return self._redis
+
+    async def _call(self, operation: Awaitable[T]) -> T:
+        """Run one Redis operation; an unreachable Redis becomes :class:`BrokerUnavailable`."""
+        try:
+            return await operation
+        except UNREACHABLE as error:
+            self._mark_down(error)
+            raise BrokerUnavailable("the broker (Redis) is unreachable; retry later") from None
+
+    def _mark_down(self, error: BaseException) -> None:
+        if self.available or self._down_since is None:
+            logger.warning("broker %s unreachable: %s; retrying with backoff", self._where, error)
+            self._down_since = time.monotonic()
+        self.available = False
+
+    @property
+    def _where(self) -> str:
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"
+
+    # -- pub/sub --------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Read pub/sub forever; on a failure reconnect with backoff and resubscribe."""
+        backoff = 0.1
+        while True:
+            try:
+                if self._pubsub is None:
+                    pubsub = self._conn.pubsub()
+                    await pubsub.subscribe(*self._wanted)
+                    self._pubsub = pubsub
+                    await self._conn.ping()
+                    was_down = self._down_since is not None
+                    self.available = True
+                    self._down_since = None
+                    backoff = 0.1
+                    if was_down:
+                        logger.warning("broker %s reachable again", self._where)
+                        await self._refresh_presence()
+                        if self._sink is not None:
+                            self._sink.on_reconnect()
+                message = await self._pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except (*UNREACHABLE, RedisError) as error:
+                self._mark_down(error)
+                pubsub, self._pubsub = self._pubsub, None
+                if pubsub is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await pubsub.aclose()
+                await asyncio.sleep(backoff * (0.5 + secrets.randbelow(1000) / 1000))
+                backoff = min(backoff * 2, 5.0)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        channel = message["channel"].decode()
+        if kind == "subscribe":
+            waiter = self._confirm.pop(channel, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
+        if kind != "message":
+            return
+        data: bytes = message["data"]
+        kind_, _, name = channel[len(self.prefix) + 1 :].partition(":")
+        sink = self._sink
+        if kind_ == "c" and sink is not None:
+            if data.startswith(b"P "):
+                _, epoch, offset, frame = data.split(b" ", 3)
+                known = self._epochs.get(name)
+                epoch_text = epoch.decode()
+                if known is not None and known != epoch_text:
+                    self._epochs[name] = epoch_text
+                    sink.on_reset(name)
+                    return
+                self._epochs[name] = epoch_text
+                sink.on_publication(name, int(offset), frame)
+            elif data.startswith(b"E "):
+                _, client, frame = data.split(b" ", 2)
+                sink.on_event(name, frame, client.decode())
+        elif kind_ == "r" and self._room_sink is not None:
+            self._room_sink(name, data.decode())
+        elif channel == self._control and self._control_sink is not None:
+            command, _, argument = data.decode().partition(" ")
+            self._control_sink(command, argument)
+
+    async def _want(self, pubsub_channel: str) -> None:
+        if pubsub_channel in self._wanted:
+            return
+        # Wanted from now on, even if this attempt fails: the listener subscribes everything
+        # wanted when it (re)connects. A caller that gives up calls _unwant.
+        self._wanted.add(pubsub_channel)
+        pubsub = self._pubsub
+        if pubsub is None:
+            raise BrokerUnavailable("the broker (Redis) is unreachable; retry later")
+        waiter = asyncio.get_running_loop().create_future()
+        self._confirm[pubsub_channel] = waiter
+        try:
+            await self._call(pubsub.subscribe(pubsub_channel))
+            # Wait for Redis to confirm, so that nothing published after this returns is missed.
+            async with asyncio.timeout(5):
+                await waiter
+        except TimeoutError:
+            raise BrokerUnavailable("the broker (Redis) did not confirm a subscription") from None
+        finally:
+            self._confirm.pop(pubsub_channel, None)
+
+    async def _unwant(self, pubsub_channel: str) -> None:
+        if pubsub_channel not in self._wanted:
+            return
+        self._wanted.discard(pubsub_channel)
+        pubsub = self._pubsub
+        if pubsub is not None:
+            with contextlib.suppress(*UNREACHABLE):
+                await pubsub.unsubscribe(pubsub_channel)
+
+    async def subscribe(self, channel: str) -> None:
+        await self._want(self._key("c", channel))
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._epochs.pop(channel, None)
+        await self._unwant(self._key("c", channel))
+
+    async def join_room(self, room: str) -> None:
+        """Deliver chat room ``room`` to this node (its first local member joined)."""
+        await self._want(self._key("r", room))
+
+    async def leave_room(self, room: str) -> None:
+        await self._unwant(self._key("r", room))
+
+    async def room_publish(self, room: str, text: str) -> None:
+        """Send a chat message to every member of ``room``, on every node."""
+        await self._call(self._conn.publish(self._key("r", room), text))
+
+    async def command(self, command: str, argument: str) -> int:
+        """Send a command to every node (this one included); returns how many nodes got it."""
+        received: int = await self._call(self._conn.publish(self._control, f"{command} {argument}"))
+        return received
+
+    # -- publications and history ---------------------------------------------------------
+
+    async def publish(self, channel: str, data: bytes, info: bytes) -> Position:
+        head = b'{"type":"publication","channel":' + orjson.dumps(channel) + b',"offset":'
+        tail = b',"data":' + data + b',"info":' + info + b"}"
+        epoch, offset = await self._call(
+            self._publish_script(
+                keys=[self._key("m", channel), self._key("h", channel)],
+                args=[
+                    secrets.token_hex(4),
+                    head,
+                    tail,
+                    self.history_size,
+                    self.history_ttl,
+                    self._key("c", channel),
+                ],
+            )
+        )
+        return Position(epoch.decode(), int(offset))
+
+    async def position(self, channel: str) -> Position:
+        epoch, offset = await self._call(
+            self._position_script(
+                keys=[self._key("m", channel)], args=[secrets.token_hex(4), self.history_ttl]
+            )
+        )
+        text = epoch.decode()
+        if channel in self._wanted_channels():
+            self._epochs[channel] = text
+        return Position(text, int(offset))
+
+    def _wanted_channels(self) -> Iterable[str]:
+        head = f"{self.prefix}:c:"
+        return {name[len(head) :] for name in self._wanted if name.startswith(head)}
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: int | None = None,
+        before: int | None = None,
+        limit: int,
+    ) -> HistoryPage:
+        if since is not None:
+            mode, bound = "since", since
+        elif before is not None:
+            mode, bound = "before", before
+        else:
+            mode, bound = "latest", 0
+        reply = await self._call(
+            self._history_script(
+                keys=[self._key("m", channel), self._key("h", channel)],
+                args=[secrets.token_hex(4), self.history_ttl, mode, bound, limit],
+            )
+        )
+        epoch = reply[0].decode()
+        offset, start = int(reply[1]), int(reply[2])
+        frames: list[bytes] = reply[3:]
+        if channel in self._wanted_channels():
+            self._epochs[channel] = epoch
+        return HistoryPage(epoch, offset, start, [(_frame_offset(f), f) for f in frames])
+
+    # -- presence -------------------------------------------------------------------------
+
+    def _expiry_ms(self) -> int:
+        return int((time.time() + self.presence_ttl) * 1000)
+
+    async def presence_add(self, channel: str, client: str, entry: dict[str, Any]) -> None:
+        encoded = orjson.dumps({**entry, "at": time.time()})
+        self._mine.setdefault(channel, {})[client] = encoded
+        pipe = self._conn.pipeline(transaction=True)
+        pipe.hset(self._key("p", channel), client, encoded)
+        pipe.zadd(self._key("z", channel), {client: self._expiry_ms()})
+        pipe.zadd(f"{self.prefix}:channels", {channel: self._expiry_ms()})
+        await self._call(pipe.execute())
+
+    async def presence_remove(self, channel: str, client: str) -> None:
+        mine = self._mine.get(channel)
+        if mine is not None:
+            mine.pop(client, None)
+            if not mine:
+                del self._mine[channel]
+        pipe = self._conn.pipeline(transaction=True)
+        pipe.hdel(self._key("p", channel), client)
+        pipe.zrem(self._key("z", channel), client)
+        await self._call(pipe.execute())
+
+    async def presence(self, channel: str) -> list[dict[str, Any]]:
+        raw = await self._call(
+            self._presence_script(
+                keys=[self._key("p", channel), self._key("z", channel)],
+                args=[int(time.time() * 1000)],
+            )
+        )
+        entries = [orjson.loads(item) for item in raw if item is not None]
+        entries.sort(key=lambda entry: entry.pop("at", 0))
+        return entries
+
+    async def emit(self, channel: str, frame: bytes, client: str) -> None:
+        await self._call(
+            self._conn.publish(self._key("c", channel), b"E " + client.encode() + b" " + frame)
+        )
+
+    async def channels(self) -> dict[str, int]:
+        now = int(time.time() * 1000)
+        raw: list[Any] = await self._call(
+            self._conn.zrangebyscore(f"{self.prefix}:channels", f"({now}", "+inf")
+        )
+        names = [bytes(name).decode() for name in raw]
+        if not names:
+            return {}
+        pipe = self._conn.pipeline(transaction=False)
+        for name in names:
+            pipe.zcount(self._key("z", name), f"({now}", "+inf")
+        counts = await self._call(pipe.execute())
+        return {name: n for name, n in zip(names, counts, strict=True) if n}
+
+    async def _heartbeat(self) -> None:
+        """Keep this node's presence entries alive; a dead node's expire on their own."""
+        while True:
+            await asyncio.sleep(self.presence_ttl / 3)
+            if not self.available:
+                continue
+            with contextlib.suppress(BrokerUnavailable, RedisError):
+                await self._refresh_presence()
+
+    async def _refresh_presence(self) -> None:
+        if not self._mine:
+            return
+        expiry = self._expiry_ms()
+        pipe = self._conn.pipeline(transaction=False)
+        for channel, entries in self._mine.items():
+            pipe.hset(self._key("p", channel), mapping=dict(entries))  # type: ignore[arg-type]
+            pipe.zadd(self._key("z", channel), dict.fromkeys(entries, expiry))
+            pipe.zadd(f"{self.prefix}:channels", {channel: expiry})
+            # A channel with subscribers keeps its stream position even when nobody publishes.
+            pipe.expire(self._key("m", channel), self.history_ttl)
+        await self._call(pipe.execute())
+
+
+def _frame_offset(frame: bytes) -> int:
+    """The offset written in a stored publication frame."""
+    marker = frame.index(b',"offset":') + 10
+    end = frame.index(b",", marker)
+    return int(frame[marker:end])

@@ -1,0 +1,52 @@
+"""What uvicorn's worker processes import when ``roomcast serve --workers N`` runs several.
+
+A worker process gets its configuration from the ``ROOMCAST_*`` environment, which the CLI fills
+from its flags before it starts the workers; uvicorn imports the app and these protocol classes
+by name in each worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from typing import Any
+
+from roomcast.settings import Settings
+from roomcast.transport import protocol_class
+from roomcast.transport.http import http_protocol_class
+
+__all__ = ["HttpProtocol", "WebSocketProtocol", "export_settings"]
+
+_settings = Settings()
+
+#: roomcast's WebSocket protocol with the close timeout of the environment's settings.
+WebSocketProtocol = protocol_class(close_timeout=_settings.close_timeout)
+#: uvicorn's HTTP protocol with the environment's request-head deadline.
+HttpProtocol = http_protocol_class(_settings.handshake_timeout)
+
+
+def export_settings(settings: Settings, generated_user: str) -> str | None:
+    """Put ``settings`` into ``os.environ`` for the worker processes.
+
+    With no tokens configured one is generated here, once, so every worker accepts the same
+    token; it is returned so the caller can print it.
+    """
+    generated: str | None = None
+    values: dict[str, Any] = settings.model_dump()
+    if not settings.tokens:
+        generated = secrets.token_urlsafe(24)
+        values["tokens"] = {generated: generated_user}
+    if settings.api_key is not None:
+        values["api_key"] = settings.api_key.get_secret_value()
+    for name, value in values.items():
+        key = f"ROOMCAST_{name.upper()}"
+        if value is None:
+            os.environ.pop(key, None)
+        elif isinstance(value, dict):
+            os.environ[key] = json.dumps(value)
+        elif isinstance(value, bool):
+            os.environ[key] = "true" if value else "false"
+        else:
+            os.environ[key] = str(value)
+    return generated
