@@ -337,10 +337,6 @@ class Hub:
             "writer_tasks": len(self._writers),
         }
 
-    def has_room(self, room: str) -> bool:
-        """Whether ``room`` has a local member."""
-        return room in self._rooms
-
     def members(self, room: str) -> list[Member]:
         """The members of ``room`` in join order (empty for an unknown room)."""
         entry = self._rooms.get(room)

@@ -59,6 +59,8 @@ class Runtime:
     tokens: TokenTable = field(init=False)
     connections: set[Connection] = field(default_factory=set)
     _relaying: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Chat handlers in each room on this node (joining, in, or leaving).
+    _room_users: dict[str, int] = field(default_factory=dict)
     #: Log "listening on ..." at start (the CLI knows the real address; an embedder may not).
     announce: bool = False
 
@@ -76,14 +78,22 @@ class Runtime:
     # -- the guide's chat rooms, on every node ------------------------------------------
 
     async def join_room(self, room: str) -> None:
-        """A member joined ``room`` here: make sure this node hears the room."""
+        """A member is joining ``room`` here: make sure this node hears the room.
+
+        Every call must be paired with one :meth:`left_room`, whatever happens in between.
+        """
+        self._room_users[room] = self._room_users.get(room, 0) + 1
         await self.broker.join_room(room)
 
     async def left_room(self, room: str) -> None:
         """A member left ``room`` here: stop hearing it if it was the last one."""
-        if not self.hub.has_room(room):
-            with contextlib.suppress(BrokerUnavailable):
-                await self.broker.leave_room(room)
+        users = self._room_users.get(room, 0) - 1
+        if users > 0:
+            self._room_users[room] = users
+            return
+        self._room_users.pop(room, None)
+        with contextlib.suppress(BrokerUnavailable):
+            await self.broker.leave_room(room)
 
     async def chat_publish(self, room: str, text: str) -> None:
         """Send ``text`` to every member of ``room``, on every node.

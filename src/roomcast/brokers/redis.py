@@ -282,6 +282,9 @@ class RedisBroker:
                     pubsub = self._conn.pubsub()
                     await pubsub.subscribe(*self._wanted)
                     self._pubsub = pubsub
+                if not self.available:
+                    # First start, or after a failure (here or in any request): check, and if
+                    # we were down, catch up on what happened meanwhile.
                     await self._conn.ping()
                     was_down = self._down_since is not None
                     self.available = True

@@ -67,15 +67,18 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
             await _reply_to_text(conn, "Echo: ")
 
     async def chat(conn: Connection, room: str = DEFAULT_ROOM) -> None:
+        # Hear the room on every node *before* the handshake completes: once a client is in,
+        # it gets every message sent after that, whichever node the sender is on.
+        try:
+            await runtime.join_room(room)
+        except BrokerUnavailable:
+            # The broker subscribes the room when it is back; until then, local only.
+            logger.warning("conn=%s chat room %r local only: broker unreachable", conn.id, room)
         if not await conn.accept():
+            await runtime.left_room(room)
             return
         member = hub.join(conn, room, LEAVE_NOTICE)
         try:
-            try:
-                await runtime.join_room(room)
-            except BrokerUnavailable:
-                # The broker subscribes the room when it is back; until then, local only.
-                logger.warning("conn=%s chat room %r local only: broker unreachable", conn.id, room)
             while (text := await conn.receive_text()) is not None:
                 # A member cut for being slow keeps being read (so its close handshake can
                 # finish) but speaks no more.
