@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SCENARIOS = ("ceiling", "echo", "chat", "connect", "memory", "deflate")
+SCENARIOS = ("ceiling", "echo", "chat", "channel", "recovery", "connect", "memory", "deflate")
+#: The servers that have the /ws channel protocol (the channel and recovery scenarios).
+WS_ROLES = ("roomcast", "roomcast-asgi")
 
 
 @dataclass
@@ -33,3 +35,6 @@ class Config:
     output: Path | None
     wait_quiet: bool
     quick: bool = False
+    publish_window: int = 256
+    missed: int = 100
+    channel_pairs: int = 5

@@ -16,7 +16,10 @@ from pathlib import Path
 import psutil
 
 from benchconfig import Config
+from channel import FANOUT_CHANNEL, encode_str, info_bytes, publication_bytes
+from chat import PREFIX, TAG_MEASURED, make_payload
 from deflate import MEM_LEVEL, MEMBERS
+from recovery import RECOVERY_CHANNEL
 from servers import NODE_DIR, REPO_DIR, ROOMCAST_ENV, ROOMCAST_WS
 
 VERSIONED = (
@@ -121,8 +124,9 @@ def how_it_was_run(
         f"ws {_ws_version()} from package-lock.json, perMessageDeflate off, no optional native "
         "add-ons)",
         *roomcast_lines,
-        "- A fresh server process for every chat, connect and memory run; the echo runs share "
-        "one process per server. Every server runs on loopback only.",
+        "- A fresh server process for every chat, /ws channel, /ws recovery, connect and "
+        "memory run; the echo runs share one process per server. Every server runs on loopback "
+        "only.",
     ]
 
 
@@ -180,6 +184,14 @@ def scenario_text(cfg: Config) -> list[str]:
         f"warm-up round trip and {cfg.settle:g} s, then {cfg.settle:g} s after the last "
         "connection of each count opened (the connections of the smaller count stay open); per "
         "connection = growth since the first reading ÷ connections.",
+        *(
+            [
+                "- **/ws channel fan-out** and **/ws recovery**: described in their own sections "
+                "above; only the roomcast servers have `/ws`, so only they run them."
+            ]
+            if {"channel", "recovery"} & set(cfg.only)
+            else []
+        ),
         "- **load generator ceiling**: echo, chat (batched and one write per message) and new "
         "connections against `benchmarks/reference_server.py` (see above), once per invocation.",
         "- Before each measurement the harness waits (2 minutes at most per invocation) until "
@@ -204,3 +216,73 @@ def deflate_text() -> list[str]:
         "(deflate: 2^(wbits+2) + 2^(memLevel+9) bytes; inflate: 2^wbits + about 7 KiB), next "
         "to the 20 KiB per idle connection roomcast aims at.",
     ]
+
+
+def ws_section_text(cfg: Config) -> dict[str, list[str]]:
+    """Return the method paragraph of each /ws section (channel fan-out, recovery)."""
+    text = make_payload(TAG_MEASURED, 0, 64)
+    frame = publication_bytes(
+        FANOUT_CHANNEL, cfg.messages + 1, encode_str(text), info_bytes("0" * 12)
+    )
+    chat_line = len(PREFIX) + len(text)
+    channel = (
+        "Only the roomcast servers have `/ws` (the guide's and node's servers have no channel "
+        "protocol), so this scenario runs on `roomcast` and `roomcast-asgi` alone, and each is "
+        "compared with its own chat fan-out. A single fan-out burst varies by tens of percent "
+        f"from run to run here, so each server gets {cfg.channel_pairs} pair(s) of runs per "
+        "repeat, a chat fan-out (exactly the **chat** scenario's) and a `/ws` fan-out, each on "
+        "a fresh server, back to back, the order of the two flipped every other pair; the ratio "
+        "is the median `/ws` figure ÷ the median chat figure (each pair's own ratio is in the "
+        "per-run table), the other figures are medians of the runs. "
+        f"{cfg.members:,} clients connect to `/ws`, 50 at a time, each sending `subscribe` to "
+        f"`{FANOUT_CHANNEL}` as soon as its handshake is done; once every reply is in, another "
+        "`/ws` client (the publisher, not subscribed) publishes warm-up messages until one has "
+        f"reached every subscriber, then {cfg.messages} publications whose `data` is the chat "
+        "scenario's 64-byte message as a JSON string (it carries the sequence number), as "
+        f"`publish` requests pipelined with at most {cfg.publish_window} unanswered"
+        + (
+            " (the whole burst at once, as the chat member sends its messages back to back)"
+            if cfg.publish_window >= cfg.messages
+            else ""
+        )
+        + f". A publication frame is about {len(frame)} bytes where a chat line is "
+        f"{chat_line}: it also carries the channel, the offset and the publisher's `info`, "
+        "and the ratio includes what those bytes cost both sides. "
+        "Deliveries/s = deliveries ÷ (last receipt − first send); latency = time the last "
+        "subscriber got publication i − send time of request i; lost = expected − received "
+        f"after waiting up to {cfg.drain_timeout:g} s (or {cfg.idle_timeout:g} s without any "
+        "delivery). Every subscriber checks what it gets: once the warm-up has given the "
+        "channel's offset and the publisher's client id, the exact frame of every measured "
+        "publication is built, and the received bytes are compared with the frame of the "
+        "publication the subscriber is due next, which verifies its channel, offset, data and "
+        "`info`, and the order, at once (then a time stamp and a count: no more Python per "
+        "delivery than the chat member's dict lookup). Any other frame is "
+        "parsed as JSON: an offset not above the subscriber's last one, a wrong channel or a "
+        "wrong publication counts as an error, and so does anything unexpected (the subscribe "
+        "reply and the warm-up are expected). The CPU rows are each side's share "
+        "of a core over the measured window, and that CPU ÷ deliveries; ↑ and ↓ mark "
+        "which direction is better."
+    )
+    recovery = (
+        "Only the roomcast servers have `/ws`, so only they run this scenario. "
+        f"{cfg.members:,} clients connect to `/ws`, subscribe to `{RECOVERY_CHANNEL}` and "
+        "keep the epoch of the reply and the offset of the last publication they got (a "
+        "warm-up publication that must reach every one of them). All of them then close (close "
+        "frame 1000, the close handshake awaited), and the harness asks for the channel's "
+        "`presence` until it is empty, so the server has let every one of them go. Another "
+        f"`/ws` client publishes {cfg.missed} publications (pipelined; their replies must give "
+        f"consecutive offsets), and all {cfg.members:,} clients reconnect at once (no limit on "
+        "concurrent handshakes), each sending `subscribe` with `recover: {offset, epoch}` as "
+        "soon as its handshake is done. The time until all is from the start of the reconnects "
+        "to the moment the last client had both its reply and every missed publication; p50 "
+        "and p99 are the same per client. Every client checks the reply (`recovered: true`, "
+        f"`replayed: {cfg.missed}`, the epoch it knew), every replayed frame against the exact "
+        "bytes expected (one dict lookup), and that offsets grow strictly (a frame not newer "
+        "than the last counts as a duplicate); lost = missed publications that never came "
+        f"within {max(60.0, cfg.drain_timeout):g} s (or {cfg.idle_timeout:g} s without "
+        "progress). The time includes the "
+        f"{cfg.members:,} WebSocket handshakes, which cost both sides most of it (picows's "
+        "`ws_connect` alone takes about 200 µs of client CPU per connection). The server runs "
+        "with its default history of 256 publications per channel (`ROOMCAST_HISTORY_SIZE`)."
+    )
+    return {"channel": [channel], "recovery": [recovery]}

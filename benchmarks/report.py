@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,7 +33,8 @@ class MetricSpec:
 
     ``better`` says which direction is good ("" = no ratio is shown); ``agg`` says how repeats
     are combined ("max" for counts of failures, so one bad repeat shows; "text" for a verbal
-    figure, whose distinct values are all shown).
+    figure, whose distinct values are all shown). ``section`` names the report section of a
+    figure that is not in the main results table (the /ws scenarios, roomcast only).
     """
 
     key: str
@@ -42,6 +43,7 @@ class MetricSpec:
     better: Better
     digits: int
     agg: Agg = "median"
+    section: str = ""
 
 
 def _echo(n: str, name: str) -> list[MetricSpec]:
@@ -57,9 +59,15 @@ def _echo(n: str, name: str) -> list[MetricSpec]:
 
 
 def metric_specs(
-    echo_conns: int, members: int, idle_counts: Sequence[int], connect_clients: int
+    echo_conns: int,
+    members: int,
+    idle_counts: Sequence[int],
+    connect_clients: int,
+    messages: int = 200,
+    missed: int = 100,
 ) -> list[MetricSpec]:
-    """Return every figure of the results table, labelled with this run's sizes."""
+    """Return every figure of the results table and of the /ws sections, labelled with this
+    run's sizes."""
     chat = f"chat, {members:,} members:"
     stall = "chat + 1 stalled member:"
     conn = f"new connections ({connect_clients} clients):"
@@ -101,7 +109,81 @@ def metric_specs(
                 MetricSpec(mem_key(app, n), f"{head} RSS per connection", "KiB", "lower", 1),
                 MetricSpec(mem_key(app, n, "mib"), f"{head} server RSS", "MiB", "lower", 1),
             ]
-    return specs
+    return specs + ws_specs(members, messages, missed)
+
+
+#: The servers with the /ws protocol, i.e. the columns of the /ws sections.
+WS_ROLES = ("roomcast", "roomcast-asgi")
+#: The bar for roomcast's /ws fan-out, as a share of its own /ws/chat fan-out.
+CHANNEL_BAR = 0.90
+
+
+def ws_specs(members: int, messages: int, missed: int) -> list[MetricSpec]:
+    """Return the figures of the /ws channel fan-out and recovery sections."""
+
+    def ch(key: str, label: str, unit: str, better: Better, digits: int, agg: Agg = "median"):
+        return MetricSpec(f"channel.{key}", label, unit, better, digits, agg, "channel")
+
+    def rc(key: str, label: str, unit: str, better: Better, digits: int, agg: Agg = "median"):
+        return MetricSpec(f"recovery.{key}", label, unit, better, digits, agg, "recovery")
+
+    return [
+        ch(
+            "rel",
+            "/ws fan-out ÷ chat fan-out, deliveries/s (medians)",
+            "×",
+            "higher",
+            2,
+        ),
+        ch("dps", f"/ws: deliveries ({members:,} subscribers × {messages})", "/s", "higher", 0),
+        ch("chat_dps", f"chat: deliveries ({members:,} members × {messages})", "/s", "higher", 0),
+        ch("pairs", "pairs of runs (chat + /ws) behind these medians", "", "", 0, "max"),
+        ch("p50_ms", "/ws: p50 publish → last subscriber", "ms", "lower", 1),
+        ch("p99_ms", "/ws: p99 publish → last subscriber", "ms", "lower", 1),
+        ch("chat_p50_ms", "chat: p50 send → last member", "ms", "lower", 1),
+        ch("chat_p99_ms", "chat: p99 send → last member", "ms", "lower", 1),
+        ch("lost", "/ws: lost deliveries", "", "", 0, "max"),
+        ch("chat_lost", "chat: lost deliveries", "", "", 0, "max"),
+        ch(
+            "errors",
+            "/ws: errors (offset order, channel, content, failed requests)",
+            "",
+            "",
+            0,
+            "max",
+        ),
+        ch("server", "/ws: server CPU", "%", "", 0),
+        ch("chat_server", "chat: server CPU", "%", "", 0),
+        ch("srv_us", "/ws: server CPU per delivery", "µs", "lower", 2),
+        ch("chat_srv_us", "chat: server CPU per delivery", "µs", "lower", 2),
+        ch("loadgen", "/ws: load generator CPU", "%", "", 0),
+        ch("chat_loadgen", "chat: load generator CPU", "%", "", 0),
+        ch("lg_us", "/ws: load generator CPU per delivery", "µs", "", 2),
+        ch("chat_lg_us", "chat: load generator CPU per delivery", "µs", "", 2),
+        rc(
+            "total_ms",
+            f"time until all {members:,} clients have all {missed} missed",
+            "ms",
+            "lower",
+            0,
+        ),
+        rc("p50_ms", "p50 per client: reconnect start → last missed publication", "ms", "lower", 0),
+        rc("p99_ms", "p99 per client: reconnect start → last missed publication", "ms", "lower", 0),
+        rc("connect_ms", f"all {members:,} reconnected (handshakes done)", "ms", "lower", 0),
+        rc("unrecovered", "replies with recovered: false (or no reply)", "", "", 0, "max"),
+        rc("lost", "missed publications never replayed (lost)", "", "", 0, "max"),
+        rc("duplicates", "publications received twice or out of order", "", "", 0, "max"),
+        rc(
+            "errors",
+            "other errors (error replies, wrong 'replayed', wrong frames)",
+            "",
+            "",
+            0,
+            "max",
+        ),
+        rc("server", "server CPU", "%", "", 0),
+        rc("loadgen", "load generator CPU", "%", "", 0),
+    ]
 
 
 def mem_key(app: str, count: int, kind: str = "kib") -> str:
@@ -210,7 +292,7 @@ def result_rows(results: Results, specs: Sequence[MetricSpec]) -> list[list[str]
     pairs = ratio_pairs(roles)
     rows = []
     for spec in specs:
-        if not results.measured(spec):
+        if spec.section or not results.measured(spec):
             continue
         if spec.agg == "text":
             texts = [results.text(r, spec) for r in roles]
@@ -227,6 +309,48 @@ def result_rows(results: Results, specs: Sequence[MetricSpec]) -> list[list[str]
             ]
         )
     return rows
+
+
+def section_roles(results: Results, specs: Sequence[MetricSpec], section: str) -> list[str]:
+    """Return the /ws servers with any figure of ``section``, in column order."""
+    keys = [s.key for s in specs if s.section == section]
+    return [r for r in WS_ROLES if any(results.samples.get((r, k)) for k in keys)]
+
+
+def section_table(
+    results: Results, specs: Sequence[MetricSpec], section: str
+) -> tuple[list[str], list[list[str]]]:
+    """Return the header and rows of a /ws section's table (one column per /ws server)."""
+    roles = section_roles(results, specs, section)
+    header = ["figure", "unit", *(ROLE_TITLES[r] for r in roles)]
+    rows = []
+    for spec in specs:
+        if spec.section != section or not any(results.samples.get((r, spec.key)) for r in roles):
+            continue
+        better = {"higher": " ↑", "lower": " ↓"}.get(spec.better, "")
+        cells = [fmt(results.value(role, spec), spec.digits) for role in roles]
+        rows.append([spec.label, spec.unit + better, *cells])
+    return header, rows
+
+
+def channel_headline(results: Results) -> str | None:
+    """Return the /ws ÷ chat fan-out ratio of every /ws server, roomcast's against its bar."""
+    parts = []
+    for role in WS_ROLES:
+        rel = results.key_value(role, "channel.rel")
+        if rel is None:
+            if results.samples.get((role, "channel.dps")):
+                parts.append(f"{role} — (no complete pair)")
+            continue
+        if role == "roomcast":
+            verdict_text = "met" if rel >= CHANNEL_BAR else "NOT met"
+            parts.append(f"**{role} {rel:.2f}×** (the bar is ≥ {CHANNEL_BAR:.2f}×: {verdict_text})")
+        else:
+            parts.append(f"{role} {rel:.2f}×")
+    if not parts:
+        return None
+    head = "/ws fan-out ÷ chat fan-out, median deliveries/s of the paired runs: "
+    return head + "; ".join(parts)
 
 
 @dataclass
@@ -382,6 +506,47 @@ def judge_targets(
             busy("connect.loadgen", ("roomcast", "baseline")),
         )
     )
+    # The /ws channel protocol's targets (roomcast only: the other servers have no /ws).
+    rel = val("roomcast", "channel.rel")
+    clost, cerr = val("roomcast", "channel.lost"), val("roomcast", "channel.errors")
+    met = None
+    if rel is not None and clost is not None and cerr is not None:
+        met = rel >= CHANNEL_BAR and clost == 0 and cerr == 0
+    targets.append(
+        Target(
+            f"roomcast: /ws channel fan-out deliveries/s ≥ {CHANNEL_BAR:.2f}× its own /ws/chat "
+            "fan-out (paired runs), 0 lost, offsets strictly increasing",
+            f"{fmt_ratio(rel)} ({fmt(val('roomcast', 'channel.dps'))}/s vs "
+            f"{fmt(val('roomcast', 'channel.chat_dps'))}/s); lost {fmt(clost)}, errors "
+            f"{fmt(cerr)}",
+            met,
+            ", ".join(
+                x
+                for x in (
+                    busy("channel.loadgen", ("roomcast",), " /ws"),
+                    busy("channel.chat_loadgen", ("roomcast",), " chat"),
+                )
+                if x
+            ),
+        )
+    )
+    counts = {
+        k: val("roomcast", f"recovery.{k}") for k in ("unrecovered", "lost", "duplicates", "errors")
+    }
+    total = val("roomcast", "recovery.total_ms")
+    met = None
+    if None not in counts.values():
+        met = total is not None and all(v == 0 for v in counts.values())
+    targets.append(
+        Target(
+            "roomcast: /ws recovery, every client reconnecting at once gets every missed "
+            "publication: all replies recovered: true, 0 lost, 0 duplicates",
+            f"all recovered in {fmt(total)} ms; recovered: false {fmt(counts['unrecovered'])}, "
+            f"lost {fmt(counts['lost'])}, duplicates {fmt(counts['duplicates'])}, errors "
+            f"{fmt(counts['errors'])}",
+            met,
+        )
+    )
     return targets
 
 
@@ -493,6 +658,14 @@ def print_console(
     target_rows = [[t.text, t.measured, verdict(t)] for t in targets]
     ceiling = ceiling_rows(results)
     deflate = deflate_rows(results.deflate)
+    sections = [
+        (title, headline, *section_table(results, specs, key))
+        for key, title, headline in (
+            ("channel", WS_SECTION_TITLES["channel"], channel_headline(results)),
+            ("recovery", WS_SECTION_TITLES["recovery"], None),
+        )
+    ]
+    sections = [s for s in sections if s[3]]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -500,6 +673,12 @@ def print_console(
         printer(markdown_table(header, rows))
         printer("")
         printer(markdown_table(TARGET_HEADER, target_rows))
+        for title, headline, head, body in sections:
+            printer("")
+            printer(f"{title} (roomcast servers only: the others have no /ws)")
+            if headline:
+                printer(headline.replace("**", ""))
+            printer(markdown_table(head, body))
         if ceiling:
             printer("")
             printer(markdown_table(CEILING_HEADER, ceiling))
@@ -530,12 +709,40 @@ def print_console(
         style = {True: "green", False: "bold red", None: "yellow"}[t.met]
         ttable.add_row(row[0], row[1], f"[{style}]{row[2]}[/{style}]")
     console.print(ttable)
+    for title, headline, head, body in sections:
+        show(f"{title} (roomcast servers only: the others have no /ws)", head, body)
+        if headline:
+            console.print(headline.replace("**", ""), markup=False)
     if ceiling:
         show("load generator ceiling (minimal picows server)", CEILING_HEADER, ceiling)
     if deflate:
         show("permessage-deflate, compressing a broadcast once", DEFLATE_HEADER, deflate)
     for note in results.notes:
         console.print(f"note: {note}", markup=False)
+
+
+#: Titles of the /ws sections, by scenario.
+WS_SECTION_TITLES = {
+    "channel": "/ws channel fan-out",
+    "recovery": "/ws recovery after a reconnect",
+}
+
+
+def ws_sections_markdown(
+    results: Results, specs: Sequence[MetricSpec], ws_text: Mapping[str, Sequence[str]]
+) -> list[str]:
+    """Return the /ws sections (those measured): headline, method paragraph and table."""
+    parts: list[str] = []
+    for key, title in WS_SECTION_TITLES.items():
+        header, rows = section_table(results, specs, key)
+        if not rows:
+            continue
+        parts += [f"## {title}", ""]
+        headline = channel_headline(results) if key == "channel" else None
+        if headline:
+            parts += [headline + ".", ""]
+        parts += [*ws_text.get(key, ()), "", markdown_table(header, rows), ""]
+    return parts
 
 
 def render_markdown(
@@ -545,8 +752,9 @@ def render_markdown(
     how_it_was_run: Sequence[str],
     scenario_text: Sequence[str],
     deflate_text: Sequence[str],
+    ws_text: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
-    """Return the full docs/benchmarks.md text."""
+    """Return the full docs/benchmarks.md text (``ws_text``: the /ws sections' prose)."""
     targets = judge_targets(results, specs, idle_counts)
     roles = results.roles()
     ratios = ", ".join(f"{a} ÷ {b}" for a, b in ratio_pairs(roles)) or "none"
@@ -584,6 +792,7 @@ def render_markdown(
         "",
         markdown_table(TARGET_HEADER, [[t.text, t.measured, verdict(t)] for t in targets]),
         "",
+        *ws_sections_markdown(results, specs, ws_text or {}),
     ]
     ceiling = ceiling_rows(results)
     if ceiling:

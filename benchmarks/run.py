@@ -18,12 +18,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from benchconfig import SCENARIOS, Config
+from benchconfig import SCENARIOS, WS_ROLES, Config
+from channel import ChannelConfig, ChannelResult, run_channel
 from chat import ChatConfig, ChatResult, run_chat, run_cut_check
 from connect import ConnectResult, run_connect
 from deflate import run_deflate
-from describe import deflate_text, how_it_was_run, scenario_text
-from loadgen import EchoResult, background_load, run_echo, run_idle
+from describe import deflate_text, how_it_was_run, scenario_text, ws_section_text
+from loadgen import EchoResult, Usage, background_load, run_echo, run_idle
+from recovery import RecoveryConfig, RecoveryResult, run_recovery
 from report import (
     ROLES,
     Results,
@@ -51,6 +53,7 @@ QUIET_WAIT_BUDGET_S = 120.0  # the most a whole invocation waits for quiet
 NOISY_OTHER = 0.25  # cores used by others during a run above which the run is called noisy
 BUSY_LOADGEN = 0.9  # load generator CPU share above which it may have been the bottleneck
 DEFAULT_OUTPUT = REPO_DIR / "docs" / "benchmarks.md"
+MAX_MISSED = 256  # ROOMCAST_HISTORY_SIZE's default: recovery beyond it cannot be complete
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -71,7 +74,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         default=",".join(SCENARIOS),
         help="comma-separated scenarios among: "
         + ", ".join(SCENARIOS)
-        + " (chat runs the plain fan-out and the one with a stalled member)",
+        + " (chat runs the plain fan-out and the one with a stalled member; channel and "
+        "recovery use /ws and run on the roomcast servers only)",
     )
     p.add_argument(
         "--servers",
@@ -87,8 +91,28 @@ def parse_args(argv: Sequence[str]) -> Config:
     )
     p.add_argument("--warmup", type=float, help="echo, connect: unmeasured seconds first (0.5)")
     p.add_argument("--echo-conns", type=int, default=64, help="echo: the many-connection case")
-    p.add_argument("--members", type=int, help="chat: members (1000)")
-    p.add_argument("--messages", type=int, help="chat: measured 64-byte messages (200)")
+    p.add_argument(
+        "--members", type=int, help="chat: members, channel: subscribers, recovery: clients (1000)"
+    )
+    p.add_argument("--messages", type=int, help="chat, channel: measured 64-byte messages (200)")
+    p.add_argument(
+        "--publish-window",
+        type=int,
+        default=256,
+        help="channel: most publish requests left unanswered by the publisher (256)",
+    )
+    p.add_argument(
+        "--channel-pairs",
+        type=int,
+        help="channel: chat + /ws fan-out pairs per server and repeat, the medians kept (5)",
+    )
+    p.add_argument(
+        "--missed",
+        type=int,
+        default=100,
+        help="recovery: publications made while the clients are away (100, at most 256: the "
+        "server's default history size)",
+    )
     p.add_argument(
         "--fill-messages",
         type=int,
@@ -141,6 +165,10 @@ def parse_args(argv: Sequence[str]) -> Config:
         p.error(f"unknown server(s): {', '.join(sorted(wanted - set(ROLES)))}")
     if not wanted:
         p.error("--servers names no server")
+    if not 1 <= a.missed <= MAX_MISSED:
+        p.error(f"--missed must be 1 to {MAX_MISSED} (the server's default history size)")
+    if a.publish_window < 1:
+        p.error("--publish-window must be at least 1")
     quick = a.quick
     idle_counts = a.idle_conns or ((500, 1000) if quick else (2000, 5000))
     if not idle_counts or min(idle_counts) <= 0:
@@ -167,8 +195,21 @@ def parse_args(argv: Sequence[str]) -> Config:
         output=None if a.no_write else a.output,
         wait_quiet=not a.no_wait_quiet,
         quick=quick,
+        publish_window=a.publish_window,
+        missed=a.missed,
+        channel_pairs=max(1, a.channel_pairs or (1 if quick else 5)),
     )
     return cfg
+
+
+def per_delivery_us(usage: Usage, delivered: int) -> tuple[float | None, float | None]:
+    """Return the server's and the load generator's CPU per delivery, in µs."""
+    if not delivered:
+        return None, None
+    return (
+        usage.server * usage.wall_s / delivered * 1e6,
+        usage.loadgen_cpu_s / delivered * 1e6,
+    )
 
 
 def raise_fd_limit(needed: int) -> int:
@@ -195,6 +236,11 @@ class Bench:
         self.cfg = cfg
         self.results = Results()
         self.quiet_budget = QUIET_WAIT_BUDGET_S if cfg.wait_quiet else 0.0
+        #: The chat runs paired with /ws fan-out runs, by (role, label): what they are
+        #: compared with.
+        self.chat_refs: dict[tuple[str, str], ChatResult] = {}
+        #: The /ws fan-out runs and their per-run records, by (role, label).
+        self.ws_refs: dict[tuple[str, str], tuple[ChannelResult, RunRecord]] = {}
 
     async def wait_for_quiet(self) -> None:
         """Wait (within the run's budget) until other work on the machine has calmed down."""
@@ -297,8 +343,12 @@ class Bench:
             )
         )
 
-    async def chat(self, repeat: int, role: str, with_staller: bool) -> None:
-        """One chat fan-out on a fresh server (a stalled member too if ``with_staller``)."""
+    async def chat(self, repeat: int, role: str, with_staller: bool, pair_label: str = "") -> None:
+        """One chat fan-out on a fresh server (a stalled member too if ``with_staller``).
+
+        With ``pair_label`` it is the chat half of a /ws-versus-chat pair: recorded apart from
+        the chat scenario's figures, for the /ws fan-out run of the same label.
+        """
         cfg = self.cfg
         ccfg = ChatConfig(
             members=cfg.members,
@@ -310,15 +360,25 @@ class Bench:
         )
         spec = server_spec(role, "chat", roomcast_as_baseline=cfg.roomcast_as_baseline)
         async with running_server(spec) as server:
-            res = await run_chat(HOST, spec.port, "/ws/chat", ccfg, server.cpu_seconds, server.stop)
-        self.record_chat(role, repeat, res)
+            res = await run_chat(
+                HOST, spec.port, "/ws/chat", ccfg, server.cpu_seconds_precise, server.stop
+            )
+        if pair_label:
+            self.chat_refs[(role, pair_label)] = res
+            self.record_chat(role, repeat, res, "chat_ws", pair_label)
+        else:
+            self.record_chat(role, repeat, res)
 
-    def record_chat(self, role: str, repeat: int, res: ChatResult, key: str = "") -> None:
+    def record_chat(
+        self, role: str, repeat: int, res: ChatResult, key: str = "", label: str = ""
+    ) -> None:
         """Store one chat run's figures (and the stalled/unstalled ratio when both exist)."""
         r = self.results
         key = key or ("stall" if res.with_staller else "chat")
         per_delivery = res.usage.loadgen_cpu_s / res.delivered if res.delivered else None
+        server_per = res.usage.server * res.usage.wall_s / res.delivered if res.delivered else None
         r.add(role, f"{key}.loadgen", res.usage.loadgen * 100)
+        r.add(role, f"{key}.srv_us", None if server_per is None else server_per * 1e6)
         r.add(role, f"{key}.lg_us", None if per_delivery is None else per_delivery * 1e6)
         r.add(role, f"{key}.dps", res.dps)
         r.add(role, f"{key}.p50_ms", res.p50_ms)
@@ -362,12 +422,161 @@ class Bench:
         scenario = f"chat, {res.members:,} members" + (" + 1 stalled" if res.with_staller else "")
         if key == "chat_each":
             scenario += ", one write per message"
+        elif key == "chat_ws":
+            scenario += " (paired with /ws)"
         r.runs.append(
             RunRecord(
                 scenario,
                 role,
-                str(repeat + 1),
+                label or str(repeat + 1),
                 summary,
+                res.usage.server,
+                res.usage.loadgen,
+                "; ".join(notes),
+                res.usage.other,
+            )
+        )
+
+    async def channel(self, repeat: int, role: str, label: str) -> None:
+        """The /ws fan-out on a fresh server (compared with the chat run of the same label)."""
+        cfg = self.cfg
+        ccfg = ChannelConfig(
+            members=cfg.members,
+            messages=cfg.messages,
+            window=cfg.publish_window,
+            drain_timeout_s=cfg.drain_timeout,
+            idle_timeout_s=cfg.idle_timeout,
+        )
+        spec = server_spec(role, "ws")
+        async with running_server(spec) as server:
+            res = await run_channel(HOST, spec.port, ccfg, server.cpu_seconds_precise, server.stop)
+        self.record_channel(role, label, res)
+
+    def record_channel(self, role: str, label: str, res: ChannelResult) -> None:
+        """Store one /ws fan-out run's figures (its ratio comes with :meth:`record_pair`)."""
+        r = self.results
+        srv_us, lg_us = per_delivery_us(res.usage, res.delivered)
+        r.add(role, "channel.dps", res.dps)
+        r.add(role, "channel.p50_ms", res.p50_ms)
+        r.add(role, "channel.p99_ms", res.p99_ms)
+        r.add(role, "channel.lost", res.lost)
+        r.add(role, "channel.errors", res.errors)
+        r.add(role, "channel.server", res.usage.server * 100)
+        r.add(role, "channel.loadgen", res.usage.loadgen * 100)
+        r.add(role, "channel.srv_us", srv_us)
+        r.add(role, "channel.lg_us", lg_us)
+        notes = [f"{res.delivered:,}/{res.expected:,} delivered"]
+        if res.outcome != "done":
+            notes.append(f"STOPPED ({res.outcome})")
+        notes.append(f"{res.frame_bytes} bytes per publication frame; publish window {res.window}")
+        if srv_us is not None and lg_us is not None:
+            notes.append(f"CPU per delivery: server {srv_us:.2f} µs, loadgen {lg_us:.2f} µs")
+        if res.errors:
+            notes.append(
+                f"errors: {res.order_errors} offsets not increasing, {res.wrong_channel} wrong "
+                f"channel, {res.mismatched} wrong publications, {res.unexpected} unexpected "
+                f"frames, {res.subscribe_errors} failed subscribes, {res.publish_errors} failed "
+                "publishes"
+            )
+        if res.slow_hits:
+            notes.append(f"{res.slow_hits:,} deliveries took the slow path")
+        notes.append(f"connect + subscribe {res.connect_s:.1f} s")
+        record = RunRecord(
+            f"/ws fan-out, {res.members:,} subscribers",
+            role,
+            label,
+            f"{res.dps:,.0f} deliveries/s, p50 {fmt(res.p50_ms, 1)} ms, "
+            f"p99 {fmt(res.p99_ms, 1)} ms, lost {res.lost:,}, errors {res.errors:,}",
+            res.usage.server,
+            res.usage.loadgen,
+            "; ".join(notes),
+            res.usage.other,
+        )
+        r.runs.append(record)
+        self.ws_refs[(role, label)] = (res, record)
+
+    def record_pair(self, role: str, label: str) -> None:
+        """Store the /ws ÷ chat ratio of one pair, and the chat run's figures beside it."""
+        pair = self.ws_refs.get((role, label))
+        chat = self.chat_refs.get((role, label))
+        if pair is None or chat is None:
+            return
+        ws, record = pair
+        r = self.results
+        rel = ws.dps / chat.dps if chat.dps and ws.dps else None
+        srv_us, lg_us = per_delivery_us(chat.usage, chat.delivered)
+        r.add(role, "channel.chat_dps", chat.dps)
+        r.add(role, "channel.chat_p50_ms", chat.p50_ms)
+        r.add(role, "channel.chat_p99_ms", chat.p99_ms)
+        r.add(role, "channel.chat_lost", chat.lost)
+        r.add(role, "channel.chat_server", chat.usage.server * 100)
+        r.add(role, "channel.chat_loadgen", chat.usage.loadgen * 100)
+        r.add(role, "channel.chat_srv_us", srv_us)
+        r.add(role, "channel.chat_lg_us", lg_us)
+        if rel is not None:
+            record.notes += f"; ÷ the chat run {label} ({chat.dps:,.0f}/s): {rel:.2f}×"
+
+    def record_channel_ratios(self) -> None:
+        """Store each /ws server's median /ws fan-out ÷ its median paired chat fan-out."""
+        r = self.results
+        for role in WS_ROLES:
+            ws, chat = r.key_value(role, "channel.dps"), r.key_value(role, "channel.chat_dps")
+            if ws and chat:
+                r.add(role, "channel.rel", ws / chat)
+                r.add(role, "channel.pairs", len(r.samples[(role, "channel.chat_dps")]))
+
+    async def recovery(self, repeat: int, role: str) -> None:
+        """Subscribe, leave, miss publications, reconnect all at once and recover (/ws)."""
+        cfg = self.cfg
+        rcfg = RecoveryConfig(
+            clients=cfg.members,
+            missed=cfg.missed,
+            window=cfg.publish_window,
+            timeout_s=max(60.0, cfg.drain_timeout),
+            idle_timeout_s=cfg.idle_timeout,
+        )
+        spec = server_spec(role, "ws")
+        async with running_server(spec) as server:
+            res = await run_recovery(HOST, spec.port, rcfg, server.cpu_seconds_precise, server.stop)
+        self.record_recovery(role, repeat, res)
+
+    def record_recovery(self, role: str, repeat: int, res: RecoveryResult) -> None:
+        """Store one recovery run's figures."""
+        r = self.results
+        r.add(role, "recovery.total_ms", None if res.total_s is None else res.total_s * 1e3)
+        r.add(role, "recovery.connect_ms", None if res.connect_s is None else res.connect_s * 1e3)
+        r.add(role, "recovery.p50_ms", res.p50_ms)
+        r.add(role, "recovery.p99_ms", res.p99_ms)
+        r.add(role, "recovery.unrecovered", res.recovered_false + (res.clients - res.replies))
+        r.add(role, "recovery.lost", res.lost)
+        r.add(role, "recovery.duplicates", res.duplicates)
+        r.add(role, "recovery.errors", res.errors + res.replayed_wrong + res.before_reply)
+        r.add(role, "recovery.server", res.usage.server * 100)
+        r.add(role, "recovery.loadgen", res.usage.loadgen * 100)
+        notes = [
+            f"{res.completed:,}/{res.clients:,} clients recovered everything",
+            f"replies {res.replies:,} ({res.recovered_false} recovered:false, "
+            f"{res.replayed_wrong} with a wrong 'replayed')",
+        ]
+        if res.outcome != "done":
+            notes.append(f"STOPPED ({res.outcome})")
+        if res.before_reply:
+            notes.append(f"{res.before_reply} publications ahead of their subscribe reply")
+        if res.errors:
+            notes.append(f"{res.errors} errors, first: {res.first_error}")
+        if res.slow_hits:
+            notes.append(f"{res.slow_hits:,} replays missed the exact-bytes fast path")
+        notes.append(f"every first connection gone {res.gone_s * 1e3:.0f} ms after closing")
+        total = "—" if res.total_s is None else f"{res.total_s * 1e3:,.0f} ms"
+        r.runs.append(
+            RunRecord(
+                f"/ws recovery, {res.clients:,} clients × {res.missed} missed",
+                role,
+                str(repeat + 1),
+                f"all recovered in {total} (handshakes done at "
+                f"{fmt(None if res.connect_s is None else res.connect_s * 1e3)} ms), "
+                f"recovered:false {res.recovered_false}, lost {res.lost:,}, "
+                f"duplicates {res.duplicates:,}",
                 res.usage.server,
                 res.usage.loadgen,
                 "; ".join(notes),
@@ -547,6 +756,58 @@ class Bench:
 
                 await self.guarded("ceiling: connect", "reference", "1", connect_body)
 
+    async def ws_scenarios(self, repeat: int, order: Sequence[str]) -> None:
+        """The /ws channel fan-out and recovery, on the roomcast servers only."""
+        cfg = self.cfg
+        wanted = [s for s in ("channel", "recovery") if s in cfg.only]
+        if not wanted:
+            return
+        roles = [role for role in order if role in WS_ROLES]
+        if cfg.roomcast_as_baseline or not roles:
+            if repeat == 0:
+                why = (
+                    "the roomcast roles run the baseline (--roomcast-as-baseline)"
+                    if cfg.roomcast_as_baseline
+                    else "no roomcast server was selected"
+                )
+                self.results.notes.append(
+                    f"{' and '.join(wanted)} not run: only roomcast has /ws, and {why}."
+                )
+                print(f"  {', '.join(wanted)}: skipped ({why})")
+            return
+        for role in roles:
+            if "channel" not in wanted:
+                break
+            # Pairs of a chat and a /ws fan-out, each on a fresh server, back to back and in
+            # ABBA order: a single fan-out burst varies by tens of percent from run to run, so
+            # the ratio is taken between medians.
+            for i in range(cfg.channel_pairs):
+                label = f"{repeat + 1}.{i + 1}"
+                for kind in ("chat", "ws") if i % 2 == 0 else ("ws", "chat"):
+                    if kind == "chat":
+                        await self.guarded(
+                            "chat (paired with /ws)",
+                            role,
+                            label,
+                            functools.partial(self.chat, repeat, role, False, label),
+                        )
+                    else:
+                        await self.guarded(
+                            "/ws channel fan-out",
+                            role,
+                            label,
+                            functools.partial(self.channel, repeat, role, label),
+                        )
+                self.record_pair(role, label)
+        for role in roles:
+            if "recovery" in wanted:
+                await self.guarded(
+                    "/ws recovery",
+                    role,
+                    str(repeat + 1),
+                    functools.partial(self.recovery, repeat, role),
+                )
+
     async def deflate(self) -> None:
         """The permessage-deflate micro-benchmark (no server involved)."""
         print("  permessage-deflate micro-benchmark ...", end="", flush=True)
@@ -568,15 +829,16 @@ class Bench:
             if "echo" in cfg.only:
                 await self.echo(repeat, order)
             for with_staller in (False, True):
-                if "chat" not in cfg.only:
-                    continue
-                for role in order:
-                    await self.guarded(
-                        "chat" + (" + stalled member" if with_staller else ""),
-                        role,
-                        str(repeat + 1),
-                        functools.partial(self.chat, repeat, role, with_staller),
-                    )
+                if "chat" in cfg.only:
+                    for role in order:
+                        await self.guarded(
+                            "chat" + (" + stalled member" if with_staller else ""),
+                            role,
+                            str(repeat + 1),
+                            functools.partial(self.chat, repeat, role, with_staller),
+                        )
+                if not with_staller:  # /ws right after the chat runs it is compared with
+                    await self.ws_scenarios(repeat, order)
             if "chat" in cfg.only:
                 for role in order:
                     await self.guarded(
@@ -604,6 +866,7 @@ class Bench:
                         )
         if "deflate" in cfg.only:
             await self.deflate()
+        self.record_channel_ratios()
         return self.results
 
 
@@ -694,7 +957,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     wall = time.perf_counter() - start
     auto_notes(cfg, results)
-    specs = metric_specs(cfg.echo_conns, cfg.members, cfg.idle_counts, cfg.connect_clients)
+    specs = metric_specs(
+        cfg.echo_conns,
+        cfg.members,
+        cfg.idle_counts,
+        cfg.connect_clients,
+        cfg.messages,
+        cfg.missed,
+    )
     print_console(results, specs, cfg.idle_counts)
     print(f"took {wall:.0f} s; server logs in {log_dir()}")
     if cfg.output is not None:
@@ -705,6 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             how_it_was_run(cfg, args, pinned, wall, fd_limit, node_version),
             scenario_text(cfg),
             deflate_text(),
+            ws_section_text(cfg),
         )
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         cfg.output.write_text(text)
