@@ -9,9 +9,12 @@ with 4008 and never slows the others.
 Recovery without gaps or duplicates: a new subscription starts *pending*. Publications that
 arrive while the node is still asking the broker for the channel's position or history are
 kept in the subscription's pending list. When the answer comes, the reply goes out, then the
-replayed publications, then the pending ones newer than the last replayed, and from then on the
-live ones. Every subscription remembers the last offset it was sent and skips anything not
-newer, so the switch from replay to live can neither repeat nor skip a publication.
+replayed publications, then the pending ones newer than the last replayed. The subscription
+then *catches up*: it is sent each publication newer than the last one it got, until the first
+such one, after which (publications reach a node in offset order) nothing older can arrive any
+more and it joins the channel's *live* members. The live fan-out is as lean as a chat room's:
+the channel drops a publication it has already delivered, and writes each new one, framed once,
+to every live member, with no check per member.
 """
 
 from __future__ import annotations
@@ -108,6 +111,29 @@ class Subscription:
         self.pending: list[tuple[int, bytes]] | None = []
 
 
+class LocalChannel:
+    """A channel with subscribers on this node."""
+
+    __slots__ = ("catching", "delivered", "epoch", "live", "subscriptions")
+
+    def __init__(self) -> None:
+        #: Every local subscription, in the order they were made.
+        self.subscriptions: dict[str, Subscription] = {}
+        #: The outboxes of the subscriptions that are live (the fan-out's hot loop).
+        self.live: dict[str, Member] = {}
+        #: Subscriptions pending or catching up (checked one by one).
+        self.catching: dict[str, Subscription] = {}
+        #: The highest offset this node has delivered on the channel.
+        self.delivered = 0
+        #: The epoch the broker gave for the channel.
+        self.epoch: str | None = None
+
+    def forget(self, client: str) -> None:
+        """Stop delivering to ``client`` (the subscription itself may stay a moment longer)."""
+        self.live.pop(client, None)
+        self.catching.pop(client, None)
+
+
 class Node:
     """The ``/ws`` side of one process; the broker's :class:`~roomcast.brokers.Sink`."""
 
@@ -115,10 +141,8 @@ class Node:
         self.settings = settings
         self.broker = broker
         self.clients: dict[str, Client] = {}
-        #: channel -> client id -> subscription, for the channels with a local subscriber.
-        self.local: dict[str, dict[str, Subscription]] = {}
-        #: The epoch of each channel in ``local``, as the broker last said.
-        self.epochs: dict[str, str] = {}
+        #: The channels with a local subscriber.
+        self.local: dict[str, LocalChannel] = {}
         self._resync: asyncio.Task[None] | None = None
         self._writers: set[asyncio.Task[None]] = set()
         self.channel_name = channel_pattern(settings.channel_max_length)
@@ -280,19 +304,21 @@ class Node:
 
         subscription = Subscription(client, channel, join_leave)
         client.subscriptions[channel] = subscription
-        subscribers = self.local.get(channel)
+        local = self.local.get(channel)
         try:
-            if subscribers is None:
-                subscribers = self.local[channel] = {}
-                subscribers[client.id] = subscription
+            if local is None:
+                local = self.local[channel] = LocalChannel()
+                local.subscriptions[client.id] = subscription
+                local.catching[client.id] = subscription
                 await self.broker.subscribe(channel)
             else:
-                subscribers[client.id] = subscription
+                local.subscriptions[client.id] = subscription
+                local.catching[client.id] = subscription
             replay: list[bytes] = []
             if recover_offset is None:
                 position = await self.broker.position(channel)
                 epoch, top = position.epoch, position.offset
-                self.epochs[channel] = epoch
+                local.epoch = epoch
                 result = orjson.dumps({"epoch": epoch, "offset": top})
                 subscription.offset = top
             else:
@@ -313,7 +339,7 @@ class Node:
                     )
                     replay = [frame for _, frame in page.publications]
                 epoch, top = page.epoch, page.offset
-                self.epochs[channel] = epoch
+                local.epoch = epoch
                 result = orjson.dumps(
                     {"epoch": epoch, "offset": top, "recovered": recovered, "replayed": len(replay)}
                 )
@@ -329,6 +355,8 @@ class Node:
         await self.broker.emit(channel, event_frame("join", channel, client.info), client.id)
 
         def go_live() -> None:
+            if client.subscriptions.get(channel) is not subscription:
+                return  # the client was closed meanwhile
             for frame in replay:
                 client.send(frame, force=True)
             pending = subscription.pending or ()
@@ -337,6 +365,10 @@ class Node:
                 if offset > subscription.offset:
                     subscription.offset = offset
                     client.send(frame)
+            if local.delivered >= subscription.offset and client.member.active:
+                # Nothing it already has can still arrive: straight to the live members.
+                del local.catching[client.id]
+                local.live[client.id] = client.member
 
         return result, go_live
 
@@ -355,6 +387,10 @@ class Node:
         """
         if not client.subscriptions:
             return
+        for channel in client.subscriptions:
+            local = self.local.get(channel)
+            if local is not None:
+                local.forget(client.id)
         task = asyncio.get_running_loop().create_task(
             self._drop_all(client), name=f"roomcast-leave-{client.id}"
         )
@@ -373,12 +409,12 @@ class Node:
         """End ``client``'s subscription to ``channel`` here and in the broker."""
         if client.subscriptions.pop(channel, None) is None:
             return
-        subscribers = self.local.get(channel)
-        if subscribers is not None:
-            subscribers.pop(client.id, None)
-            if not subscribers:
+        local = self.local.get(channel)
+        if local is not None:
+            local.forget(client.id)
+            local.subscriptions.pop(client.id, None)
+            if not local.subscriptions:
                 del self.local[channel]
-                self.epochs.pop(channel, None)
                 await self.broker.unsubscribe(channel)
         await self.broker.presence_remove(channel, client.id)
         if notify:
@@ -440,23 +476,14 @@ class Node:
 
     def on_publication(self, channel: str, offset: int, frame: bytes) -> None:
         """Fan a publication out to the channel's local subscribers (its frame built once)."""
-        subscribers = self.local.get(channel)
-        if not subscribers:
-            return
+        local = self.local.get(channel)
+        if local is None or offset <= local.delivered:
+            return  # nobody here, or delivered already (a catch-up overlapping the live stream)
+        local.delivered = offset
         ws_frame: bytes | None = None
         message: dict[str, Any] | None = None
-        slow: list[Client] | None = None
-        for subscription in subscribers.values():
-            if offset <= subscription.offset:
-                continue  # already sent (a replay overlapping the live stream)
-            pending = subscription.pending
-            if pending is not None:
-                pending.append((offset, frame))
-                continue
-            subscription.offset = offset
-            member = subscription.client.member
-            if not member.active:
-                continue
+        slow: list[Member] | None = None
+        for member in local.live.values():
             if member.fast:
                 if ws_frame is None:
                     ws_frame = build_frame(OP_TEXT, frame)
@@ -469,17 +496,36 @@ class Node:
                     continue
             if slow is None:
                 slow = []
-            slow.append(subscription.client)
+            slow.append(member)
+        if local.catching:
+            self._deliver_catching(local, offset, frame)
         if slow is not None:
-            for client in slow:
-                self.cut(client)
+            for member in slow:
+                client = self.clients.get(str(member.conn.id))
+                if client is not None:
+                    self.cut(client)
+
+    def _deliver_catching(self, local: LocalChannel, offset: int, frame: bytes) -> None:
+        for subscription in list(local.catching.values()):
+            pending = subscription.pending
+            if pending is not None:
+                pending.append((offset, frame))
+                continue
+            if offset <= subscription.offset:
+                continue  # it had this one from its replay
+            subscription.offset = offset
+            client = subscription.client
+            client.send(frame)
+            # Newer than its starting point: everything older has arrived, so it is live now.
+            if local.catching.pop(client.id, None) is not None and client.member.active:
+                local.live[client.id] = client.member
 
     def on_event(self, channel: str, frame: bytes, client: str) -> None:
         """Push a join/leave event to the channel's subscribers that asked for them."""
-        subscribers = self.local.get(channel)
-        if not subscribers:
+        local = self.local.get(channel)
+        if local is None:
             return
-        for subscription in list(subscribers.values()):
+        for subscription in list(local.subscriptions.values()):
             if (
                 subscription.join_leave
                 and subscription.pending is None
@@ -493,7 +539,11 @@ class Node:
         They are closed with 1012 so that they reconnect and subscribe with ``recover``: the
         reply then says ``recovered: false`` and replays what the new stream holds.
         """
-        for subscription in list(self.local.get(channel, {}).values()):
+        local = self.local.get(channel)
+        if local is None:
+            return
+        local.delivered = 0
+        for subscription in list(local.subscriptions.values()):
             self._restart(subscription.client, f"the history of {channel} was reset")
 
     def _restart(self, client: Client, reason: str) -> None:
@@ -515,27 +565,32 @@ class Node:
 
     async def _catch_up(self) -> None:
         limit = max(1, self.settings.history_size)
-        for channel in list(self.local):
-            subscribers = self.local.get(channel)
-            if not subscribers:
+        for channel, local in list(self.local.items()):
+            # Live members have everything up to `delivered`; catching ones up to their own
+            # offset (never below it); pending ones are being answered by the broker now.
+            marks = [local.delivered] if local.live else []
+            marks += [s.offset for s in local.catching.values() if s.pending is None]
+            if not marks:
                 continue
-            live = [s for s in subscribers.values() if s.pending is None]
-            if not live:
-                continue
-            since = min(s.offset for s in live)
+            since = min(marks)
             try:
                 page = await self.broker.history(channel, since=since, limit=limit)
             except BrokerUnavailable:
                 return  # down again: the next reconnect starts over
-            if page.epoch != self.epochs.get(channel):
+            if self.local.get(channel) is not local:
+                continue
+            if page.epoch != local.epoch:
                 self.on_reset(channel)
                 continue
-            # Subscribers the history no longer covers must recover for themselves.
-            for subscription in live:
-                if subscription.offset < page.start - 1:
-                    self._restart(
-                        subscription.client, "missed publications while the broker was down"
-                    )
+            lost = page.start - 1
+            if since < lost:
+                # The history no longer covers what some subscribers missed: they must recover
+                # for themselves (they will hear recovered: false).
+                for subscription in list(local.subscriptions.values()):
+                    live = subscription.client.id in local.live
+                    mark = local.delivered if live else subscription.offset
+                    if subscription.pending is None and mark < lost:
+                        self._restart(subscription.client, "missed publications the history lost")
             for offset, frame in page.publications:
                 self.on_publication(channel, offset, frame)
 
@@ -544,6 +599,6 @@ class Node:
         return {
             "ws_clients": len(self.clients),
             "ws_channels": len(self.local),
-            "ws_subscriptions": sum(len(subs) for subs in self.local.values()),
+            "ws_subscriptions": sum(len(local.subscriptions) for local in self.local.values()),
             "ws_writer_tasks": len(self._writers),
         }

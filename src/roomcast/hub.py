@@ -53,6 +53,7 @@ class Member:
         "_writers",
         "active",
         "conn",
+        "fast",
         "limit",
         "room",
     )
@@ -78,14 +79,11 @@ class Member:
         self._send_frame: Callable[[bytes], Awaitable[None]] | None = (
             frames["send"] if frames else None
         )
+        #: Whether this member takes prepared frames (roomcast's own transport).
+        self.fast = self._write_frame is not None
         if self._write_frame is None:
             # Plain ASGI: every message goes through the outbox, so keep one writer for life.
             self._start_writer()
-
-    @property
-    def fast(self) -> bool:
-        """Whether this member takes prepared frames (roomcast's own transport)."""
-        return self._write_frame is not None
 
     def offer(self, frame: bytes) -> bool:
         """Write ``frame`` now if nothing is ahead of it and the transport takes it."""
