@@ -19,6 +19,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from helpers import HOST, TIMEOUT, RoomcastServer, ServerFactory, free_port, wait_until
+from redis_server import RedisServer, redis_server_fixture  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "deploy" / "nginx.conf"
@@ -39,16 +40,16 @@ def render(config: str, listen: int, nodes: list[int]) -> str:
     config = config.replace("127.0.0.1:8080", f"{HOST}:{listen}")
     for example, port in zip((8001, 8002, 8003), nodes, strict=True):
         config = config.replace(f"127.0.0.1:{example} ", f"{HOST}:{port} ")
-    assert "8001" not in config, "the example ports changed in the config"
-    assert "8080" not in config, "the example ports changed in the config"
+    for example in ("127.0.0.1:8001 ", "127.0.0.1:8002 ", "127.0.0.1:8003 ", "127.0.0.1:8080;"):
+        assert example not in config, f"{example!r}: the example ports changed in the config"
     return config
 
 
 @pytest.fixture
 def nginx(
-    nginx_binary: str, redis_server: object, server_factory: ServerFactory, tmp_path: Path
+    nginx_binary: str, redis_server: RedisServer, server_factory: ServerFactory, tmp_path: Path
 ) -> Iterator[tuple[int, list[RoomcastServer]]]:
-    env = {"ROOMCAST_BROKER_URL": redis_server.url, "ROOMCAST_API_KEY": "k"}  # type: ignore[attr-defined]
+    env = {"ROOMCAST_BROKER_URL": redis_server.url, "ROOMCAST_API_KEY": "k"}
     nodes = [server_factory(env=env) for _ in range(3)]
     listen = free_port()
     prefix = tmp_path / "nginx"

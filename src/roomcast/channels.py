@@ -318,7 +318,7 @@ class Node:
             if recover_offset is None:
                 position = await self.broker.position(channel)
                 epoch, top = position.epoch, position.offset
-                local.epoch = epoch
+                self._new_epoch(local, epoch, subscription)
                 result = orjson.dumps({"epoch": epoch, "offset": top})
                 subscription.offset = top
             else:
@@ -339,7 +339,7 @@ class Node:
                     )
                     replay = [frame for _, frame in page.publications]
                 epoch, top = page.epoch, page.offset
-                local.epoch = epoch
+                self._new_epoch(local, epoch, subscription)
                 result = orjson.dumps(
                     {"epoch": epoch, "offset": top, "recovered": recovered, "replayed": len(replay)}
                 )
@@ -371,6 +371,15 @@ class Node:
                 local.live[client.id] = client.member
 
         return result, go_live
+
+    def _new_epoch(self, local: LocalChannel, epoch: str, mine: Subscription) -> None:
+        """A subscribe learnt the channel's epoch: if it changed, the others must recover."""
+        if local.epoch is not None and local.epoch != epoch:
+            local.delivered = 0
+            for other in list(local.subscriptions.values()):
+                if other is not mine:
+                    self._restart(other.client, f"the history of {other.channel} was reset")
+        local.epoch = epoch
 
     async def _unsubscribe(self, client: Client, request: Request) -> Outcome:
         channel = self._channel(request)

@@ -326,14 +326,7 @@ class Client:
     async def _resubscribe(self) -> None:
         """After (re)connecting: subscribe again to every channel, recovering from offsets."""
         subscriptions = list(self._subscriptions.values())
-        replies = []
-        for subscription in subscriptions:
-            body: dict[str, Any] = {"channel": subscription.channel}
-            if subscription.join_leave:
-                body["join_leave"] = True
-            if subscription.epoch is not None:
-                body["recover"] = {"offset": subscription.offset, "epoch": subscription.epoch}
-            replies.append(self._send("subscribe", body, subscription))
+        replies = [self._resubscribe_one(subscription) for subscription in subscriptions]
         outcomes = await asyncio.gather(*replies, return_exceptions=True)
         for subscription, outcome in zip(subscriptions, outcomes, strict=True):
             if isinstance(outcome, ConnectionLost | ConnectionClosed):
@@ -348,6 +341,24 @@ class Client:
         self._connected.set()
         if self._first is not None and not self._first.done():
             self._first.set_result(None)
+
+    async def _resubscribe_one(self, subscription: Subscription) -> dict[str, Any]:
+        """Subscribe again with recovery; ``unavailable`` (the server's broker is down for
+        now) is retried with backoff instead of ending the subscription."""
+        attempt = 0
+        while True:
+            body: dict[str, Any] = {"channel": subscription.channel}
+            if subscription.join_leave:
+                body["join_leave"] = True
+            if subscription.epoch is not None:
+                body["recover"] = {"offset": subscription.offset, "epoch": subscription.epoch}
+            try:
+                return await self._send("subscribe", body, subscription)
+            except ServerError as error:
+                if error.code != "unavailable":
+                    raise
+            attempt += 1
+            await asyncio.sleep(self._backoff(attempt))
 
     def _subscribed(self, subscription: Subscription, result: dict[str, Any]) -> None:
         recovered = result.get("recovered")

@@ -6,9 +6,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from roomcast import __version__
+from roomcast.brokers import BrokerUnavailable
 from roomcast.logs import install_redaction
 from roomcast.routes.api import api_router
 from roomcast.routes.classic import classic_routes
@@ -64,6 +66,11 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
             await runtime.node.stop()
 
     app = FastAPI(title="roomcast", version=__version__, lifespan=lifespan)
+
+    async def broker_unavailable(request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": "1"})
+
+    app.add_exception_handler(BrokerUnavailable, broker_unavailable)
     app.state.roomcast = runtime
     app.router.routes.extend(classic_routes(runtime))
     app.router.routes.extend(realtime_routes(runtime))

@@ -45,8 +45,9 @@ logger = logging.getLogger("roomcast.broker")
 
 T = TypeVar("T")
 
-#: Failures that mean "Redis cannot be reached now" (as opposed to a bug).
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+#: Failures that mean "Redis cannot be reached now" (as opposed to a bug). RuntimeError: redis-py
+#: writing on a transport that closed under it while it reconnected ("the handler is closed").
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError)
 
 # KEYS: meta, stream. ARGV: new epoch, frame head, frame tail, history size, ttl (s), pubsub
 # channel. The frame is head .. offset .. tail; returns {epoch, offset}.
@@ -285,8 +286,12 @@ class RedisBroker:
                 if not self.available:
                     # First start, or after a failure (here or in any request): check, and if
                     # we were down, catch up on what happened meanwhile.
-                    await self._conn.ping()
                     was_down = self._down_since is not None
+                    if was_down:
+                        # Connections made before the failure are dead: drop the idle ones
+                        # rather than fail one request on each.
+                        await self._conn.connection_pool.disconnect(inuse_connections=False)
+                    await self._conn.ping()
                     self.available = True
                     self._down_since = None
                     backoff = 0.1
@@ -300,7 +305,9 @@ class RedisBroker:
                     self._dispatch(message)
             except asyncio.CancelledError:
                 raise
-            except (*UNREACHABLE, RedisError) as error:
+            except Exception as error:
+                if not isinstance(error, (*UNREACHABLE, RedisError)):
+                    logger.warning("broker listener: unexpected %r; reconnecting", error)
                 self._mark_down(error)
                 pubsub, self._pubsub = self._pubsub, None
                 if pubsub is not None:
@@ -344,6 +351,16 @@ class RedisBroker:
 
     async def _want(self, pubsub_channel: str) -> None:
         if pubsub_channel in self._wanted:
+            # Another caller asked first; if Redis has not confirmed yet, wait for that too.
+            pending = self._confirm.get(pubsub_channel)
+            if pending is not None:
+                try:
+                    async with asyncio.timeout(5):
+                        await asyncio.shield(pending)
+                except TimeoutError:
+                    raise BrokerUnavailable(
+                        "the broker (Redis) did not confirm a subscription"
+                    ) from None
             return
         # Wanted from now on, even if this attempt fails: the listener subscribes everything
         # wanted when it (re)connects. A caller that gives up calls _unwant.
@@ -423,7 +440,9 @@ class RedisBroker:
         )
         text = epoch.decode()
         if channel in self._wanted_channels():
-            self._epochs[channel] = text
+            # Learn the epoch of a channel just subscribed, never replace one: a different
+            # epoch is a reset, which the next publication reports (on_reset).
+            self._epochs.setdefault(channel, text)
         return Position(text, int(offset))
 
     def _wanted_channels(self) -> Iterable[str]:
@@ -454,7 +473,7 @@ class RedisBroker:
         offset, start = int(reply[1]), int(reply[2])
         frames: list[bytes] = reply[3:]
         if channel in self._wanted_channels():
-            self._epochs[channel] = epoch
+            self._epochs.setdefault(channel, epoch)
         return HistoryPage(epoch, offset, start, [(_frame_offset(f), f) for f in frames])
 
     # -- presence -------------------------------------------------------------------------
@@ -518,8 +537,12 @@ class RedisBroker:
             await asyncio.sleep(self.presence_ttl / 3)
             if not self.available:
                 continue
-            with contextlib.suppress(BrokerUnavailable, RedisError):
+            try:
                 await self._refresh_presence()
+            except (BrokerUnavailable, RedisError):
+                pass  # the listener notices and reconnects; entries are rewritten then
+            except Exception as error:
+                logger.warning("broker presence refresh failed: %r", error)
 
     async def _refresh_presence(self) -> None:
         if not self._mine:

@@ -1,0 +1,510 @@
+"""One contract for every broker (``memory://`` and ``redis://``), in-process.
+
+Each test runs against both backends through the :class:`~roomcast.brokers.Broker` protocol,
+with a recording :class:`~roomcast.brokers.Sink` standing in for the node. Where the backends
+differ by design it is said so: ``memory://`` is one process, so it hands its sink every
+publication of the process (the node filters by its own subscriptions), whereas a shared broker
+delivers only the channels a node subscribed to. Tests of what only a shared broker has (two
+nodes, losing and regaining Redis) run on ``redis://`` alone.
+
+Every test uses channel names of its own and, on Redis, a key prefix of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+
+from helpers import TIMEOUT, async_wait_until
+from redis_server import (
+    RedisServer,
+    fresh_redis_fixture,  # noqa: F401 (a fixture)
+    redis_server_fixture,  # noqa: F401 (a fixture)
+    unique_prefix,
+)
+from roomcast.brokers import Broker, BrokerUnavailable, MemoryBroker, Position
+from roomcast.brokers.redis import RedisBroker
+from roomcast.protocol import encode_info, event_frame, publication_frame
+
+BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+REDIS_ONLY = [pytest.param("redis", marks=pytest.mark.redis)]
+
+INFO = encode_info("c0ffee000001", "alice")
+
+
+def channel(tag: str = "b") -> str:
+    return f"{tag}:{uuid.uuid4().hex[:12]}"
+
+
+def data(i: int) -> bytes:
+    return orjson.dumps({"n": i, "text": f"publication {i}"})
+
+
+def entry(client: str, user: str | None = None) -> dict[str, Any]:
+    return {"client": client, "user": user, "connected_at": "2026-01-01T00:00:00.000Z"}
+
+
+class Recorder:
+    """A Sink that remembers everything it is given, plus the chat rooms and node commands."""
+
+    def __init__(self) -> None:
+        self.publications: list[tuple[str, int, bytes]] = []
+        self.events: list[tuple[str, bytes, str]] = []
+        self.resets: list[str] = []
+        self.reconnects = 0
+        self.rooms: list[tuple[str, str]] = []
+        self.commands: list[tuple[str, str]] = []
+
+    def on_publication(self, channel: str, offset: int, frame: bytes) -> None:
+        self.publications.append((channel, offset, frame))
+
+    def on_event(self, channel: str, frame: bytes, client: str) -> None:
+        self.events.append((channel, frame, client))
+
+    def on_reset(self, channel: str) -> None:
+        self.resets.append(channel)
+
+    def on_reconnect(self) -> None:
+        self.reconnects += 1
+
+    def of(self, ch: str) -> list[tuple[int, bytes]]:
+        """The publications of ``ch`` delivered so far: (offset, frame)."""
+        return [(offset, frame) for name, offset, frame in self.publications if name == ch]
+
+
+@dataclass
+class Node:
+    """A broker as one node sees it, with what it delivered."""
+
+    broker: Broker
+    sink: Recorder = field(default_factory=Recorder)
+
+    @property
+    def shared(self) -> bool:
+        return self.broker.shared
+
+
+MakeNode = Callable[..., Awaitable[Node]]
+
+
+async def start_node(broker: Broker) -> Node:
+    node = Node(broker)
+    broker.on_room(lambda room, text: node.sink.rooms.append((room, text)))
+    broker.on_control(lambda command, argument: node.sink.commands.append((command, argument)))
+    await broker.start(node.sink)
+    # A networked broker connects in the background; it is ready once it says it is available.
+    await async_wait_until(lambda: broker.available, 2 * TIMEOUT, "the broker to connect")
+    return node
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> tuple[str, RedisServer | None]:
+    if request.param == "redis":
+        return "redis", request.getfixturevalue("redis_server")
+    return "memory", None
+
+
+@pytest.fixture
+async def make(backend: tuple[str, RedisServer | None]) -> AsyncIterator[MakeNode]:
+    """``await make(history_size=..., history_ttl=..., presence_ttl=...)``: a started node.
+
+    On Redis, the nodes of one test share one key prefix (they form one cluster).
+    """
+    kind, server = backend
+    prefix = unique_prefix("contract")
+    nodes: list[Node] = []
+
+    async def make_node(
+        *, history_size: int = 100, history_ttl: float = 3600, presence_ttl: float = 30
+    ) -> Node:
+        broker: Broker
+        if kind == "memory":
+            broker = MemoryBroker(
+                history_size=history_size, history_ttl=history_ttl, history_channels=1000
+            )
+        else:
+            assert server is not None
+            broker = RedisBroker(
+                server.url_for(prefix),
+                history_size=history_size,
+                history_ttl=history_ttl,
+                presence_ttl=presence_ttl,
+            )
+        node = await start_node(broker)
+        nodes.append(node)
+        return node
+
+    yield make_node
+    for node in nodes:
+        await node.broker.close()
+
+
+@pytest.fixture
+async def node(make: MakeNode) -> Node:
+    return await make()
+
+
+async def publish(node: Node, ch: str, n: int, first: int = 0) -> list[Position]:
+    return [await node.broker.publish(ch, data(first + i), INFO) for i in range(n)]
+
+
+def frames(ch: str, offsets: range, first_data: int = 0) -> list[tuple[int, bytes]]:
+    """The (offset, frame) of publications ``data(first_data + k)`` at ``offsets``."""
+    return [
+        (offset, publication_frame(ch, offset, data(first_data + k), INFO))
+        for k, offset in enumerate(offsets)
+    ]
+
+
+# -- offsets and positions -----------------------------------------------------------------------
+
+
+async def test_offsets_grow_by_one_from_one(node: Node) -> None:
+    ch, other = channel(), channel()
+    positions = await publish(node, ch, 5)
+    assert [p.offset for p in positions] == [1, 2, 3, 4, 5]
+    epoch = positions[0].epoch
+    assert epoch
+    assert all(p.epoch == epoch for p in positions)
+    assert await node.broker.position(ch) == Position(epoch, 5)
+    # Every channel has a sequence of its own.
+    assert [p.offset for p in await publish(node, other, 2)] == [1, 2]
+    assert (await node.broker.publish(ch, data(5), INFO)).offset == 6
+
+
+async def test_a_new_channel_is_at_offset_zero_in_a_lasting_epoch(node: Node) -> None:
+    ch = channel()
+    first = await node.broker.position(ch)
+    assert first.offset == 0
+    assert first.epoch
+    assert await node.broker.position(ch) == first
+    page = await node.broker.history(ch, limit=10)
+    assert (page.epoch, page.offset, page.start, page.publications) == (first.epoch, 0, 1, [])
+    # The first publication continues the stream the position named.
+    assert await node.broker.publish(ch, data(0), INFO) == Position(first.epoch, 1)
+    assert await node.broker.position(ch) == Position(first.epoch, 1)
+    # Epochs name streams: another channel gets another one.
+    assert (await node.broker.position(channel())).epoch != first.epoch
+
+
+# -- history -------------------------------------------------------------------------------------
+
+
+async def test_history_paging(node: Node) -> None:
+    ch = channel()
+    epoch = (await publish(node, ch, 25))[0].epoch
+    everything = frames(ch, range(1, 26))
+    history = node.broker.history
+
+    full = await history(ch, limit=1000)
+    assert (full.epoch, full.offset, full.start) == (epoch, 25, 1)
+    assert full.publications == everything  # byte for byte, oldest first
+
+    assert (await history(ch, since=10, limit=3)).publications == everything[10:13]
+    assert (await history(ch, since=0, limit=4)).publications == everything[:4]
+    assert (await history(ch, since=22, limit=10)).publications == everything[22:]
+    assert (await history(ch, before=10, limit=3)).publications == everything[6:9]
+    assert (await history(ch, before=3, limit=10)).publications == everything[:2]
+    assert (await history(ch, limit=5)).publications == everything[-5:]  # the latest
+    assert (await history(ch, before=1000, limit=100)).publications == everything
+    for empty in (
+        await history(ch, since=25, limit=10),
+        await history(ch, since=1000, limit=10),
+        await history(ch, before=1, limit=10),
+        await history(ch, before=0, limit=10),
+    ):
+        assert (empty.epoch, empty.offset, empty.start, empty.publications) == (epoch, 25, 1, [])
+
+    # Walking forwards with `since` and backwards with `before` meets every offset once.
+    forwards: list[int] = []
+    since = 0
+    for _ in range(10):
+        page = (await history(ch, since=since, limit=7)).publications
+        if not page:
+            break
+        forwards += [offset for offset, _ in page]
+        since = page[-1][0]
+    assert forwards == list(range(1, 26))
+    backwards: list[int] = []
+    before = None
+    for _ in range(10):
+        page = (await history(ch, before=before, limit=7)).publications
+        if not page:
+            break
+        backwards = [offset for offset, _ in page] + backwards
+        before = page[0][0]
+    assert backwards == list(range(1, 26))
+
+
+async def test_history_keeps_the_latest_history_size(make: MakeNode) -> None:
+    node = await make(history_size=10)
+    ch = channel()
+    epoch = (await publish(node, ch, 25))[0].epoch
+    page = await node.broker.history(ch, limit=1000)
+    assert (page.epoch, page.offset, page.start) == (epoch, 25, 16)
+    assert page.publications == frames(ch, range(16, 26), first_data=15)
+    # `since` older than the start begins at the start.
+    since = await node.broker.history(ch, since=3, limit=2)
+    assert since.publications == frames(ch, range(16, 18), first_data=15)
+    assert (await node.broker.history(ch, before=16, limit=10)).publications == []
+    assert (await node.broker.history(ch, before=20, limit=10)).publications == frames(
+        ch, range(16, 20), first_data=15
+    )
+
+
+async def test_no_history_at_all(make: MakeNode) -> None:
+    node = await make(history_size=0)
+    ch = channel()
+    assert [p.offset for p in await publish(node, ch, 3)] == [1, 2, 3]
+    page = await node.broker.history(ch, limit=100)
+    assert (page.offset, page.start, page.publications) == (3, 4, [])
+
+
+async def test_history_expires_after_the_ttl(make: MakeNode) -> None:
+    node = await make(history_ttl=1)
+    ch = channel()
+    published_at = time.monotonic()
+    epoch = (await publish(node, ch, 3))[0].epoch
+    before = await node.broker.history(ch, limit=100)
+    assert before.publications == frames(ch, range(1, 4))
+
+    async def expired() -> Any:
+        page = await node.broker.history(ch, limit=100)
+        return page if not page.publications else None
+
+    after = await async_wait_until(expired, 1 + 2 * TIMEOUT, "the history to expire")
+    assert time.monotonic() - published_at >= 0.9, "expired before the TTL"
+    assert after.start == after.offset + 1
+    # The same stream without its publications, or a new stream: both are documented.
+    assert after.offset == (3 if after.epoch == epoch else 0)
+    position = await node.broker.publish(ch, data(9), INFO)
+    assert position == Position(after.epoch, after.offset + 1)
+
+
+# -- presence and channels -----------------------------------------------------------------------
+
+
+async def test_presence_in_subscription_order(node: Node) -> None:
+    ch = channel()
+    broker = node.broker
+    assert await broker.presence(ch) == []
+    a, b, c = entry("aaaaaaaaaaaa", "alice"), entry("bbbbbbbbbbbb"), entry("cccccccccccc", "carol")
+    for e in (a, b, c):
+        await broker.presence_add(ch, e["client"], e)
+    assert await broker.presence(ch) == [a, b, c]
+    await broker.presence_remove(ch, b["client"])
+    assert await broker.presence(ch) == [a, c]
+    await broker.presence_add(ch, b["client"], b)  # subscribed again: now the latest
+    assert await broker.presence(ch) == [a, c, b]
+    await broker.presence_remove(ch, "never-there1")  # forgetting a stranger is harmless
+    for e in (a, b, c):
+        await broker.presence_remove(ch, e["client"])
+    assert await broker.presence(ch) == []
+    assert await broker.presence(channel()) == []
+
+
+async def test_channels_counts_subscribers(node: Node) -> None:
+    broker = node.broker
+    assert await broker.channels() == {}
+    first, second = channel(), channel()
+    await broker.presence_add(first, "aaaaaaaaaaa1", entry("aaaaaaaaaaa1"))
+    await broker.presence_add(first, "aaaaaaaaaaa2", entry("aaaaaaaaaaa2"))
+    await broker.presence_add(second, "bbbbbbbbbbb1", entry("bbbbbbbbbbb1"))
+    assert await broker.channels() == {first: 2, second: 1}
+    await broker.presence_remove(second, "bbbbbbbbbbb1")
+    assert await broker.channels() == {first: 2}
+    await broker.presence_remove(first, "aaaaaaaaaaa1")
+    assert await broker.channels() == {first: 1}
+    # Publishing makes no subscriber.
+    await publish(node, channel(), 1)
+    assert await broker.channels() == {first: 1}
+
+
+# -- delivery to the node ------------------------------------------------------------------------
+
+
+async def test_publications_and_events_of_subscribed_channels(node: Node) -> None:
+    ch, elsewhere = channel(), channel()
+    sink = node.sink
+    await node.broker.subscribe(ch)
+    # Published before, on a channel this node does not subscribe to.
+    await publish(node, elsewhere, 1)
+    await node.broker.emit(elsewhere, event_frame("join", elsewhere, INFO), "c0ffee000001")
+    await publish(node, ch, 3)
+    join = event_frame("join", ch, INFO)
+    await node.broker.emit(ch, join, "c0ffee000001")
+
+    await async_wait_until(lambda: len(sink.of(ch)) == 3, what="3 publications")
+    assert sink.of(ch) == frames(ch, range(1, 4))
+    await async_wait_until(lambda: (ch, join, "c0ffee000001") in sink.events, what="the event")
+    assert sink.resets == []
+    if node.shared:
+        # Redis delivers a node's subscriptions in order: had `elsewhere` come, it would have
+        # come first. (memory:// hands the node every publication of the process by design.)
+        assert sink.of(elsewhere) == []
+        assert [e for e in sink.events if e[0] == elsewhere] == []
+
+        await node.broker.unsubscribe(ch)
+        marker = channel()
+        await node.broker.subscribe(marker)
+        await publish(node, ch, 1, first=3)
+        await publish(node, marker, 1)
+        await async_wait_until(lambda: sink.of(marker), what="the marker publication")
+        assert len(sink.of(ch)) == 3, "delivered after unsubscribe"
+
+
+async def test_chat_rooms(node: Node) -> None:
+    room = f"room-{uuid.uuid4().hex[:8]}"
+    sink = node.sink
+    await node.broker.join_room(room)
+    await node.broker.room_publish(room, "Client says: hello")
+    await node.broker.room_publish(room, "A client left the chat")
+    await async_wait_until(lambda: len(sink.rooms) == 2, what="the room messages")
+    assert sink.rooms == [(room, "Client says: hello"), (room, "A client left the chat")]
+    if node.shared:
+        await node.broker.leave_room(room)
+        marker = f"room-{uuid.uuid4().hex[:8]}"
+        await node.broker.join_room(marker)
+        await node.broker.room_publish(room, "Client says: nobody hears this")
+        await node.broker.room_publish(marker, "Client says: marker")
+        await async_wait_until(lambda: len(sink.rooms) == 3, what="the marker")
+        assert sink.rooms[-1] == (marker, "Client says: marker")
+
+
+async def test_node_commands(node: Node) -> None:
+    assert await node.broker.command("D", "alice") == 1  # one node: this one
+    assert await node.broker.command("X", "two words") == 1
+    await async_wait_until(lambda: len(node.sink.commands) == 2, what="the commands")
+    assert node.sink.commands == [("D", "alice"), ("X", "two words")]
+
+
+# -- only a shared broker ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", REDIS_ONLY, indirect=True)
+async def test_nodes_share_channels_rooms_and_commands(make: MakeNode) -> None:
+    one, two = await make(), await make()
+    ch = channel()
+    await two.broker.subscribe(ch)
+    positions = [
+        await one.broker.publish(ch, data(0), INFO),
+        await two.broker.publish(ch, data(1), INFO),
+        await one.broker.publish(ch, data(2), INFO),
+    ]
+    assert [p.offset for p in positions] == [1, 2, 3]  # one sequence for the cluster
+    assert len({p.epoch for p in positions}) == 1
+    await async_wait_until(lambda: len(two.sink.of(ch)) == 3, what="delivery to node two")
+    assert two.sink.of(ch) == frames(ch, range(1, 4))
+    assert one.sink.of(ch) == []  # node one did not subscribe
+
+    await one.broker.presence_add(ch, "aaaaaaaaaaaa", entry("aaaaaaaaaaaa"))
+    await two.broker.presence_add(ch, "bbbbbbbbbbbb", entry("bbbbbbbbbbbb"))
+    for node in (one, two):
+        assert await node.broker.presence(ch) == [entry("aaaaaaaaaaaa"), entry("bbbbbbbbbbbb")]
+        assert await node.broker.channels() == {ch: 2}
+    leave = event_frame("leave", ch, INFO)
+    await one.broker.emit(ch, leave, "aaaaaaaaaaaa")
+    await async_wait_until(lambda: two.sink.events, what="the event on node two")
+    assert two.sink.events == [(ch, leave, "aaaaaaaaaaaa")]
+
+    room = f"room-{uuid.uuid4().hex[:8]}"
+    await two.broker.join_room(room)
+    await one.broker.room_publish(room, "Client says: across")
+    await async_wait_until(lambda: two.sink.rooms, what="the room message on node two")
+    assert two.sink.rooms == [(room, "Client says: across")]
+    assert one.sink.rooms == []
+
+    assert await one.broker.command("D", "bob") == 2  # both nodes got it
+    for node in (one, two):
+        await async_wait_until(lambda n=node: n.sink.commands, what="the command")
+        assert node.sink.commands == [("D", "bob")]
+
+
+@pytest.mark.parametrize("backend", REDIS_ONLY, indirect=True)
+async def test_a_lost_stream_is_reported_as_a_reset(
+    make: MakeNode, backend: tuple[str, RedisServer]
+) -> None:
+    node = await make()
+    broker = node.broker
+    assert isinstance(broker, RedisBroker)
+    ch = channel()
+    await broker.subscribe(ch)
+    old = (await publish(node, ch, 2))[0].epoch
+    await async_wait_until(lambda: len(node.sink.of(ch)) == 2, what="2 publications")
+    # Redis loses the channel (evicted, flushed): its next publication starts a new stream.
+    with backend[1].client() as conn:
+        assert conn.delete(f"{broker.prefix}:m:{ch}", f"{broker.prefix}:h:{ch}") == 2
+    new = await broker.publish(ch, data(2), INFO)
+    assert new.offset == 1
+    assert new.epoch != old
+    await async_wait_until(lambda: node.sink.resets, what="on_reset")
+    assert node.sink.resets == [ch]
+
+
+@pytest.mark.redis
+async def test_losing_and_regaining_redis(fresh_redis: RedisServer) -> None:
+    broker = RedisBroker(fresh_redis.url, history_size=100, history_ttl=3600, presence_ttl=30)
+    node = await start_node(broker)
+    try:
+        ch = channel()
+        await broker.subscribe(ch)
+        await broker.presence_add(ch, "aaaaaaaaaaaa", entry("aaaaaaaaaaaa"))
+        first = await broker.publish(ch, data(0), INFO)
+        await async_wait_until(lambda: node.sink.of(ch), what="the first publication")
+
+        fresh_redis.kill()
+        await async_wait_until(lambda: not broker.available, TIMEOUT, "available to turn False")
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable):
+            await broker.publish(ch, data(1), INFO)
+        with pytest.raises(BrokerUnavailable):
+            await broker.history(ch, limit=10)
+        assert time.monotonic() - started < 2 * TIMEOUT, "an unreachable Redis must fail fast"
+        assert node.sink.reconnects == 0
+
+        await asyncio.to_thread(fresh_redis.restart)
+        # The listener retries with a backoff of at most 5 s (plus jitter).
+        await async_wait_until(lambda: broker.available, 3 * TIMEOUT, "available again")
+        await async_wait_until(lambda: node.sink.reconnects == 1, what="on_reconnect")
+        # The presence of this node's clients is written again; the stream is new.
+        assert await broker.presence(ch) == [entry("aaaaaaaaaaaa")]
+        again = await broker.publish(ch, data(1), INFO)
+        assert again.offset == 1
+        assert again.epoch != first.epoch
+        # The subscription came back with the connection: the new stream reaches the node,
+        # announced as a reset of the channel, then delivered.
+        await async_wait_until(lambda: node.sink.resets == [ch], what="on_reset")
+        third = await broker.publish(ch, data(2), INFO)
+        await async_wait_until(
+            lambda: (ch, 2, publication_frame(ch, 2, data(2), INFO)) in node.sink.publications,
+            what="delivery after the reconnect",
+        )
+        assert third == Position(again.epoch, 2)
+    finally:
+        await broker.close()
+
+
+@pytest.mark.redis
+async def test_no_spurious_failures_once_redis_is_back(fresh_redis: RedisServer) -> None:
+    broker = RedisBroker(fresh_redis.url, history_size=100, history_ttl=3600, presence_ttl=30)
+    await start_node(broker)
+    try:
+        ch = channel()
+        # A busy node: the pool holds several connections.
+        await asyncio.gather(*(broker.publish(ch, data(i), INFO) for i in range(10)))
+        fresh_redis.kill()
+        await async_wait_until(lambda: not broker.available, TIMEOUT, "available to turn False")
+        await asyncio.to_thread(fresh_redis.restart)
+        await async_wait_until(lambda: broker.available, 3 * TIMEOUT, "available again")
+        # The broker says it is available, and Redis is: requests must succeed.
+        await asyncio.gather(*(broker.position(ch) for _ in range(10)))
+        assert broker.available
+    finally:
+        await broker.close()
