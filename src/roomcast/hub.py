@@ -289,7 +289,8 @@ class Hub:
             return
         if not entry.members:
             del self._rooms[member.room]
-        elif notify and entry.leave_notice is not None:
+        # The last local member leaving still has an audience on other nodes (relay).
+        if notify and entry.leave_notice is not None and (entry.members or self.relay):
             self._departures.append((member.room, entry.leave_notice))
 
     def _tell_departures(self) -> None:

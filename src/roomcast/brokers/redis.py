@@ -200,12 +200,17 @@ class RedisBroker:
 
     async def start(self, sink: Sink) -> None:
         self._sink = sink
-        self._redis = aioredis.Redis.from_url(
+        # A bounded pool whose callers wait for a free connection: a burst (hundreds of
+        # clients leaving at once at shutdown) queues instead of failing "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
+            max_connections=64,
+            timeout=5,
             socket_connect_timeout=2,
             socket_timeout=5,
             health_check_interval=10,
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
         r = self._redis
         self._publish_script = r.register_script(_PUBLISH)
         self._position_script = r.register_script(_POSITION)
@@ -245,7 +250,7 @@ class RedisBroker:
                 await self._pubsub.aclose()
         if self._redis is not None:
             with contextlib.suppress(RedisError, OSError):
-                await self._redis.aclose()
+                await self._redis.aclose(close_connection_pool=True)
         self._sink = None
 
     @property
