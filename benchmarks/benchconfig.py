@@ -5,9 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-SCENARIOS = ("ceiling", "echo", "chat", "channel", "recovery", "connect", "memory", "deflate")
+SCENARIOS = (
+    "ceiling",
+    "echo",
+    "chat",
+    "channel",
+    "recovery",
+    "cluster",
+    "connect",
+    "memory",
+    "deflate",
+)
 #: The servers that have the /ws channel protocol (the channel and recovery scenarios).
 WS_ROLES = ("roomcast", "roomcast-asgi")
+#: The configurations of the cluster scenario (the columns of its table): N nodes on Redis,
+#: one node on memory://, one node on Redis; each takes the same load.
+CLUSTER_KINDS = ("cluster", "single-memory", "single-redis")
 
 
 @dataclass
@@ -38,3 +51,6 @@ class Config:
     publish_window: int = 256
     missed: int = 100
     channel_pairs: int = 5
+    cluster_nodes: int = 3
+    cluster_subscribers: int = 300  # per node
+    cluster_rounds: int = 3

@@ -18,9 +18,10 @@ import psutil
 from benchconfig import Config
 from channel import FANOUT_CHANNEL, encode_str, info_bytes, publication_bytes
 from chat import PREFIX, TAG_MEASURED, make_payload
+from cluster import CLUSTER_CHANNEL, describe_frame, split
 from deflate import MEM_LEVEL, MEMBERS
 from recovery import RECOVERY_CHANNEL
-from servers import NODE_DIR, REPO_DIR, ROOMCAST_ENV, ROOMCAST_WS
+from servers import NODE_DIR, REPO_DIR, ROOMCAST_ENV, ROOMCAST_WS, redis_argv, redis_version
 
 VERSIONED = (
     "fastapi",
@@ -31,6 +32,7 @@ VERSIONED = (
     "httptools",
     "picows",
     "psutil",
+    "redis",
     "roomcast",
 )
 
@@ -112,6 +114,12 @@ def how_it_was_run(
         + (
             "each server on core 0 (`taskset -c 0`), the load generator on core 1 "
             "(`sched_setaffinity`)"
+            + (
+                f"; in the cluster scenario the {cfg.cluster_nodes} roomcast nodes and "
+                "redis-server all share core 0"
+                if "cluster" in cfg.only
+                else ""
+            )
             if pinned
             else "none (fewer than 2 cores)"
         ),
@@ -124,9 +132,25 @@ def how_it_was_run(
         f"ws {_ws_version()} from package-lock.json, perMessageDeflate off, no optional native "
         "add-ons)",
         *roomcast_lines,
-        "- A fresh server process for every chat, /ws channel, /ws recovery, connect and "
-        "memory run; the echo runs share one process per server. Every server runs on loopback "
-        "only.",
+        *(cluster_lines(cfg, pinned) if "cluster" in cfg.only else []),
+        "- A fresh server process for every chat, /ws channel, /ws recovery, cluster, connect "
+        "and memory run; the echo runs share one process per server. Every server runs on "
+        "loopback only.",
+    ]
+
+
+def cluster_lines(cfg: Config, pinned: bool) -> list[str]:
+    """Return the "How it was run" bullets of the cluster scenario's processes."""
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in ROOMCAST_ENV.items())
+    argv = ["redis-server", *redis_argv("PORT", "LOGDIR")[1:]]
+    redis = " ".join(a if a in ("PORT", "LOGDIR") else shlex.quote(a) for a in argv)
+    where = "all of them on core 0 (`taskset -c 0`)" if pinned else "unpinned"
+    return [
+        f"- cluster: `{redis}` (Redis {redis_version()}, started once per repeat, emptied "
+        f"with FLUSHALL before every run), and per run {cfg.cluster_nodes} (or 1) × "
+        f"`ROOMCAST_BROKER_URL=redis://127.0.0.1:PORT {env} python -m roomcast serve --host "
+        "127.0.0.1 --port PORT` (`memory://` for the single-node comparison; `ROOMCAST_WS` "
+        f"unset: the default transport, roomcast's own); {where}"
     ]
 
 
@@ -190,6 +214,15 @@ def scenario_text(cfg: Config) -> list[str]:
                 "above; only the roomcast servers have `/ws`, so only they run them."
             ]
             if {"channel", "recovery"} & set(cfg.only)
+            else []
+        ),
+        *(
+            [
+                f"- **/ws fan-out across a cluster**: {cfg.cluster_nodes} roomcast nodes on a "
+                "private redis-server against one node (memory:// and redis://) under the same "
+                "load; described in its own section above."
+            ]
+            if "cluster" in cfg.only
             else []
         ),
         "- **load generator ceiling**: echo, chat (batched and one write per message) and new "
@@ -286,3 +319,70 @@ def ws_section_text(cfg: Config) -> dict[str, list[str]]:
         "with its default history of 256 publications per channel (`ROOMCAST_HISTORY_SIZE`)."
     )
     return {"channel": [channel], "recovery": [recovery]}
+
+
+def cluster_section_text(cfg: Config, pinned: bool) -> list[str]:
+    """Return the method paragraph of the cluster section."""
+    nodes, per_node = cfg.cluster_nodes, cfg.cluster_subscribers
+    shares = split(cfg.messages, nodes)
+    same = len(set(shares)) == 1
+    share_text = f"{shares[0]} each" if same else " + ".join(map(str, shares))
+    cores = os.cpu_count() or 1
+    if pinned:
+        where = (
+            f"The machine has {cores} cores: the {nodes} nodes and redis-server all run on core "
+            "0 (`taskset -c 0`, as every server here), the load generator on core 1, so the "
+            f"{nodes} nodes together have no more CPU than the single node. The cluster figure "
+            "therefore measures that the cluster delivers everything, once and in order, and "
+            "what crossing Redis costs, not a scale-out speedup (that needs a core, or a "
+            "machine, per node)."
+        )
+    else:
+        where = (
+            "Nothing is pinned on this machine (fewer than 2 cores): the nodes, redis-server and "
+            "the load generator share the CPU, so the cluster figure measures correctness and "
+            "overhead, not a scale-out speedup."
+        )
+    return [
+        "roomcast nodes share channels through Redis ([scaling.md](scaling.md)). The harness "
+        "starts its own `redis-server` on a free loopback port (`--save '' --appendonly no`: "
+        "no persistence) once per repeat and empties it (FLUSHALL) before every run; every "
+        "run gets fresh roomcast processes (`python -m roomcast serve`, default transport, "
+        "`ROOMCAST_BROKER_URL` set). Three configurations take the same load: "
+        f"**{nodes} nodes on redis://**, **1 node on memory://** (the single-process broker) "
+        "and **1 node on redis://** (one process, every publication through Redis's Lua script "
+        f"and pub/sub all the same). {nodes} × {per_node:,} clients connect to `/ws` (node 1, "
+        "2, 3… in turn; the single node takes all of them), 50 at a time, each sending "
+        f"`subscribe` to `{CLUSTER_CHANNEL}` as soon as its handshake is done, then one "
+        f"publisher connection per node ({nodes} connections to the single node), not "
+        "subscribed. Once every reply is in, each publisher in turn publishes warm-up messages "
+        "until one has reached every subscriber; then all publishers send their shares of "
+        f"{cfg.messages} publications ({share_text}) back to back, as `publish` requests "
+        f"pipelined with at most {cfg.publish_window} unanswered per connection; `data` is the "
+        "chat scenario's 64-byte message as a JSON string, its sequence number unique across "
+        f"publishers (a frame is about {len(describe_frame())} bytes). The broker gives the "
+        "offsets (on Redis one sequence per channel, whichever node published), so how the "
+        "publishers' streams interleave is not known in advance, only that the burst's offsets "
+        "follow the warm-up's. The first subscriber to get an offset recognises the publication "
+        "by what follows the offset in the frame (`data` and `info`: which publication, from "
+        "which publisher, looked up in a table built once the publishers' client ids are "
+        "known) and checks the offset; that frame becomes the one of that offset, and every "
+        "other subscriber compares the received bytes with the frame of the offset it is due "
+        "next (channel, offset, data, `info` and order at once: about as little Python per "
+        "delivery as in the /ws fan-out), plus a check that it did not have that publication "
+        "yet. Checks: a subscriber's offsets must grow strictly (an offset not above its "
+        "previous one counts as out of order), a publication it already had counts as a "
+        "duplicate, a publication must have one offset and an offset one publication, and "
+        "that offset must be the one the publish reply acknowledged, the acknowledged offsets "
+        f"being exactly the {cfg.messages} after the warm-up; lost = expected − received after "
+        f"waiting up to {cfg.drain_timeout:g} s (or {cfg.idle_timeout:g} s without any "
+        "delivery); anything else unexpected, a failed request or a connection the server "
+        "closed is an error. Deliveries/s = all receipts ÷ (last receipt − first send); "
+        "latency per publication = time the last subscriber got it − its send time (as in the "
+        "/ws fan-out), and per delivery = receipt − send time over every delivery. Server side "
+        "CPU is everything the run had on core 0 (the roomcast processes and, on Redis, "
+        "redis-server, whose share has a row of its own), and that CPU ÷ deliveries. "
+        f"{cfg.cluster_rounds} round(s) per repeat, the three configurations taking turns, the "
+        "order flipped every round; rates and latencies are medians, failure counts the worst "
+        "run. " + where
+    ]

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from benchconfig import CLUSTER_KINDS
 from deflate import DEFLATE_HEADER, DeflateRow, deflate_rows
 
 #: The servers compared, in column order.
@@ -65,9 +66,11 @@ def metric_specs(
     connect_clients: int,
     messages: int = 200,
     missed: int = 100,
+    cluster_nodes: int = 3,
+    cluster_per_node: int = 300,
 ) -> list[MetricSpec]:
-    """Return every figure of the results table and of the /ws sections, labelled with this
-    run's sizes."""
+    """Return every figure of the results table and of the /ws and cluster sections, labelled
+    with this run's sizes."""
     chat = f"chat, {members:,} members:"
     stall = "chat + 1 stalled member:"
     conn = f"new connections ({connect_clients} clients):"
@@ -109,7 +112,11 @@ def metric_specs(
                 MetricSpec(mem_key(app, n), f"{head} RSS per connection", "KiB", "lower", 1),
                 MetricSpec(mem_key(app, n, "mib"), f"{head} server RSS", "MiB", "lower", 1),
             ]
-    return specs + ws_specs(members, messages, missed)
+    return (
+        specs
+        + ws_specs(members, messages, missed)
+        + cluster_specs(cluster_nodes, cluster_per_node, messages)
+    )
 
 
 #: The servers with the /ws protocol, i.e. the columns of the /ws sections.
@@ -184,6 +191,123 @@ def ws_specs(members: int, messages: int, missed: int) -> list[MetricSpec]:
         rc("server", "server CPU", "%", "", 0),
         rc("loadgen", "load generator CPU", "%", "", 0),
     ]
+
+
+#: The cluster section's columns (configurations), and its ratio columns.
+CLUSTER_TITLES = {
+    "cluster": "{n} nodes, redis://",
+    "single-memory": "1 node, memory://",
+    "single-redis": "1 node, redis://",
+}
+CLUSTER_RATIOS = (("cluster", "single-memory"), ("cluster", "single-redis"))
+#: Cluster figures that must be 0 in every run (correctness).
+CLUSTER_ZERO = ("lost", "duplicates", "out_of_order", "errors")
+
+
+def cluster_specs(nodes: int, per_node: int, messages: int) -> list[MetricSpec]:
+    """Return the figures of the cluster section."""
+
+    def cl(key: str, label: str, unit: str, better: Better, digits: int, agg: Agg = "median"):
+        return MetricSpec(f"cluster.{key}", label, unit, better, digits, agg, "cluster")
+
+    subs = nodes * per_node
+    return [
+        cl("dps", f"deliveries ({subs:,} subscribers × {messages})", "/s", "higher", 0),
+        cl("p50_ms", "p50 publish → last subscriber", "ms", "lower", 1),
+        cl("p99_ms", "p99 publish → last subscriber", "ms", "lower", 1),
+        cl("d50_ms", "p50 publish → receipt (every delivery)", "ms", "lower", 1),
+        cl("d99_ms", "p99 publish → receipt (every delivery)", "ms", "lower", 1),
+        cl("lost", "lost deliveries", "", "", 0, "max"),
+        cl("duplicates", "duplicates (a publication received twice)", "", "", 0, "max"),
+        cl("out_of_order", "out of order (offset not above the previous)", "", "", 0, "max"),
+        cl(
+            "errors",
+            "other errors (offset ≠ acknowledged, wrong frames, failed requests, closes)",
+            "",
+            "",
+            0,
+            "max",
+        ),
+        cl("server", "server side CPU (all of core 0: nodes + redis-server)", "%", "", 0),
+        cl("broker", "… of which redis-server", "%", "", 0),
+        cl("srv_us", "server side CPU per delivery", "µs", "lower", 2),
+        cl("loadgen", "load generator CPU", "%", "", 0),
+        cl("lg_us", "load generator CPU per delivery", "µs", "", 2),
+    ]
+
+
+def cluster_kinds(results: Results, specs: Sequence[MetricSpec]) -> list[str]:
+    """Return the cluster configurations with any figure, in column order."""
+    keys = [s.key for s in specs if s.section == "cluster"]
+    return [k for k in CLUSTER_KINDS if any(results.samples.get((k, key)) for key in keys)]
+
+
+def cluster_nodes(results: Results) -> int:
+    """Return how many nodes the cluster configuration ran (0 if it did not run)."""
+    return int(results.key_value("cluster", "cluster.nodes", "max") or 0)
+
+
+def cluster_table(
+    results: Results, specs: Sequence[MetricSpec]
+) -> tuple[list[str], list[list[str]]]:
+    """Return the header and rows of the cluster section's table: one column per
+    configuration, then the cluster ÷ single node ratios (where a direction is better)."""
+    kinds = cluster_kinds(results, specs)
+    nodes = cluster_nodes(results) or "N"
+    pairs = [(a, b) for a, b in CLUSTER_RATIOS if a in kinds and b in kinds]
+    titles = {k: CLUSTER_TITLES[k].format(n=nodes) for k in CLUSTER_KINDS}
+    header = [
+        "figure",
+        "unit",
+        *(titles[k] for k in kinds),
+        *(f"{nodes} nodes ÷ {titles[b]}" for _, b in pairs),
+    ]
+    rows = []
+    for spec in specs:
+        if spec.section != "cluster" or not any(results.samples.get((k, spec.key)) for k in kinds):
+            continue
+        vals = {k: results.value(k, spec) for k in kinds}
+        better = {"higher": " ↑", "lower": " ↓"}.get(spec.better, "")
+        rows.append(
+            [
+                spec.label,
+                spec.unit + better,
+                *(fmt(vals[k], spec.digits) for k in kinds),
+                *(fmt_ratio(ratio(spec, vals[a], vals[b])) for a, b in pairs),
+            ]
+        )
+    runs = [len(results.samples.get((k, "cluster.runs"), [])) for k in kinds]
+    if rows:
+        rows.append(["runs behind these medians", "", *map(str, runs), *("" for _ in pairs)])
+    return header, rows
+
+
+def cluster_headline(results: Results) -> str | None:
+    """Return the cluster ÷ single-node ratios and the correctness verdict (every run 0 lost,
+    0 duplicates, 0 out of order, 0 other errors), or None if the cluster was not run."""
+    dps = {k: results.key_value(k, "cluster.dps") for k in CLUSTER_KINDS}
+    if dps["cluster"] is None:
+        return None
+    parts = []
+    for kind, what in (("single-memory", "memory://"), ("single-redis", "redis://")):
+        if dps[kind]:
+            parts.append(f"{dps['cluster'] / dps[kind]:.2f}× one node on {what}")
+    worst = {
+        key: max(
+            (results.key_value(k, f"cluster.{key}", "max") or 0 for k in CLUSTER_KINDS),
+            default=0,
+        )
+        for key in CLUSTER_ZERO
+    }
+    ok = all(v == 0 for v in worst.values())
+    counts = ", ".join(f"{key.replace('_', ' ')} {v:,.0f}" for key, v in worst.items())
+    head = (
+        f"{cluster_nodes(results)} nodes on Redis, median deliveries/s: {dps['cluster']:,.0f}"
+        + (f" ({'; '.join(parts)})" if parts else "")
+        + f". Correctness, worst run of every configuration: {counts} "
+        + ("(**all 0: correct**)" if ok else "(**NOT all 0**)")
+    )
+    return head
 
 
 def mem_key(app: str, count: int, kind: str = "kib") -> str:
@@ -666,6 +790,8 @@ def print_console(
         )
     ]
     sections = [s for s in sections if s[3]]
+    cluster_head, cluster_body = cluster_table(results, specs)
+    cluster_line = cluster_headline(results)
     try:
         from rich.console import Console
         from rich.table import Table
@@ -679,6 +805,12 @@ def print_console(
             if headline:
                 printer(headline.replace("**", ""))
             printer(markdown_table(head, body))
+        if cluster_body:
+            printer("")
+            printer(CLUSTER_SECTION_TITLE)
+            if cluster_line:
+                printer(cluster_line.replace("**", ""))
+            printer(markdown_table(cluster_head, cluster_body))
         if ceiling:
             printer("")
             printer(markdown_table(CEILING_HEADER, ceiling))
@@ -701,18 +833,24 @@ def print_console(
             table.add_row(*row)
         console.print(table)
 
-    show("roomcast, the guide's server and Node's ws", header, rows)
-    ttable = Table(title="targets")
-    for name, width in zip(TARGET_HEADER, (56, 56, 50), strict=True):
-        ttable.add_column(name, min_width=width)
-    for t, row in zip(targets, target_rows, strict=True):
-        style = {True: "green", False: "bold red", None: "yellow"}[t.met]
-        ttable.add_row(row[0], row[1], f"[{style}]{row[2]}[/{style}]")
-    console.print(ttable)
+    if rows:  # (nothing for a run of the /ws or cluster scenarios alone)
+        show("roomcast, the guide's server and Node's ws", header, rows)
+    if any(t.met is not None for t in targets):
+        ttable = Table(title="targets")
+        for name, width in zip(TARGET_HEADER, (56, 56, 50), strict=True):
+            ttable.add_column(name, min_width=width)
+        for t, row in zip(targets, target_rows, strict=True):
+            style = {True: "green", False: "bold red", None: "yellow"}[t.met]
+            ttable.add_row(row[0], row[1], f"[{style}]{row[2]}[/{style}]")
+        console.print(ttable)
     for title, headline, head, body in sections:
         show(f"{title} (roomcast servers only: the others have no /ws)", head, body)
         if headline:
             console.print(headline.replace("**", ""), markup=False)
+    if cluster_body:
+        show(CLUSTER_SECTION_TITLE, cluster_head, cluster_body)
+        if cluster_line:
+            console.print(cluster_line.replace("**", ""), markup=False)
     if ceiling:
         show("load generator ceiling (minimal picows server)", CEILING_HEADER, ceiling)
     if deflate:
@@ -720,6 +858,8 @@ def print_console(
     for note in results.notes:
         console.print(f"note: {note}", markup=False)
 
+
+CLUSTER_SECTION_TITLE = "/ws fan-out across a cluster (roomcast nodes on Redis)"
 
 #: Titles of the /ws sections, by scenario.
 WS_SECTION_TITLES = {
@@ -745,6 +885,20 @@ def ws_sections_markdown(
     return parts
 
 
+def cluster_section_markdown(
+    results: Results, specs: Sequence[MetricSpec], text: Sequence[str]
+) -> list[str]:
+    """Return the cluster section (if it was measured): headline, method paragraph, table."""
+    header, rows = cluster_table(results, specs)
+    if not rows:
+        return []
+    parts = [f"## {CLUSTER_SECTION_TITLE}", ""]
+    headline = cluster_headline(results)
+    if headline:
+        parts += [headline + ".", ""]
+    return [*parts, *text, "", markdown_table(header, rows), ""]
+
+
 def render_markdown(
     results: Results,
     specs: Sequence[MetricSpec],
@@ -753,8 +907,10 @@ def render_markdown(
     scenario_text: Sequence[str],
     deflate_text: Sequence[str],
     ws_text: Mapping[str, Sequence[str]] | None = None,
+    cluster_text: Sequence[str] = (),
 ) -> str:
-    """Return the full docs/benchmarks.md text (``ws_text``: the /ws sections' prose)."""
+    """Return the full docs/benchmarks.md text (``ws_text``: the /ws sections' prose,
+    ``cluster_text``: the cluster section's)."""
     targets = judge_targets(results, specs, idle_counts)
     roles = results.roles()
     ratios = ", ".join(f"{a} ÷ {b}" for a, b in ratio_pairs(roles)) or "none"
@@ -793,6 +949,7 @@ def render_markdown(
         markdown_table(TARGET_HEADER, [[t.text, t.measured, verdict(t)] for t in targets]),
         "",
         *ws_sections_markdown(results, specs, ws_text or {}),
+        *cluster_section_markdown(results, specs, cluster_text),
     ]
     ceiling = ceiling_rows(results)
     if ceiling:

@@ -8,6 +8,7 @@ See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -18,12 +19,19 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from benchconfig import SCENARIOS, WS_ROLES, Config
+from benchconfig import CLUSTER_KINDS, SCENARIOS, WS_ROLES, Config
 from channel import ChannelConfig, ChannelResult, run_channel
 from chat import ChatConfig, ChatResult, run_chat, run_cut_check
+from cluster import ClusterConfig, ClusterResult, run_cluster
 from connect import ConnectResult, run_connect
 from deflate import run_deflate
-from describe import deflate_text, how_it_was_run, scenario_text, ws_section_text
+from describe import (
+    cluster_section_text,
+    deflate_text,
+    how_it_was_run,
+    scenario_text,
+    ws_section_text,
+)
 from loadgen import EchoResult, Usage, background_load, run_echo, run_idle
 from recovery import RecoveryConfig, RecoveryResult, run_recovery
 from report import (
@@ -39,11 +47,17 @@ from report import (
 from servers import (
     HOST,
     REPO_DIR,
+    ServerProcess,
+    cluster_node_spec,
     ensure_node_server,
     log_dir,
     pin_current_process_to_loadgen_core,
+    redis_binary,
+    redis_command,
+    redis_spec,
     roomcast_importable,
     running_server,
+    running_servers,
     scan_logs,
     server_spec,
 )
@@ -75,7 +89,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         help="comma-separated scenarios among: "
         + ", ".join(SCENARIOS)
         + " (chat runs the plain fan-out and the one with a stalled member; channel and "
-        "recovery use /ws and run on the roomcast servers only)",
+        "recovery use /ws and run on the roomcast servers only; cluster runs roomcast nodes on "
+        "a private redis-server)",
     )
     p.add_argument(
         "--servers",
@@ -105,6 +120,22 @@ def parse_args(argv: Sequence[str]) -> Config:
         "--channel-pairs",
         type=int,
         help="channel: chat + /ws fan-out pairs per server and repeat, the medians kept (5)",
+    )
+    p.add_argument(
+        "--cluster-nodes",
+        type=int,
+        default=3,
+        help="cluster: roomcast nodes sharing the channel through Redis (3)",
+    )
+    p.add_argument(
+        "--cluster-subscribers",
+        type=int,
+        help="cluster: subscribers per node (300); the single node gets them all",
+    )
+    p.add_argument(
+        "--cluster-rounds",
+        type=int,
+        help="cluster: rounds per repeat of the 3 configurations taking turns, medians kept (3)",
     )
     p.add_argument(
         "--missed",
@@ -169,6 +200,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         p.error(f"--missed must be 1 to {MAX_MISSED} (the server's default history size)")
     if a.publish_window < 1:
         p.error("--publish-window must be at least 1")
+    if a.cluster_nodes < 2:
+        p.error("--cluster-nodes must be at least 2")
     quick = a.quick
     idle_counts = a.idle_conns or ((500, 1000) if quick else (2000, 5000))
     if not idle_counts or min(idle_counts) <= 0:
@@ -198,6 +231,9 @@ def parse_args(argv: Sequence[str]) -> Config:
         publish_window=a.publish_window,
         missed=a.missed,
         channel_pairs=max(1, a.channel_pairs or (1 if quick else 5)),
+        cluster_nodes=a.cluster_nodes,
+        cluster_subscribers=max(1, a.cluster_subscribers or (100 if quick else 300)),
+        cluster_rounds=max(1, a.cluster_rounds or (1 if quick else 3)),
     )
     return cfg
 
@@ -241,6 +277,8 @@ class Bench:
         self.chat_refs: dict[tuple[str, str], ChatResult] = {}
         #: The /ws fan-out runs and their per-run records, by (role, label).
         self.ws_refs: dict[tuple[str, str], tuple[ChannelResult, RunRecord]] = {}
+        #: The cluster scenario's runs and their per-run records, by (configuration, label).
+        self.cluster_refs: dict[tuple[str, str], tuple[ClusterResult, RunRecord]] = {}
 
     async def wait_for_quiet(self) -> None:
         """Wait (within the run's budget) until other work on the machine has calmed down."""
@@ -584,6 +622,166 @@ class Bench:
             )
         )
 
+    def cluster_skip_reason(self) -> str | None:
+        """Return why the cluster scenario cannot run in this invocation, or None."""
+        cfg = self.cfg
+        if cfg.roomcast_as_baseline:
+            return "the roomcast roles run the baseline (--roomcast-as-baseline)"
+        if "roomcast" not in cfg.servers:
+            return "the roomcast server was not selected (--servers)"
+        if redis_binary() is None:
+            return "redis-server is not on PATH"
+        return None
+
+    async def cluster(self, repeat: int) -> None:
+        """The cluster scenario: on one private redis-server, ``cluster_rounds`` rounds of the
+        three configurations (N nodes on Redis, 1 node on memory://, 1 node on Redis) taking
+        turns, the order flipped every round; a fresh set of roomcast processes every run."""
+        cfg = self.cfg
+        why = self.cluster_skip_reason()
+        if why is not None:
+            if repeat == 0:
+                self.results.notes.append(f"cluster not run: {why}.")
+                print(f"  cluster: skipped ({why})")
+            return
+        try:
+            async with running_server(redis_spec()) as redis:
+                for i in range(cfg.cluster_rounds):
+                    label = f"{repeat + 1}.{i + 1}"
+                    turn = (repeat * cfg.cluster_rounds + i) % 2
+                    kinds = CLUSTER_KINDS if turn == 0 else CLUSTER_KINDS[::-1]
+                    for kind in kinds:
+                        await self.guarded(
+                            "/ws cluster fan-out",
+                            kind,
+                            label,
+                            functools.partial(self.cluster_run, kind, label, redis),
+                        )
+                    self.record_cluster_round(label)
+        except Exception as exc:  # redis-server did not start: the other scenarios go on
+            msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            self.results.notes.append(f"cluster: redis-server did not start: {msg}")
+            print(f"  cluster: redis-server did not start ({msg})")
+
+    async def cluster_run(self, kind: str, label: str, redis: ServerProcess) -> None:
+        """One run of configuration ``kind`` on fresh roomcast processes (Redis emptied)."""
+        cfg = self.cfg
+        if await redis_command(redis.spec.port, "FLUSHALL") != b"+OK":
+            raise RuntimeError("redis-server did not answer FLUSHALL")
+        on_redis = kind != "single-memory"
+        broker = f"redis://{HOST}:{redis.spec.port}" if on_redis else "memory://"
+        nodes = cfg.cluster_nodes if kind == "cluster" else 1
+        specs = [cluster_node_spec(broker, f"{kind}-n{n + 1}") for n in range(nodes)]
+        ccfg = ClusterConfig(
+            per_node=cfg.cluster_subscribers,
+            messages=cfg.messages,
+            window=cfg.publish_window,
+            drain_timeout_s=cfg.drain_timeout,
+            idle_timeout_s=cfg.idle_timeout,
+        )
+        async with running_servers(specs) as servers:
+            urls = [spec.url("/ws") for spec in specs]
+            # The single node takes every slot: the same subscribers and publisher connections.
+            slots = urls if len(urls) == cfg.cluster_nodes else urls[:1] * cfg.cluster_nodes
+            broker_cpu = redis.cpu_seconds_precise if on_redis else None
+
+            def server_cpu() -> float:
+                total = sum(server.cpu_seconds_precise() for server in servers)
+                return total + (broker_cpu() if broker_cpu else 0.0)
+
+            warnings: list[str] = []
+
+            async def stop_servers() -> None:
+                # Broker warnings logged up to now (not those of the shutdown that follows:
+                # closing hundreds of connections at once can log some).
+                for server in servers:
+                    lines = server.log_path.read_text(errors="replace").splitlines()
+                    warnings.extend(ln.strip() for ln in lines if "broker" in ln)
+                await asyncio.gather(*(server.stop() for server in servers))
+
+            res = await run_cluster(slots, ccfg, server_cpu, broker_cpu, stop_servers)
+        self.record_cluster(kind, label, res, warnings)
+
+    def record_cluster(
+        self, kind: str, label: str, res: ClusterResult, warnings: Sequence[str] = ()
+    ) -> None:
+        """Store one cluster-scenario run's figures (``warnings``: the nodes' broker warnings
+        logged during the run)."""
+        r = self.results
+        srv_us, lg_us = per_delivery_us(res.usage, res.delivered)
+        r.add(kind, "cluster.dps", res.dps)
+        r.add(kind, "cluster.p50_ms", res.p50_ms)
+        r.add(kind, "cluster.p99_ms", res.p99_ms)
+        r.add(kind, "cluster.d50_ms", res.d50_ms)
+        r.add(kind, "cluster.d99_ms", res.d99_ms)
+        r.add(kind, "cluster.lost", res.lost)
+        r.add(kind, "cluster.duplicates", res.duplicates)
+        r.add(kind, "cluster.out_of_order", res.out_of_order)
+        r.add(kind, "cluster.errors", res.errors)
+        r.add(kind, "cluster.server", res.usage.server * 100)
+        r.add(kind, "cluster.broker", res.broker * 100 if kind != "single-memory" else None)
+        r.add(kind, "cluster.srv_us", srv_us)
+        r.add(kind, "cluster.loadgen", res.usage.loadgen * 100)
+        r.add(kind, "cluster.lg_us", lg_us)
+        r.add(kind, "cluster.runs", 1)
+        r.add(kind, "cluster.nodes", res.nodes)
+        notes = [f"{res.delivered:,}/{res.expected:,} delivered"]
+        if res.outcome != "done":
+            notes.append(f"STOPPED ({res.outcome})")
+        where = f"{res.nodes} nodes" if res.nodes > 1 else "1 node"
+        notes.append(
+            f"{res.slots} × {res.per_node:,} subscribers and {res.slots} publisher connections "
+            f"on {where}; shares {'+'.join(map(str, res.shares))} publications, window "
+            f"{res.window} each"
+        )
+        if res.broker:
+            notes.append(f"redis-server {res.broker * 100:.0f} % of core 0")
+        if srv_us is not None and lg_us is not None:
+            notes.append(f"CPU per delivery: server side {srv_us:.2f} µs, loadgen {lg_us:.2f} µs")
+        if res.errors:
+            notes.append(
+                f"errors: {res.offset_errors} offsets not as acknowledged, {res.wrong_channel} "
+                f"wrong channel, {res.mismatched} wrong publications, {res.unexpected} "
+                f"unexpected frames, {res.subscribe_errors} failed subscribes, "
+                f"{res.publish_errors} failed publishes, connections closed: "
+                f"{res.close_codes or 'none'}"
+            )
+        if res.slow_hits:
+            notes.append(f"{res.slow_hits:,} deliveries took the slow path")
+        if warnings:
+            notes.append(f"{len(warnings)} broker warning(s) in the nodes' logs: {warnings[0]}")
+            r.notes.append(
+                f"cluster run {label} on {kind}: the nodes logged {len(warnings)} broker "
+                f"warning(s) before they were stopped; first: {warnings[0][:200]}"
+            )
+        notes.append(f"connect + subscribe {res.connect_s:.1f} s")
+        record = RunRecord(
+            f"/ws cluster fan-out, {res.subscribers:,} subscribers",
+            kind,
+            label,
+            f"{res.dps:,.0f} deliveries/s, p50 {fmt(res.p50_ms, 1)} ms, "
+            f"p99 {fmt(res.p99_ms, 1)} ms, lost {res.lost:,}, duplicates {res.duplicates:,}, "
+            f"out of order {res.out_of_order:,}, errors {res.errors:,}",
+            res.usage.server,
+            res.usage.loadgen,
+            "; ".join(notes),
+            res.usage.other,
+        )
+        r.runs.append(record)
+        self.cluster_refs[(kind, label)] = (res, record)
+
+    def record_cluster_round(self, label: str) -> None:
+        """Note in the cluster run's record its ratio to the single node runs of its round."""
+        ref = self.cluster_refs.get(("cluster", label))
+        if ref is None or not ref[0].dps:
+            return
+        res, record = ref
+        for kind, what in (("single-memory", "memory://"), ("single-redis", "redis://")):
+            single = self.cluster_refs.get((kind, label))
+            if single is not None and single[0].dps:
+                record.notes += f"; ÷ 1 node on {what} ({single[0].dps:,.0f}/s): "
+                record.notes += f"{res.dps / single[0].dps:.2f}×"
+
     async def cut(self, repeat: int, role: str) -> None:
         """A sender and one stalled member: does the room cut the member or stall?"""
         spec = server_spec(role, "chat", roomcast_as_baseline=self.cfg.roomcast_as_baseline)
@@ -839,6 +1037,8 @@ class Bench:
                         )
                 if not with_staller:  # /ws right after the chat runs it is compared with
                     await self.ws_scenarios(repeat, order)
+            if "cluster" in cfg.only:
+                await self.cluster(repeat)
             if "chat" in cfg.only:
                 for role in order:
                     await self.guarded(
@@ -880,7 +1080,8 @@ def auto_notes(cfg: Config, results: Results) -> None:
                 f"other processes used {r.other_cpu * 100:.0f} % of a core during "
                 f"'{r.scenario}' on {r.role}: that figure is noisy."
             )
-        if r.role in ROLES and r.loadgen_cpu is not None and r.loadgen_cpu >= BUSY_LOADGEN:
+        busy_role = r.role in ROLES or r.role in CLUSTER_KINDS
+        if busy_role and r.loadgen_cpu is not None and r.loadgen_cpu >= BUSY_LOADGEN:
             results.notes.append(
                 f"load generator at {r.loadgen_cpu * 100:.0f} % of its core in "
                 f"'{r.scenario}' on {r.role}: that figure may be limited by the client side."
@@ -941,7 +1142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     early_notes: list[str] = []
     cfg, node_version = prepare_node(cfg, early_notes)
-    fd_limit = raise_fd_limit(max(cfg.idle_counts) + cfg.members + cfg.connect_clients + 512)
+    biggest = max(*cfg.idle_counts, cfg.cluster_nodes * cfg.cluster_subscribers)
+    fd_limit = raise_fd_limit(biggest + cfg.members + cfg.connect_clients + 512)
     pinned = pin_current_process_to_loadgen_core()
     print(
         f"roomcast benchmark: {', '.join(cfg.only)} on {', '.join(cfg.servers)}; "
@@ -964,6 +1166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.connect_clients,
         cfg.messages,
         cfg.missed,
+        cfg.cluster_nodes,
+        cfg.cluster_subscribers,
     )
     print_console(results, specs, cfg.idle_counts)
     print(f"took {wall:.0f} s; server logs in {log_dir()}")
@@ -976,6 +1180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scenario_text(cfg),
             deflate_text(),
             ws_section_text(cfg),
+            cluster_section_text(cfg, pinned),
         )
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         cfg.output.write_text(text)

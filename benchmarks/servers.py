@@ -8,6 +8,10 @@ server that measures the load generator only).
 Every server runs in its own subprocess, pinned to core 0 when the machine has two or more
 cores (the load generator takes core 1), listens on a free loopback port, and is always killed
 when its ``running_server`` context exits, including on Ctrl-C.
+
+The cluster scenario adds "redis" (a private ``redis-server`` without persistence) and roomcast
+nodes on a given broker (``cluster_node_spec``): all of them on core 0 too, so several nodes and
+Redis share one core.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import os
 import shutil
 import signal
@@ -23,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +98,8 @@ class ServerSpec:
     port: int
     health_path: str
     need_ok: bool = field(default=False)
+    #: How readiness is probed: "http" (GET ``health_path``) or "redis" (PING).
+    probe: str = field(default="http")
 
     def url(self, path: str) -> str:
         """Return the ws:// URL of ``path`` on this server."""
@@ -133,6 +140,60 @@ def server_spec(role: str, app: str, *, roomcast_as_baseline: bool = False) -> S
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
     argv = [sys.executable, "-m", "roomcast", "serve", "--host", HOST, "--port", str(port)]
     return ServerSpec(role, app, _pinned(argv), REPO_DIR, env, port, "/health", need_ok=True)
+
+
+def cluster_node_spec(broker_url: str, name: str) -> ServerSpec:
+    """Build the launch spec of one roomcast node on ``broker_url`` (cluster scenario).
+
+    The node runs roomcast's default WebSocket transport (``ROOMCAST_WS`` unset, even if the
+    harness's own environment sets it); ``name`` goes into its log file's name.
+    """
+    spec = server_spec("roomcast", name)
+    env = dict(spec.env)
+    env.pop("ROOMCAST_WS", None)
+    env["ROOMCAST_BROKER_URL"] = broker_url
+    return dataclasses.replace(spec, env=env)
+
+
+def redis_binary() -> str | None:
+    """Return the path of ``redis-server``, or None when it is not on PATH."""
+    return shutil.which("redis-server")
+
+
+def redis_argv(port: int | str, folder: str | None = None) -> list[str]:
+    """Return the (unpinned) command line of the harness's private ``redis-server``; its
+    working folder is the log folder unless ``folder`` is given (for the report's text)."""
+    return [
+        redis_binary() or "redis-server",
+        "--port", str(port),
+        "--bind", HOST,
+        "--save", "",
+        "--appendonly", "no",
+        "--protected-mode", "no",
+        "--dir", folder or str(_LOG_DIR),
+    ]  # fmt: skip
+
+
+def redis_spec() -> ServerSpec:
+    """Build the launch spec of a private ``redis-server``: no persistence, loopback only."""
+    port = free_port()
+    argv = _pinned(redis_argv(port))
+    return ServerSpec("redis", "broker", argv, _LOG_DIR, dict(os.environ), port, "", probe="redis")
+
+
+def redis_version() -> str:
+    """Return ``redis-server``'s version ("7.0.15"), or why it is unknown."""
+    binary = redis_binary()
+    if binary is None:
+        return "not on PATH"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+        for word in out.split():
+            if word.startswith("v="):
+                return word[2:]
+    return "unknown version"
 
 
 def _pinned(argv: list[str]) -> list[str]:
@@ -289,9 +350,13 @@ class ServerProcess:
                     f"{self.spec.role} server exited with {self.popen.returncode}:\n"
                     f"{self.log_tail()}"
                 )
-            status = await http_status(self.spec.port, self.spec.health_path)
-            if status is not None and (status == 200 or not self.spec.need_ok):
-                return
+            if self.spec.probe == "redis":
+                if await redis_command(self.spec.port, "PING") == b"+PONG":
+                    return
+            else:
+                status = await http_status(self.spec.port, self.spec.health_path)
+                if status is not None and (status == 200 or not self.spec.need_ok):
+                    return
             await asyncio.sleep(0.1)
         raise TimeoutError(
             f"{self.spec.role} server not ready after {limit_s:.0f}s:\n{self.log_tail()}"
@@ -338,6 +403,31 @@ async def http_status(port: int, path: str, limit_s: float = 1.0) -> int | None:
                 await writer.wait_closed()
 
 
+async def redis_command(port: int, *args: str, limit_s: float = 5.0) -> bytes | None:
+    """Send one command to the Redis on the loopback ``port``; return its reply's first line.
+
+    Enough for PING and FLUSHALL (simple-string replies); None when there is no answer.
+    """
+    writer: asyncio.StreamWriter | None = None
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        raw = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    try:
+        async with asyncio.timeout(limit_s):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            writer.write(b"".join(parts))
+            await writer.drain()
+            return (await reader.readline()).rstrip(b"\r\n")
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
 _LOG_DIR = Path(tempfile.mkdtemp(prefix="roomcast-bench-"))
 
 
@@ -358,6 +448,32 @@ async def running_server(spec: ServerSpec) -> AsyncIterator[ServerProcess]:
             await asyncio.shield(server.stop())
         finally:
             server.kill()
+
+
+@contextlib.asynccontextmanager
+async def running_servers(specs: Sequence[ServerSpec]) -> AsyncIterator[list[ServerProcess]]:
+    """Run every one of ``specs`` (started together, awaited together) until the block exits;
+    all of them are killed on every way out."""
+    servers: list[ServerProcess] = []
+    try:
+        for spec in specs:
+            servers.append(ServerProcess(spec, _LOG_DIR))
+        waits = [asyncio.ensure_future(server.wait_ready()) for server in servers]
+        try:
+            await asyncio.gather(*waits)
+        finally:
+            for wait in waits:
+                wait.cancel()  # (the others, when one failed)
+            await asyncio.gather(*waits, return_exceptions=True)
+        yield servers
+    finally:
+        try:
+            await asyncio.shield(
+                asyncio.gather(*(server.stop() for server in servers), return_exceptions=True)
+            )
+        finally:
+            for server in servers:
+                server.kill()
 
 
 #: Log lines that show a server misbehaving (uvicorn's and Python's wording).
