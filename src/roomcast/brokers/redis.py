@@ -45,6 +45,9 @@ logger = logging.getLogger("roomcast.broker")
 
 T = TypeVar("T")
 
+#: Seconds the start waits for Redis before serving anyway (not ready).
+STARTUP_WAIT = 5.0
+
 #: Failures that mean "Redis cannot be reached now" (as opposed to a bug). RuntimeError: redis-py
 #: writing on a transport that closed under it while it reconnected ("the handler is closed").
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError)
@@ -186,6 +189,8 @@ class RedisBroker:
         self._history_script: Any = None
         self._presence_script: Any = None
         self._down_since: float | None = None
+        #: Set while Redis is reachable through the listener's connection.
+        self._up = asyncio.Event()
 
     # -- keys -----------------------------------------------------------------------------
 
@@ -222,6 +227,15 @@ class RedisBroker:
             loop.create_task(self._listen(), name="roomcast-redis-listener"),
             loop.create_task(self._heartbeat(), name="roomcast-redis-presence"),
         ]
+        # Accept clients once Redis answers, so that the first ones are not served "local
+        # only"; if it does not answer soon, start anyway (not ready) and keep trying.
+        try:
+            async with asyncio.timeout(STARTUP_WAIT):
+                await self._up.wait()
+        except TimeoutError:
+            logger.warning(
+                "broker %s not reachable at start; serving, not ready, until it is", self._where
+            )
 
     def on_room(self, deliver: Callable[[str, str], None]) -> None:
         """Deliver chat room messages (from every node) to ``deliver(room, text)``."""
@@ -267,6 +281,7 @@ class RedisBroker:
             raise BrokerUnavailable("the broker (Redis) is unreachable; retry later") from None
 
     def _mark_down(self, error: BaseException) -> None:
+        self._up.clear()
         if self.available or self._down_since is None:
             logger.warning("broker %s unreachable: %s; retrying with backoff", self._where, error)
             self._down_since = time.monotonic()
@@ -298,6 +313,7 @@ class RedisBroker:
                         await self._conn.connection_pool.disconnect(inuse_connections=False)
                     await self._conn.ping()
                     self.available = True
+                    self._up.set()
                     self._down_since = None
                     backoff = 0.1
                     if was_down:
