@@ -31,11 +31,12 @@ from chat import TAG_MEASURED, TAG_WARM, WARMUP_TIMEOUT_S, WARMUP_TRIES, make_pa
 from loadgen import (
     Client,
     CpuProbe,
+    Receipts,
     Usage,
     UsageMeter,
     close_all,
     connect_many,
-    percentile,
+    percentile_ms,
     wait_until,
 )
 
@@ -176,32 +177,44 @@ async def connect_publisher(url: str) -> Publisher:
     return publisher
 
 
-class FanoutState:
-    """Receipt counters shared by every subscriber of one run."""
+class FanoutCounters(Receipts):
+    """Receipt counters shared by every subscriber of one fan-out run (``/ws`` or cluster)."""
 
     def __init__(self, channel: str, messages: int, size: int) -> None:
         """Prepare counters for ``messages`` measured publications of ``size``-byte text."""
         self.channel = channel
         self.texts = [make_payload(TAG_MEASURED, i, size) for i in range(messages)]
         self.data = [encode_str(t) for t in self.texts]
-        #: The exact frame of every measured publication, in order, then ``None`` (which no
-        #: payload equals); just ``[None]`` until the offsets are known.
+        #: The frames the hot path compares received bytes with (filled in place: every
+        #: subscriber holds this list); just ``[None]`` (which no payload equals) until known.
         self.frames: list[bytes | None] = [None]
-        #: offset of measured publication 0 (publication i gets ``base + i``).
+        #: The channel's offset the measured publications are counted from.
         self.base = 0
-        self.publisher_id = ""
-        self.count = [0] * messages
-        self.last = [0.0] * messages
+        self.count = [0] * messages  # deliveries of publication i, all subscribers together
+        self.last = [0.0] * messages  # time of its latest delivery
         self.subscribed = 0
         self.subscribe_errors: list[str] = []
         self.warm: Counter[int] = Counter()
-        self.order_errors = 0  # an offset not above the subscriber's previous one
         self.wrong_channel = 0
         self.mismatched = 0  # a measured publication whose offset, data or info is wrong
         self.slow_hits = 0  # right measured publications that took the slow path
         self.unexpected = 0
         self.others = 0
         self.close_codes: Counter[int] = Counter()
+
+
+class FanoutState(FanoutCounters):
+    """Receipt counters shared by every subscriber of one run (one publisher).
+
+    ``frames`` holds the exact frame of every measured publication, in order, then ``None``;
+    ``base`` is the offset of measured publication 0 (publication i gets ``base + i``).
+    """
+
+    def __init__(self, channel: str, messages: int, size: int) -> None:
+        """Prepare counters for ``messages`` measured publications of ``size``-byte text."""
+        super().__init__(channel, messages, size)
+        self.publisher_id = ""
+        self.order_errors = 0  # an offset not above the subscriber's previous one
 
     def expect(self, base: int, publisher_id: str) -> None:
         """Build the exact frame of every measured publication (offsets from ``base``)."""
@@ -219,28 +232,68 @@ class FanoutState:
         """Tell whether the measured publications' frames are known yet."""
         return len(self.frames) > 1
 
-    @property
-    def measured(self) -> int:
-        """Return how many measured publications arrived so far, all subscribers together."""
-        return sum(self.count)
 
-    def progress(self) -> int:
-        """Return a counter of every frame received so far (for the idle timeouts)."""
-        return sum(self.count) + self.others
+class FanoutSubscriber(Client):
+    """A ``/ws`` client that subscribes on connect; what the fan-out subscribers share.
 
-    @property
-    def errors(self) -> int:
-        """Return every kind of wrong frame seen so far."""
-        return (
-            self.order_errors
-            + self.wrong_channel
-            + self.mismatched
-            + self.unexpected
-            + len(self.subscribe_errors)
-        )
+    Subclasses keep the hot path (``on_ws_frame``); off it, :meth:`control` and
+    :meth:`publication` handle what every fan-out subscriber sees alike.
+    """
+
+    def __init__(self, state: FanoutCounters) -> None:
+        """Bind the subscriber to the run's shared counters."""
+        super().__init__()
+        self.state = state
+        self.frames = state.frames
+        self.count = state.count
+        self.last = state.last
+        self.next = 0  # the index in ``frames`` of the frame due next
+        self.offset = -1  # the last offset seen on the slow path (or the subscribe reply's)
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        """Subscribe at once (requests may follow the handshake without waiting)."""
+        super().on_ws_connected(transport)
+        transport.send(TEXT, subscribe_request(1, self.state.channel))
+
+    def control(self, transport: WSTransport, frame: WSFrame) -> bool:
+        """Count a frame off the hot path; handle it and return True if it is not text."""
+        state = self.state
+        state.others += 1
+        if frame.msg_type is not TEXT:
+            if self.handle_control(transport, frame) and self.close_code is not None:
+                state.close_codes[self.close_code] += 1
+            return True
+        return False
+
+    def publication(self, payload: bytes) -> dict[str, Any] | None:
+        """Parse a text frame off the hot path: return it if it is a publication of the
+        channel; otherwise handle it (``connected``, the subscribe reply) or count it."""
+        state = self.state
+        try:
+            msg = json.loads(payload)
+        except ValueError:
+            state.unexpected += 1
+            return None
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        if kind == "connected":
+            return None
+        if kind is None and isinstance(msg, dict) and msg.get("id") == 1:
+            if msg.get("ok"):
+                state.subscribed += 1
+                self.offset = msg["result"]["offset"]
+            else:
+                state.subscribe_errors.append(str(msg.get("error")))
+            return None
+        if kind != "publication":
+            state.unexpected += 1
+            return None
+        if msg.get("channel") != state.channel:
+            state.wrong_channel += 1
+            return None
+        return msg
 
 
-class Subscriber(Client):
+class Subscriber(FanoutSubscriber):
     """A ``/ws`` client that subscribes on connect and counts the channel's publications.
 
     Hot path: the received bytes compared with the exact frame of the next measured
@@ -249,20 +302,7 @@ class Subscriber(Client):
     parses the JSON, checks that the offset is above the last one seen, and classifies it.
     """
 
-    def __init__(self, state: FanoutState) -> None:
-        """Bind the subscriber to the run's shared counters."""
-        super().__init__()
-        self.state = state
-        self.frames = state.frames
-        self.count = state.count
-        self.last = state.last
-        self.next = 0  # the measured publication due next
-        self.offset = -1  # the last offset seen on the slow path (or the subscribe reply's)
-
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        """Subscribe at once (requests may follow the handshake without waiting)."""
-        super().on_ws_connected(transport)
-        transport.send(TEXT, subscribe_request(1, self.state.channel))
+    state: FanoutState
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """Count the measured publication due next (fast path) or classify any other frame."""
@@ -282,36 +322,14 @@ class Subscriber(Client):
 
     def slow_path(self, transport: WSTransport, frame: WSFrame) -> None:
         """Parse and classify a frame that is not the measured publication due next."""
-        state = self.state
-        state.others += 1
-        if frame.msg_type is not TEXT:
-            if self.handle_control(transport, frame) and self.close_code is not None:
-                state.close_codes[self.close_code] += 1
+        if self.control(transport, frame):
             return
-        try:
-            msg = json.loads(frame.get_payload_as_bytes())
-        except ValueError:
-            state.unexpected += 1
-            return
-        kind = msg.get("type") if isinstance(msg, dict) else None
-        if kind == "connected":
-            return
-        if kind is None and isinstance(msg, dict) and msg.get("id") == 1:
-            if msg.get("ok"):
-                state.subscribed += 1
-                self.offset = msg["result"]["offset"]
-            else:
-                state.subscribe_errors.append(str(msg.get("error")))
-            return
-        if kind != "publication":
-            state.unexpected += 1
-            return
-        if msg.get("channel") != state.channel:
-            state.wrong_channel += 1
+        msg = self.publication(frame.get_payload_as_bytes())
+        if msg is None:
             return
         offset = msg.get("offset")
         if type(offset) is not int or offset <= self.last_offset():
-            state.order_errors += 1  # a repeat, or out of order: not counted
+            self.state.order_errors += 1  # a repeat, or out of order: not counted
             return
         self.offset = offset
         self.classify(msg, offset)
@@ -346,10 +364,9 @@ class Subscriber(Client):
 
 
 @dataclass
-class ChannelConfig:
-    """Sizes and time bounds of a ``/ws`` fan-out run."""
+class FanoutConfig:
+    """Sizes and time bounds of a fan-out run (``/ws`` or cluster)."""
 
-    members: int = 1000
     messages: int = 200
     size: int = 64
     window: int = DEFAULT_WINDOW
@@ -359,10 +376,16 @@ class ChannelConfig:
 
 
 @dataclass
-class ChannelResult:
-    """Figures of one ``/ws`` fan-out run (measured burst)."""
+class ChannelConfig(FanoutConfig):
+    """Sizes and time bounds of a ``/ws`` fan-out run."""
 
-    members: int
+    members: int = 1000
+
+
+@dataclass
+class FanoutResult:
+    """Figures of one fan-out run (measured burst) that every kind of fan-out reports."""
+
     messages: int
     window: int
     expected: int
@@ -372,7 +395,6 @@ class ChannelResult:
     p99_ms: float | None
     complete_messages: int
     outcome: str
-    order_errors: int
     wrong_channel: int
     mismatched: int
     unexpected: int
@@ -389,15 +411,39 @@ class ChannelResult:
         return self.expected - self.delivered
 
     @property
-    def errors(self) -> int:
-        """Return every wrong frame or failed request of the run."""
+    def wrong(self) -> int:
+        """Return the wrong frames and failed requests every kind of fan-out counts alike."""
         return (
-            self.order_errors
-            + self.wrong_channel
+            self.wrong_channel
             + self.mismatched
             + self.unexpected
             + self.subscribe_errors
             + self.publish_errors
+        )
+
+
+@dataclass
+class ChannelResult(FanoutResult):
+    """Figures of one ``/ws`` fan-out run (measured burst)."""
+
+    members: int
+    order_errors: int
+
+    @property
+    def errors(self) -> int:
+        """Return every wrong frame or failed request of the run."""
+        return self.order_errors + self.wrong
+
+
+async def confirm_subscriptions(state: FanoutCounters, members: int) -> None:
+    """Wait (bounded) for every subscriber's subscribe reply; raise unless all succeeded."""
+    outcome = await wait_until(
+        lambda: state.subscribed + len(state.subscribe_errors) >= members, REPLY_TIMEOUT_S
+    )
+    if outcome != "done" or state.subscribe_errors:
+        first = state.subscribe_errors[0] if state.subscribe_errors else "no reply"
+        raise RuntimeError(
+            f"{state.subscribed} of {members} subscriptions confirmed; first error: {first}"
         )
 
 
@@ -436,15 +482,7 @@ async def run_channel(
     try:
         publisher = await connect_publisher(url)
         clients.append(publisher)
-        outcome = await wait_until(
-            lambda: state.subscribed + len(state.subscribe_errors) >= cfg.members,
-            REPLY_TIMEOUT_S,
-        )
-        if outcome != "done" or state.subscribe_errors:
-            first = state.subscribe_errors[0] if state.subscribe_errors else "no reply"
-            raise RuntimeError(
-                f"{state.subscribed} of {cfg.members} subscriptions confirmed; first error: {first}"
-            )
+        await confirm_subscriptions(state, cfg.members)
         connect_s = perf_counter() - start
         warm_offset = await _warm_up(publisher, state, cfg.members)
         assert publisher.client_id is not None
@@ -476,7 +514,6 @@ async def run_channel(
     send_times = publisher.send_times
     span = max(lasts, default=0.0) - send_times[0]
     complete = [lasts[i] - send_times[i] for i in range(cfg.messages) if counts[i] >= cfg.members]
-    p50, p99 = percentile(complete, 50), percentile(complete, 99)
     wrong_offsets = sum(
         1 for i, off in enumerate(publisher.offsets) if off is not None and off != state.base + i
     )
@@ -488,8 +525,8 @@ async def run_channel(
         expected=expected,
         delivered=delivered,
         dps=delivered / span if delivered and span > 0 else 0.0,
-        p50_ms=None if p50 is None else p50 * 1e3,
-        p99_ms=None if p99 is None else p99 * 1e3,
+        p50_ms=percentile_ms(complete, 50),
+        p99_ms=percentile_ms(complete, 99),
         complete_messages=len(complete),
         outcome=outcome,
         order_errors=state.order_errors,

@@ -22,11 +22,12 @@ from picows import WSFrame, WSMsgType, WSTransport
 from loadgen import (
     Client,
     CpuProbe,
+    Receipts,
     Usage,
     UsageMeter,
     close_all,
     connect_many,
-    percentile,
+    percentile_ms,
     wait_until,
 )
 from staller import StalledMember
@@ -46,7 +47,7 @@ def make_payload(tag: bytes, seq: int, size: int) -> bytes:
     return head + b"x" * (size - len(head))
 
 
-class ChatState:
+class ChatState(Receipts):
     """Receipt counters shared by all members of one run."""
 
     def __init__(self, messages: int, size: int) -> None:
@@ -65,15 +66,6 @@ class ChatState:
         self.mismatched = 0
         self.others = 0
         self.close_codes: Counter[int] = Counter()
-
-    @property
-    def measured(self) -> int:
-        """Return how many measured messages arrived so far, all members together."""
-        return sum(self.count)
-
-    def progress(self) -> int:
-        """Return a counter of every frame received so far (for the idle timeouts)."""
-        return sum(self.count) + self.others
 
 
 class ChatMember(Client):
@@ -272,7 +264,6 @@ async def run_chat(
 
     span = max(lasts, default=0.0) - send_times[0]
     complete = [lasts[i] - send_times[i] for i in range(cfg.messages) if counts[i] >= cfg.members]
-    p50, p99 = percentile(complete, 50), percentile(complete, 99)
     return ChatResult(
         members=cfg.members,
         messages=cfg.messages,
@@ -280,8 +271,8 @@ async def run_chat(
         expected=expected,
         delivered=delivered,
         dps=delivered / span if delivered and span > 0 else 0.0,
-        p50_ms=None if p50 is None else p50 * 1e3,
-        p99_ms=None if p99 is None else p99 * 1e3,
+        p50_ms=percentile_ms(complete, 50),
+        p99_ms=percentile_ms(complete, 99),
         complete_messages=len(complete),
         outcome=outcome,
         fill_expected=fill_expected,

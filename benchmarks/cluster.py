@@ -25,9 +25,7 @@ publish reply acknowledged, and those must be exactly the offsets that follow th
 from __future__ import annotations
 
 import gc
-import json
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,30 +33,32 @@ from picows import WSFrame, WSMsgType, WSTransport
 
 from channel import (
     REPLY_TIMEOUT_S,
+    FanoutConfig,
+    FanoutCounters,
+    FanoutResult,
+    FanoutSubscriber,
     Publisher,
+    confirm_subscriptions,
     connect_publisher,
     encode_str,
     info_bytes,
     publication_bytes,
     publish_request,
-    subscribe_request,
 )
 from chat import TAG_MEASURED, TAG_WARM, WARMUP_TIMEOUT_S, WARMUP_TRIES, make_payload
 from loadgen import (
     Client,
     CpuProbe,
-    Usage,
     UsageMeter,
     close_all,
     connect_many,
-    percentile,
+    percentile_ms,
     wait_until,
 )
 
 perf_counter = time.perf_counter
 TEXT = WSMsgType.TEXT
 CLUSTER_CHANNEL = "bench:cluster"
-DEFAULT_WINDOW = 256
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -67,42 +67,30 @@ def split(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-class ClusterState:
-    """Receipt counters shared by every subscriber of one run."""
+class ClusterState(FanoutCounters):
+    """Receipt counters shared by every subscriber of one run (one publisher per slot).
+
+    ``base`` is the channel's offset before the measured burst (publication i gets one above
+    it, which one is known only when it arrives). ``frames[k]`` is the frame received under
+    offset ``base + 1 + k`` and ``seqs[k]`` which publication it is, as the first subscriber
+    to get that offset found (and checked) it; ``None`` until then, and ``None`` after the
+    last one.
+    """
 
     def __init__(self, channel: str, messages: int, size: int) -> None:
         """Prepare counters for ``messages`` measured publications of ``size``-byte text."""
-        self.channel = channel
+        super().__init__(channel, messages, size)
         self.messages = messages
-        self.texts = [make_payload(TAG_MEASURED, i, size) for i in range(messages)]
-        self.data = [encode_str(t) for t in self.texts]
         #: Every publication frame of the channel starts with this; the offset follows.
         self.head = b'{"type":"publication","channel":"%s","offset":' % channel.encode()
         #: What follows the offset in measured publication i's frame → i (see :meth:`expect`).
         self.tails: dict[bytes, int] = {}
         self.owners: list[str] = []
-        #: The channel's offset before the measured burst (publication i gets one above it).
-        self.base = 0
-        #: The frame received under offset ``base + 1 + k``, and which publication it is, as
-        #: the first subscriber to get that offset found (and checked) it; ``None`` until then,
-        #: and ``None`` after the last one. Filled in place: every subscriber holds these lists.
-        self.frames: list[bytes | None] = [None]
-        self.seqs: list[int] = [0]
+        self.seqs: list[int] = [0]  # filled in place, as ``frames``
         self.seq_offset = [0] * messages  # the offset publication i was first seen under
-        self.count = [0] * messages  # deliveries of publication i, all subscribers together
-        self.last = [0.0] * messages  # time of its latest delivery
-        self.subscribed = 0
-        self.subscribe_errors: list[str] = []
-        self.warm: Counter[int] = Counter()
         self.duplicates = 0  # a publication a subscriber already had
         self.out_of_order = 0  # an offset not above the subscriber's previous one
         self.inconsistent = 0  # two offsets for one publication, two publications for one
-        self.wrong_channel = 0
-        self.mismatched = 0  # a measured publication whose data or info is wrong
-        self.slow_hits = 0  # right measured publications laid out otherwise than expected
-        self.unexpected = 0
-        self.others = 0
-        self.close_codes: Counter[int] = Counter()
 
     def expect(self, owners: Sequence[str], base: int) -> None:
         """Get ready for the measured burst: ``owners[i]`` is the client id of publication i's
@@ -115,17 +103,8 @@ class ClusterState:
         self.frames[:] = [None] * (self.messages + 1)
         self.seqs[:] = [0] * (self.messages + 1)
 
-    @property
-    def measured(self) -> int:
-        """Return how many measured publications arrived so far, all subscribers together."""
-        return sum(self.count)
 
-    def progress(self) -> int:
-        """Return a counter of every frame received so far (for the idle timeouts)."""
-        return sum(self.count) + self.others
-
-
-class ClusterSubscriber(Client):
+class ClusterSubscriber(FanoutSubscriber):
     """A ``/ws`` client that subscribes on connect and checks every publication it gets.
 
     Hot path, as in ``channel.py``: the received bytes compared with the frame of the offset
@@ -136,23 +115,14 @@ class ClusterSubscriber(Client):
     and checks its offset; anything else is parsed as JSON.
     """
 
+    state: ClusterState
+
     def __init__(self, state: ClusterState) -> None:
         """Bind the subscriber to the run's shared counters."""
-        super().__init__()
-        self.state = state
-        self.frames = state.frames
+        super().__init__(state)
         self.seqs = state.seqs
-        self.count = state.count
-        self.last = state.last
         #: Receipt time of every measured publication (0.0: not received).
         self.got = [0.0] * state.messages
-        self.next = 0  # index in ``frames`` of the offset due next
-        self.offset = -1  # the last offset seen on the slow path (or the subscribe reply's)
-
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        """Subscribe at once (requests may follow the handshake without waiting)."""
-        super().on_ws_connected(transport)
-        transport.send(TEXT, subscribe_request(1, self.state.channel))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """Count the publication of the offset due next (fast path), or classify the frame."""
@@ -207,12 +177,9 @@ class ClusterSubscriber(Client):
 
     def slow_path(self, transport: WSTransport, frame: WSFrame, payload: bytes) -> None:
         """Classify a frame that is not the publication of the offset due next."""
-        state = self.state
-        state.others += 1
-        if frame.msg_type is not TEXT:
-            if self.handle_control(transport, frame) and self.close_code is not None:
-                state.close_codes[self.close_code] += 1
+        if self.control(transport, frame):
             return
+        state = self.state
         head = state.head
         if payload.startswith(head):  # the layout the server writes: no JSON needed
             comma = payload.find(b",", len(head))
@@ -221,26 +188,8 @@ class ClusterSubscriber(Client):
             if seq is not None and digits.isdigit():
                 self.receive(seq, int(digits), payload)
                 return
-        try:
-            msg = json.loads(payload)
-        except ValueError:
-            state.unexpected += 1
-            return
-        kind = msg.get("type") if isinstance(msg, dict) else None
-        if kind == "connected":
-            return
-        if kind is None and isinstance(msg, dict) and msg.get("id") == 1:
-            if msg.get("ok"):
-                state.subscribed += 1
-                self.offset = msg["result"]["offset"]
-            else:
-                state.subscribe_errors.append(str(msg.get("error")))
-            return
-        if kind != "publication":
-            state.unexpected += 1
-            return
-        if msg.get("channel") != state.channel:
-            state.wrong_channel += 1
+        msg = self.publication(payload)
+        if msg is None:
             return
         offset, data = msg.get("offset"), msg.get("data")
         if type(offset) is not int or not isinstance(data, str) or not data[1:9].isdigit():
@@ -268,49 +217,29 @@ class ClusterSubscriber(Client):
 
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(FanoutConfig):
     """Sizes and time bounds of a cluster fan-out run."""
 
-    per_node: int = 300
-    messages: int = 200
-    size: int = 64
-    window: int = DEFAULT_WINDOW
     channel: str = CLUSTER_CHANNEL
-    drain_timeout_s: float = 30.0
-    idle_timeout_s: float = 5.0
+    per_node: int = 300
 
 
 @dataclass
-class ClusterResult:
-    """Figures of one cluster (or single-node) fan-out run (measured burst)."""
+class ClusterResult(FanoutResult):
+    """Figures of one cluster (or single-node) fan-out run (measured burst).
+
+    ``p50_ms``/``p99_ms``: publish → last subscriber, per publication.
+    """
 
     nodes: int
     slots: int
     per_node: int
-    messages: int
     shares: list[int]
-    window: int
-    expected: int
-    delivered: int
-    dps: float
-    p50_ms: float | None  # publish → last subscriber, per publication
-    p99_ms: float | None
     d50_ms: float | None  # publish → receipt, over all deliveries
     d99_ms: float | None
-    complete_messages: int
-    outcome: str
     duplicates: int
     out_of_order: int
     offset_errors: int
-    wrong_channel: int
-    mismatched: int
-    unexpected: int
-    subscribe_errors: int
-    publish_errors: int
-    slow_hits: int
-    frame_bytes: int
-    connect_s: float
-    usage: Usage
     broker: float  # the broker process's share of a core over the window (0 for memory://)
     close_codes: dict[int, int]  # connections the servers closed during the run
 
@@ -320,22 +249,9 @@ class ClusterResult:
         return self.per_node * self.slots
 
     @property
-    def lost(self) -> int:
-        """Return how many expected deliveries never arrived."""
-        return self.expected - self.delivered
-
-    @property
     def errors(self) -> int:
         """Return every other wrong frame, failed request or closed connection of the run."""
-        return (
-            self.offset_errors
-            + self.wrong_channel
-            + self.mismatched
-            + self.unexpected
-            + self.subscribe_errors
-            + self.publish_errors
-            + sum(self.close_codes.values())
-        )
+        return self.offset_errors + self.wrong + sum(self.close_codes.values())
 
 
 async def _warm_up(publishers: Sequence[Publisher], state: ClusterState, members: int) -> int:
@@ -409,14 +325,7 @@ async def run_cluster(
             publisher = await connect_publisher(url)
             publishers.append(publisher)
             clients.append(publisher)
-        outcome = await wait_until(
-            lambda: state.subscribed + len(state.subscribe_errors) >= members, REPLY_TIMEOUT_S
-        )
-        if outcome != "done" or state.subscribe_errors:
-            first = state.subscribe_errors[0] if state.subscribe_errors else "no reply"
-            raise RuntimeError(
-                f"{state.subscribed} of {members} subscriptions confirmed; first error: {first}"
-            )
+        await confirm_subscriptions(state, members)
         connect_s = perf_counter() - start
         owners: list[str] = []
         for publisher, share in zip(publishers, shares, strict=True):
@@ -470,8 +379,6 @@ async def run_cluster(
     each = [
         t - sent[i] for sub in subscribers for i, t in enumerate(sub.got) if t
     ]  # publish → receipt, every delivery
-    p50, p99 = percentile(complete, 50), percentile(complete, 99)
-    d50, d99 = percentile(each, 50), percentile(each, 99)
     frame = publication_bytes(cfg.channel, base + 1, state.data[0], info_bytes(owners[0]))
     return ClusterResult(
         nodes=len(set(urls)),
@@ -483,10 +390,10 @@ async def run_cluster(
         expected=expected,
         delivered=delivered,
         dps=delivered / span if delivered and span > 0 else 0.0,
-        p50_ms=None if p50 is None else p50 * 1e3,
-        p99_ms=None if p99 is None else p99 * 1e3,
-        d50_ms=None if d50 is None else d50 * 1e3,
-        d99_ms=None if d99 is None else d99 * 1e3,
+        p50_ms=percentile_ms(complete, 50),
+        p99_ms=percentile_ms(complete, 99),
+        d50_ms=percentile_ms(each, 50),
+        d99_ms=percentile_ms(each, 99),
         complete_messages=len(complete),
         outcome=outcome,
         duplicates=state.duplicates,

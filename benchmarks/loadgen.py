@@ -88,16 +88,40 @@ async def connect_many(
     return clients
 
 
+class Receipts:
+    """What the shared receipt counters of a fan-out run (chat or ``/ws``) have in common.
+
+    ``count[i]``: deliveries of measured message i, all receivers together; ``others``: every
+    other frame received.
+    """
+
+    count: list[int]
+    others: int
+
+    @property
+    def measured(self) -> int:
+        """Return how many measured messages arrived so far, all receivers together."""
+        return sum(self.count)
+
+    def progress(self) -> int:
+        """Return a counter of every frame received so far (for the idle timeouts)."""
+        return sum(self.count) + self.others
+
+
 async def close_all(clients: Sequence[Client], limit_s: float = CLOSE_TIMEOUT_S) -> None:
     """Disconnect every client and wait (bounded) until their transports are closed."""
-    waiters = []
     for client in clients:
         transport = client.transport
         if not transport.is_disconnected:
             transport.disconnect(graceful=False)
-        waiters.append(asyncio.ensure_future(transport.wait_disconnected()))
+    await wait_closed(clients, limit_s)
+
+
+async def wait_closed(clients: Sequence[Client], limit_s: float = CLOSE_TIMEOUT_S) -> bool:
+    """Wait (bounded) until every client's transport is closed; return whether all were."""
+    waiters = [asyncio.ensure_future(c.transport.wait_disconnected()) for c in clients]
     if not waiters:
-        return
+        return True
     _, pending = await asyncio.wait(waiters, timeout=limit_s)
     for task in pending:
         task.cancel()
@@ -106,6 +130,7 @@ async def close_all(clients: Sequence[Client], limit_s: float = CLOSE_TIMEOUT_S)
             # A local failure re-raised by wait_disconnected() is of no interest at teardown.
             with contextlib.suppress(WSError, OSError):
                 task.result()
+    return not pending
 
 
 async def wait_until(
@@ -145,6 +170,12 @@ def percentile(values: Sequence[float], pct: float) -> float | None:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
     return float(ordered[rank])
+
+
+def percentile_ms(values: Sequence[float], pct: float) -> float | None:
+    """Return the ``pct`` percentile of ``values`` (seconds) in milliseconds, or None if empty."""
+    p = percentile(values, pct)
+    return None if p is None else p * 1e3
 
 
 @dataclass

@@ -17,14 +17,13 @@ publication is known once they are published, so one dict lookup identifies and 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from picows import WSCloseCode, WSError, WSFrame, WSMsgType, WSTransport
+from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from channel import (
     REPLY_TIMEOUT_S,
@@ -39,14 +38,14 @@ from channel import (
 )
 from chat import TAG_MEASURED, TAG_WARM, make_payload
 from loadgen import (
-    CLOSE_TIMEOUT_S,
     Client,
     CpuProbe,
     Usage,
     UsageMeter,
     close_all,
     connect_many,
-    percentile,
+    percentile_ms,
+    wait_closed,
     wait_until,
 )
 
@@ -283,15 +282,7 @@ async def _close_cleanly(clients: list[FirstSubscriber]) -> None:
     """Send every client's close frame and wait (bounded) for the close handshakes."""
     for client in clients:
         client.transport.send_close(WSCloseCode.OK)
-    waiters = [asyncio.ensure_future(c.transport.wait_disconnected()) for c in clients]
-    _, pending = await asyncio.wait(waiters, timeout=CLOSE_TIMEOUT_S)
-    for task in pending:
-        task.cancel()
-    for task in waiters:
-        if task.done() and not task.cancelled():
-            with contextlib.suppress(WSError, OSError):
-                task.result()
-    if pending:
+    if not await wait_closed(clients):
         await close_all(clients)
 
 
@@ -396,7 +387,6 @@ async def run_recovery(
 
     t0 = state.start
     done = sorted(t - t0 for t in state.done_at)
-    p50, p99 = percentile(done, 50), percentile(done, 99)
     lost = sum(max(0, cfg.missed - c.received) for c in second)
     return RecoveryResult(
         clients=cfg.clients,
@@ -404,8 +394,8 @@ async def run_recovery(
         outcome=outcome,
         total_s=done[-1] if len(done) == cfg.clients else None,
         connect_s=max(state.connected_at) - t0 if state.connected_at else None,
-        p50_ms=None if p50 is None else p50 * 1e3,
-        p99_ms=None if p99 is None else p99 * 1e3,
+        p50_ms=percentile_ms(done, 50),
+        p99_ms=percentile_ms(done, 99),
         completed=len(done),
         replies=state.replies,
         recovered_false=state.recovered_false,

@@ -381,26 +381,34 @@ class ServerProcess:
         self._log.close()
 
 
-async def http_status(port: int, path: str, limit_s: float = 1.0) -> int | None:
-    """GET ``path`` on the loopback port; return the HTTP status, or None if no answer."""
+async def _ask(port: int, request: bytes, limit_s: float) -> bytes:
+    """Send ``request`` to the loopback ``port``; return the first line of the answer.
+
+    Raises OSError or TimeoutError when there is no answer within ``limit_s``.
+    """
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(limit_s):
             reader, writer = await asyncio.open_connection(HOST, port)
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode()
-            )
+            writer.write(request)
             await writer.drain()
-            line = await reader.readline()
-        parts = line.split()
-        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
-    except (OSError, TimeoutError, ValueError):
-        return None
+            return await reader.readline()
     finally:
         if writer is not None:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+
+async def http_status(port: int, path: str, limit_s: float = 1.0) -> int | None:
+    """GET ``path`` on the loopback port; return the HTTP status, or None if no answer."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n"
+    try:
+        line = await _ask(port, request.encode(), limit_s)
+        parts = line.split()
+        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+    except (OSError, TimeoutError, ValueError):
+        return None
 
 
 async def redis_command(port: int, *args: str, limit_s: float = 5.0) -> bytes | None:
@@ -408,24 +416,14 @@ async def redis_command(port: int, *args: str, limit_s: float = 5.0) -> bytes | 
 
     Enough for PING and FLUSHALL (simple-string replies); None when there is no answer.
     """
-    writer: asyncio.StreamWriter | None = None
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         raw = arg.encode()
         parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
     try:
-        async with asyncio.timeout(limit_s):
-            reader, writer = await asyncio.open_connection(HOST, port)
-            writer.write(b"".join(parts))
-            await writer.drain()
-            return (await reader.readline()).rstrip(b"\r\n")
+        return (await _ask(port, b"".join(parts), limit_s)).rstrip(b"\r\n")
     except (OSError, TimeoutError):
         return None
-    finally:
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
 
 
 _LOG_DIR = Path(tempfile.mkdtemp(prefix="roomcast-bench-"))

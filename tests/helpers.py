@@ -71,6 +71,37 @@ def base_env(overrides: Mapping[str, str | None] | None = None) -> dict[str, str
     return env
 
 
+def spawn(
+    argv: Sequence[str],
+    log_path: Path,
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    append: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own, its output (both streams) to ``log_path``."""
+    with open(log_path, "ab" if append else "wb") as log:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, bounded wait, SIGKILL fallback (nothing to do if ``proc`` has exited)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
 def wait_until(
     predicate: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition"
 ) -> Any:
@@ -120,16 +151,7 @@ class RoomcastServer:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> RoomcastServer:
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.log_dir,
-                start_new_session=True,
-            )
+        self.proc = spawn(self.argv, self.log_path, self.log_dir, env=self.env)
         RoomcastServer.live.append(self)
         deadline = time.monotonic() + self.startup_timeout
         while True:
@@ -167,13 +189,7 @@ class RoomcastServer:
         """SIGTERM, bounded wait, SIGKILL fallback. Returns the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
+        terminate(self.proc, timeout)
         self.returncode = self.proc.returncode
         self._forget()
         return self.returncode

@@ -25,7 +25,7 @@ from typing import ClassVar
 import pytest
 import redis
 
-from helpers import HOST, TIMEOUT, free_port
+from helpers import HOST, TIMEOUT, free_port, spawn, terminate
 
 __all__ = [
     "RedisServer",
@@ -99,15 +99,7 @@ class RedisServer:
             "--dir", str(self.workdir),
             "--protected-mode", "no",
         ]  # fmt: skip
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
+        self.proc = spawn(argv, self.log_path, self.workdir, append=True)
         self.starts += 1
         if self not in RedisServer.live:
             RedisServer.live.append(self)
@@ -155,13 +147,7 @@ class RedisServer:
         """SIGTERM, bounded wait, SIGKILL fallback."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
+        terminate(self.proc, timeout)
         self._forget()
 
     def restart(self, timeout: float = 2 * TIMEOUT) -> RedisServer:

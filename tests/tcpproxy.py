@@ -71,8 +71,8 @@ class TcpProxy:
                 self._writers.discard(w)
                 w.transport.abort()
 
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Forward ``reader`` to ``writer`` until either side is done (subclasses may delay)."""
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
                 writer.write(data)

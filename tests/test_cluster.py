@@ -357,37 +357,12 @@ class SlowLink(TcpProxy):
         super().__init__(target)
         self.delay = delay
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        delay = self.delay
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    await asyncio.sleep(delay)
-                    dst.write(data)
-                    await dst.drain()
-
-        try:
-            up_reader, up_writer = await asyncio.open_connection(HOST, self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers.update((writer, up_writer))
-        pumps = [
-            asyncio.ensure_future(pump(reader, up_writer)),
-            asyncio.ensure_future(pump(up_reader, writer)),
-        ]
-        self._tasks.update(pumps)
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in pumps:
-                task.cancel()
-                self._tasks.discard(task)
-            await asyncio.gather(*pumps, return_exceptions=True)
-            for w in (writer, up_writer):
-                self._writers.discard(w)
-                w.transport.abort()
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                await asyncio.sleep(self.delay)
+                writer.write(data)
+                await writer.drain()
 
 
 async def test_a_chat_member_hears_the_room_as_soon_as_it_is_in(
