@@ -188,14 +188,7 @@ class Node:
         self.clients.pop(client.id, None)
         client.member.active = False
         await self._drop_all(client, notify=notify)
-        writer = client.member.stop()
-        if writer is not None:
-            try:
-                await writer
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+        await client.member.finish()
 
     def cut(self, client: Client) -> None:
         """Close a client that reads too slowly (4008); its subscriptions end with it."""

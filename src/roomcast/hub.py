@@ -190,6 +190,18 @@ class Member:
         self.active = False
         self._outbox.clear()
 
+    async def finish(self) -> None:
+        """Cancel the writer, if one runs, and wait for it to end."""
+        writer = self.stop()
+        if writer is not None:
+            try:
+                await writer
+            except asyncio.CancelledError:
+                # Re-raise only if *we* are being cancelled, not just the writer.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+
     def stop(self) -> asyncio.Task[None] | None:
         """Cancel the writer, if one runs; returns it so the caller can await it."""
         writer = self._writer
@@ -318,15 +330,7 @@ class Hub:
         """
         self._remove(member, notify)
         self._tell_departures()
-        writer = member.stop()
-        if writer is not None:
-            try:
-                await writer
-            except asyncio.CancelledError:
-                # Re-raise only if *we* are being cancelled, not just the writer.
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+        await member.finish()
 
     def stats(self) -> dict[str, int]:
         """Counts for ``/stats``: rooms, members and live writer tasks."""

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -460,15 +460,11 @@ class RedisBroker:
             )
         )
         text = epoch.decode()
-        if channel in self._wanted_channels():
+        if self._key("c", channel) in self._wanted:
             # Learn the epoch of a channel just subscribed, never replace one: a different
             # epoch is a reset, which the next publication reports (on_reset).
             self._epochs.setdefault(channel, text)
         return Position(text, int(offset))
-
-    def _wanted_channels(self) -> Iterable[str]:
-        head = f"{self.prefix}:c:"
-        return {name[len(head) :] for name in self._wanted if name.startswith(head)}
 
     async def history(
         self,
@@ -493,7 +489,7 @@ class RedisBroker:
         epoch = reply[0].decode()
         offset, start = int(reply[1]), int(reply[2])
         frames: list[bytes] = reply[3:]
-        if channel in self._wanted_channels():
+        if self._key("c", channel) in self._wanted:
             self._epochs.setdefault(channel, epoch)
         return HistoryPage(epoch, offset, start, [(_frame_offset(f), f) for f in frames])
 
