@@ -27,7 +27,7 @@ from typing import Any
 
 from picows import WSFrame, WSMsgType, WSTransport
 
-from chat import TAG_MEASURED, TAG_WARM, WARMUP_TIMEOUT_S, WARMUP_TRIES, make_payload
+from chat import PREFIX, TAG_MEASURED, TAG_WARM, WARMUP_TIMEOUT_S, WARMUP_TRIES, make_payload
 from loadgen import (
     Client,
     CpuProbe,
@@ -48,6 +48,11 @@ FANOUT_CHANNEL = "bench:fanout"
 #: 1024, which bounds the replies queued for one connection).
 DEFAULT_WINDOW = 256
 REPLY_TIMEOUT_S = 15.0
+#: Length of a client id (hex digits), as the server makes them: it is in every ``info``.
+CLIENT_ID_CHARS = 12
+#: The offset of the first measured publication on a fresh server: the channel starts at 0 and
+#: the warm-up publication that reaches every subscriber first takes offset 1.
+FIRST_MEASURED_OFFSET = 2
 
 
 def encode_str(text: bytes) -> bytes:
@@ -73,6 +78,35 @@ def info_bytes(client_id: str | None) -> bytes:
     """Return the ``info`` of an anonymous client's publications, as the server encodes it."""
     client = b"null" if client_id is None else b'"%s"' % client_id.encode()
     return b'{"client":%s,"user":null}' % client
+
+
+def mean_frame_bytes(channel: str, messages: int, size: int) -> float:
+    """Return the mean length of a fan-out run's measured publication frames, computed up front.
+
+    The same frames the subscribers expect (:meth:`FanoutState.expect`), with a client id of
+    the server's length, from :data:`FIRST_MEASURED_OFFSET` on: their length grows with the
+    offset's digits.
+    """
+    info = info_bytes("0" * CLIENT_ID_CHARS)
+    total = sum(
+        len(
+            publication_bytes(
+                channel,
+                FIRST_MEASURED_OFFSET + i,
+                encode_str(make_payload(TAG_MEASURED, i, size)),
+                info,
+            )
+        )
+        for i in range(messages)
+    )
+    return total / messages if messages else 0.0
+
+
+def matched_chat_size(cfg: FanoutConfig) -> int:
+    """Return the chat message size whose line ("Client says: " + message) is as long as the
+    run's mean publication frame (rounded): the chat fan-out that moves as many bytes per
+    delivery as the ``/ws`` one."""
+    return round(mean_frame_bytes(cfg.channel, cfg.messages, cfg.size)) - len(PREFIX)
 
 
 def publish_request(request_id: int, channel: str, data: bytes) -> bytes:
@@ -536,7 +570,8 @@ async def run_channel(
         subscribe_errors=len(state.subscribe_errors),
         publish_errors=publish_errors,
         slow_hits=state.slow_hits,
-        frame_bytes=len(state.frames[0] or b""),
+        # The mean over the measured frames (their length grows with the offset's digits).
+        frame_bytes=round(sum(len(f or b"") for f in state.frames[:-1]) / max(1, cfg.messages)),
         connect_s=connect_s,
         usage=usage,
     )

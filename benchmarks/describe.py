@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 
 from benchconfig import Config
-from channel import FANOUT_CHANNEL, encode_str, info_bytes, publication_bytes
+from channel import FANOUT_CHANNEL, ChannelConfig, matched_chat_size, mean_frame_bytes
 from chat import PREFIX, TAG_MEASURED, make_payload
 from cluster import CLUSTER_CHANNEL, describe_frame, split
 from deflate import MEM_LEVEL, MEMBERS
@@ -253,20 +253,24 @@ def deflate_text() -> list[str]:
 
 def ws_section_text(cfg: Config) -> dict[str, list[str]]:
     """Return the method paragraph of each /ws section (channel fan-out, recovery)."""
-    text = make_payload(TAG_MEASURED, 0, 64)
-    frame = publication_bytes(
-        FANOUT_CHANNEL, cfg.messages + 1, encode_str(text), info_bytes("0" * 12)
-    )
+    ccfg = ChannelConfig(messages=cfg.messages)
+    text = make_payload(TAG_MEASURED, 0, ccfg.size)
+    frame = mean_frame_bytes(ccfg.channel, ccfg.messages, ccfg.size)
     chat_line = len(PREFIX) + len(text)
+    matched_size = matched_chat_size(ccfg)
     channel = (
         "Only the roomcast servers have `/ws` (the guide's and node's servers have no channel "
         "protocol), so this scenario runs on `roomcast` and `roomcast-asgi` alone, and each is "
         "compared with its own chat fan-out. A single fan-out burst varies by tens of percent "
-        f"from run to run here, so each server gets {cfg.channel_pairs} pair(s) of runs per "
-        "repeat, a chat fan-out (exactly the **chat** scenario's) and a `/ws` fan-out, each on "
-        "a fresh server, back to back, the order of the two flipped every other pair; the ratio "
-        "is the median `/ws` figure ÷ the median chat figure (each pair's own ratio is in the "
-        "per-run table), the other figures are medians of the runs. "
+        f"from run to run here, so each server gets {cfg.channel_pairs} set(s) of three runs per "
+        "repeat: a chat fan-out (exactly the **chat** scenario's), a `/ws` fan-out and a "
+        f"matched chat fan-out whose messages are padded to {matched_size} bytes, so that its "
+        f"lines ({len(PREFIX) + matched_size} bytes) are as long as the `/ws` publication "
+        "frames, each on a fresh server, back to back, in that order and then in reverse every "
+        "other set. The headline ratio is the median `/ws` figure ÷ the median chat figure; "
+        "the second one, `/ws` ÷ matched chat, is the same comparison with chat lines as long "
+        "as `/ws` frames: isolates the per-frame machinery from the bytes (each set's own "
+        "ratios are in the per-run table); the other figures are medians of the runs. "
         f"{cfg.members:,} clients connect to `/ws`, 50 at a time, each sending `subscribe` to "
         f"`{FANOUT_CHANNEL}` as soon as its handshake is done; once every reply is in, another "
         "`/ws` client (the publisher, not subscribed) publishes warm-up messages until one has "
@@ -278,9 +282,10 @@ def ws_section_text(cfg: Config) -> dict[str, list[str]]:
             if cfg.publish_window >= cfg.messages
             else ""
         )
-        + f". A publication frame is about {len(frame)} bytes where a chat line is "
-        f"{chat_line}: it also carries the channel, the offset and the publisher's `info`, "
-        "and the ratio includes what those bytes cost both sides. "
+        + f". A publication frame is {frame:.0f} bytes on average (its offset's digits vary) "
+        f"where a chat line of the chat scenario is {chat_line}: it also carries the channel, "
+        "the offset and the publisher's `info`; the headline ratio includes what those bytes "
+        "cost both sides, the matched one does not. "
         "Deliveries/s = deliveries ÷ (last receipt − first send); latency = time the last "
         "subscriber got publication i − send time of request i; lost = expected − received "
         f"after waiting up to {cfg.drain_timeout:g} s (or {cfg.idle_timeout:g} s without any "

@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from benchconfig import CLUSTER_KINDS, SCENARIOS, WS_ROLES, Config
-from channel import ChannelConfig, ChannelResult, run_channel
-from chat import ChatConfig, ChatResult, run_chat, run_cut_check
+from channel import ChannelConfig, ChannelResult, matched_chat_size, run_channel
+from chat import PREFIX, ChatConfig, ChatResult, run_chat, run_cut_check
 from cluster import ClusterConfig, ClusterResult, run_cluster
 from connect import ConnectResult, run_connect
 from deflate import run_deflate
@@ -119,7 +119,8 @@ def parse_args(argv: Sequence[str]) -> Config:
     p.add_argument(
         "--channel-pairs",
         type=int,
-        help="channel: chat + /ws fan-out pairs per server and repeat, the medians kept (5)",
+        help="channel: sets of a chat, a /ws and a size-matched chat fan-out per server and "
+        "repeat, the medians kept (5)",
     )
     p.add_argument(
         "--cluster-nodes",
@@ -275,6 +276,8 @@ class Bench:
         #: The chat runs paired with /ws fan-out runs, by (role, label): what they are
         #: compared with.
         self.chat_refs: dict[tuple[str, str], ChatResult] = {}
+        #: The size-matched chat runs (lines as long as /ws frames) of the same sets, likewise.
+        self.chatm_refs: dict[tuple[str, str], ChatResult] = {}
         #: The /ws fan-out runs and their per-run records, by (role, label).
         self.ws_refs: dict[tuple[str, str], tuple[ChannelResult, RunRecord]] = {}
         #: The cluster scenario's runs and their per-run records, by (configuration, label).
@@ -381,16 +384,27 @@ class Bench:
             )
         )
 
-    async def chat(self, repeat: int, role: str, with_staller: bool, pair_label: str = "") -> None:
+    async def chat(
+        self,
+        repeat: int,
+        role: str,
+        with_staller: bool,
+        pair_label: str = "",
+        matched: bool = False,
+    ) -> None:
         """One chat fan-out on a fresh server (a stalled member too if ``with_staller``).
 
-        With ``pair_label`` it is the chat half of a /ws-versus-chat pair: recorded apart from
-        the chat scenario's figures, for the /ws fan-out run of the same label.
+        With ``pair_label`` it is a chat run of a /ws-versus-chat set: recorded apart from
+        the chat scenario's figures, for the /ws fan-out run of the same label. With
+        ``matched`` too, its message is padded so that its line is as long as a /ws
+        publication frame of that run (:func:`channel.matched_chat_size`).
         """
         cfg = self.cfg
+        size = matched_chat_size(self.channel_config()) if matched else ChatConfig.size
         ccfg = ChatConfig(
             members=cfg.members,
             messages=cfg.messages,
+            size=size,
             with_staller=with_staller,
             fill_messages=cfg.fill_messages,
             drain_timeout_s=cfg.drain_timeout,
@@ -402,15 +416,25 @@ class Bench:
                 HOST, spec.port, "/ws/chat", ccfg, server.cpu_seconds_precise, server.stop
             )
         if pair_label:
-            self.chat_refs[(role, pair_label)] = res
-            self.record_chat(role, repeat, res, "chat_ws", pair_label)
+            refs, key = (self.chatm_refs, "chat_wsm") if matched else (self.chat_refs, "chat_ws")
+            refs[(role, pair_label)] = res
+            self.record_chat(role, repeat, res, key, pair_label, len(PREFIX) + size)
         else:
             self.record_chat(role, repeat, res)
 
     def record_chat(
-        self, role: str, repeat: int, res: ChatResult, key: str = "", label: str = ""
+        self,
+        role: str,
+        repeat: int,
+        res: ChatResult,
+        key: str = "",
+        label: str = "",
+        line_bytes: int | None = None,
     ) -> None:
-        """Store one chat run's figures (and the stalled/unstalled ratio when both exist)."""
+        """Store one chat run's figures (and the stalled/unstalled ratio when both exist).
+
+        ``line_bytes`` (the length of a measured chat line) goes into the notes if given.
+        """
         r = self.results
         key = key or ("stall" if res.with_staller else "chat")
         per_delivery = res.usage.loadgen_cpu_s / res.delivered if res.delivered else None
@@ -452,6 +476,8 @@ class Bench:
             notes.append(f"'A client left' notices: {res.left_notices:,}")
         if res.mismatched or res.unexpected:
             notes.append(f"{res.mismatched} wrong payloads, {res.unexpected} unexpected messages")
+        if line_bytes is not None:
+            notes.append(f"{line_bytes} bytes per chat line")
         notes.append(f"connect {res.connect_s:.1f} s")
         summary = (
             f"{res.dps:,.0f} deliveries/s, p50 {fmt(res.p50_ms, 1)} ms, "
@@ -462,6 +488,8 @@ class Bench:
             scenario += ", one write per message"
         elif key == "chat_ws":
             scenario += " (paired with /ws)"
+        elif key == "chat_wsm":
+            scenario += " (lines as long as /ws frames, paired with /ws)"
         r.runs.append(
             RunRecord(
                 scenario,
@@ -475,16 +503,20 @@ class Bench:
             )
         )
 
-    async def channel(self, repeat: int, role: str, label: str) -> None:
-        """The /ws fan-out on a fresh server (compared with the chat run of the same label)."""
+    def channel_config(self) -> ChannelConfig:
+        """Return the /ws fan-out's configuration (its frames set the matched chat's size)."""
         cfg = self.cfg
-        ccfg = ChannelConfig(
+        return ChannelConfig(
             members=cfg.members,
             messages=cfg.messages,
             window=cfg.publish_window,
             drain_timeout_s=cfg.drain_timeout,
             idle_timeout_s=cfg.idle_timeout,
         )
+
+    async def channel(self, repeat: int, role: str, label: str) -> None:
+        """The /ws fan-out on a fresh server (compared with the chat runs of the same label)."""
+        ccfg = self.channel_config()
         spec = server_spec(role, "ws")
         async with running_server(spec) as server:
             res = await run_channel(HOST, spec.port, ccfg, server.cpu_seconds_precise, server.stop)
@@ -506,7 +538,9 @@ class Bench:
         notes = [f"{res.delivered:,}/{res.expected:,} delivered"]
         if res.outcome != "done":
             notes.append(f"STOPPED ({res.outcome})")
-        notes.append(f"{res.frame_bytes} bytes per publication frame; publish window {res.window}")
+        notes.append(
+            f"{res.frame_bytes} bytes per publication frame (mean); publish window {res.window}"
+        )
         if srv_us is not None and lg_us is not None:
             notes.append(f"CPU per delivery: server {srv_us:.2f} µs, loadgen {lg_us:.2f} µs")
         if res.errors:
@@ -534,34 +568,48 @@ class Bench:
         self.ws_refs[(role, label)] = (res, record)
 
     def record_pair(self, role: str, label: str) -> None:
-        """Store the /ws ÷ chat ratio of one pair, and the chat run's figures beside it."""
+        """Store the /ws ÷ chat ratios of one set, and the chat runs' figures beside them.
+
+        Two chat runs per set: ``channel.chat_*`` (the chat scenario's 64-byte messages) and
+        ``channel.chatm_*`` (lines as long as the /ws frames).
+        """
         pair = self.ws_refs.get((role, label))
-        chat = self.chat_refs.get((role, label))
-        if pair is None or chat is None:
+        if pair is None:
             return
         ws, record = pair
         r = self.results
-        rel = ws.dps / chat.dps if chat.dps and ws.dps else None
-        srv_us, lg_us = per_delivery_us(chat.usage, chat.delivered)
-        r.add(role, "channel.chat_dps", chat.dps)
-        r.add(role, "channel.chat_p50_ms", chat.p50_ms)
-        r.add(role, "channel.chat_p99_ms", chat.p99_ms)
-        r.add(role, "channel.chat_lost", chat.lost)
-        r.add(role, "channel.chat_server", chat.usage.server * 100)
-        r.add(role, "channel.chat_loadgen", chat.usage.loadgen * 100)
-        r.add(role, "channel.chat_srv_us", srv_us)
-        r.add(role, "channel.chat_lg_us", lg_us)
-        if rel is not None:
-            record.notes += f"; ÷ the chat run {label} ({chat.dps:,.0f}/s): {rel:.2f}×"
+        for prefix, refs, what in (
+            ("chat", self.chat_refs, "chat run"),
+            ("chatm", self.chatm_refs, "size-matched chat run"),
+        ):
+            chat = refs.get((role, label))
+            if chat is None:
+                continue
+            rel = ws.dps / chat.dps if chat.dps and ws.dps else None
+            srv_us, lg_us = per_delivery_us(chat.usage, chat.delivered)
+            r.add(role, f"channel.{prefix}_dps", chat.dps)
+            r.add(role, f"channel.{prefix}_p50_ms", chat.p50_ms)
+            r.add(role, f"channel.{prefix}_p99_ms", chat.p99_ms)
+            r.add(role, f"channel.{prefix}_lost", chat.lost)
+            r.add(role, f"channel.{prefix}_server", chat.usage.server * 100)
+            r.add(role, f"channel.{prefix}_loadgen", chat.usage.loadgen * 100)
+            r.add(role, f"channel.{prefix}_srv_us", srv_us)
+            r.add(role, f"channel.{prefix}_lg_us", lg_us)
+            if rel is not None:
+                record.notes += f"; ÷ the {what} {label} ({chat.dps:,.0f}/s): {rel:.2f}×"
 
     def record_channel_ratios(self) -> None:
-        """Store each /ws server's median /ws fan-out ÷ its median paired chat fan-out."""
+        """Store each /ws server's median /ws fan-out ÷ its median paired chat fan-out, and
+        ÷ its median size-matched chat fan-out (``channel.rel_matched``)."""
         r = self.results
         for role in WS_ROLES:
             ws, chat = r.key_value(role, "channel.dps"), r.key_value(role, "channel.chat_dps")
             if ws and chat:
                 r.add(role, "channel.rel", ws / chat)
                 r.add(role, "channel.pairs", len(r.samples[(role, "channel.chat_dps")]))
+            chatm = r.key_value(role, "channel.chatm_dps")
+            if ws and chatm:
+                r.add(role, "channel.rel_matched", ws / chatm)
 
     async def recovery(self, repeat: int, role: str) -> None:
         """Subscribe, leave, miss publications, reconnect all at once and recover (/ws)."""
@@ -976,18 +1024,23 @@ class Bench:
         for role in roles:
             if "channel" not in wanted:
                 break
-            # Pairs of a chat and a /ws fan-out, each on a fresh server, back to back and in
-            # ABBA order: a single fan-out burst varies by tens of percent from run to run, so
-            # the ratio is taken between medians.
+            # Sets of a chat, a /ws and a size-matched chat fan-out (lines as long as the /ws
+            # frames), each on a fresh server, back to back, the order reversed every other set
+            # (ABC CBA): a single fan-out burst varies by tens of percent from run to run, so
+            # the ratios are taken between medians.
             for i in range(cfg.channel_pairs):
                 label = f"{repeat + 1}.{i + 1}"
-                for kind in ("chat", "ws") if i % 2 == 0 else ("ws", "chat"):
-                    if kind == "chat":
+                kinds = ("chat", "ws", "chatm")
+                for kind in kinds if i % 2 == 0 else kinds[::-1]:
+                    if kind != "ws":
+                        matched = kind == "chatm"
                         await self.guarded(
-                            "chat (paired with /ws)",
+                            "chat (matched to /ws)" if matched else "chat (paired with /ws)",
                             role,
                             label,
-                            functools.partial(self.chat, repeat, role, False, label),
+                            functools.partial(
+                                self.chat, repeat, role, False, label, matched=matched
+                            ),
                         )
                     else:
                         await self.guarded(

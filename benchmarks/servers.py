@@ -44,6 +44,12 @@ ROOMCAST_ENV = {
     "ROOMCAST_LOG_LEVEL": "warning",
     "ROOMCAST_ACCESS_LOG": "false",
     "ROOMCAST_TOKENS": '{"secret-token":"authenticated_user"}',
+    # Load generators are anonymous /ws clients on one address that send as fast as they
+    # can: the benchmarks measure throughput, so the per-connection rate limit is off and
+    # the bench channels are open to anonymous clients.
+    "ROOMCAST_RATE_LIMIT": "0",
+    "ROOMCAST_ANONYMOUS_SUBSCRIBE": '["bench:*"]',
+    "ROOMCAST_ANONYMOUS_PUBLISH": '["bench:*"]',
 }
 #: The WebSocket implementation each roomcast role runs (the ROOMCAST_WS setting).
 ROOMCAST_WS = {"roomcast": "roomcast", "roomcast-asgi": "websockets-sansio"}

@@ -57,6 +57,11 @@ def base_env(overrides: Mapping[str, str | None] | None = None) -> dict[str, str
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROOMCAST_")}
     env["ROOMCAST_TOKENS"] = TOKENS_JSON
+    # Most suites test the channel protocol, not access control (test_security.py does, with
+    # its own settings): anonymous clients may use every channel and nothing is rate limited.
+    env["ROOMCAST_ANONYMOUS_SUBSCRIBE"] = '["*"]'
+    env["ROOMCAST_ANONYMOUS_PUBLISH"] = '["*"]'
+    env["ROOMCAST_RATE_LIMIT"] = "0"
     # The whole suite runs once per WebSocket implementation (see .ci/run): roomcast's own
     # transport (the pre-framed fast path) and uvicorn's (the plain-ASGI fallback).
     if TEST_WS:

@@ -11,7 +11,7 @@ import roomcast
 from roomcast.closecodes import CloseCode
 from roomcast.errors import ClientError, InvalidPayload, MessageTooBig, UnsupportedData
 from roomcast.logs import RedactSecrets, redact
-from roomcast.runtime import TokenTable
+from roomcast.auth import TokenTable
 from roomcast.settings import Settings
 
 

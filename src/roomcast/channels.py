@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import orjson
 
 from roomcast import __version__
+from roomcast.auth import EVERYTHING, Authenticator, AuthError, Grant
 from roomcast.brokers import Broker, BrokerUnavailable
 from roomcast.closecodes import CloseCode
 from roomcast.connection import Connection, ConnId
@@ -46,6 +48,7 @@ from roomcast.protocol import (
     lossy_numbers,
     ok_reply,
     parse_request,
+    refresh_frame,
     utc_now,
 )
 from roomcast.settings import Settings
@@ -66,17 +69,37 @@ Outcome = tuple[bytes, Callable[[], None] | None]
 class Client:
     """One ``/ws`` connection: who it is, its outbox and its subscriptions."""
 
-    __slots__ = ("conn", "connected_at", "id", "info", "member", "node", "subscriptions", "user")
+    __slots__ = (
+        "conn",
+        "connected_at",
+        "grant",
+        "id",
+        "info",
+        "member",
+        "node",
+        "subscriptions",
+        "timers",
+        "user",
+    )
 
-    def __init__(self, node: Node, conn: Connection, user: str | None, member: Member) -> None:
+    def __init__(self, node: Node, conn: Connection, grant: Grant, member: Member) -> None:
         self.node = node
         self.conn = conn
         self.id = str(conn.id)
-        self.user = user
+        #: What the client may do, and until when (its token's, or anonymous access's).
+        self.grant = grant
+        self.user = grant.user
         self.member = member
         self.connected_at = utc_now()
-        self.info = encode_info(self.id, user)
+        self.info = encode_info(self.id, self.user)
         self.subscriptions: dict[str, Subscription] = {}
+        #: The authentication deadline, or the token's refresh and expiry timers.
+        self.timers: list[asyncio.TimerHandle] = []
+
+    def cancel_timers(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
 
     def send(self, payload: bytes, *, force: bool = False) -> None:
         """Queue one frame for this client; a full outbox cuts it (4008).
@@ -137,9 +160,16 @@ class LocalChannel:
 class Node:
     """The ``/ws`` side of one process; the broker's :class:`~roomcast.brokers.Sink`."""
 
-    def __init__(self, settings: Settings, broker: Broker) -> None:
+    def __init__(
+        self, settings: Settings, broker: Broker, auth: Authenticator | None = None
+    ) -> None:
         self.settings = settings
         self.broker = broker
+        self.auth = auth if auth is not None else Authenticator(settings)
+        #: Count a connection of a user against its limit (the runtime's, shared with the
+        #: other endpoints); ``False`` at the limit.
+        self.claim_user: Callable[[str], bool] = lambda user: True
+        self.release_user: Callable[[str], None] = lambda user: None
         self.clients: dict[str, Client] = {}
         #: The channels with a local subscriber.
         self.local: dict[str, LocalChannel] = {}
@@ -154,6 +184,7 @@ class Node:
             "presence": self._presence,
             "history": self._history,
             "ping": self._ping,
+            "auth": self._auth,
         }
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -171,24 +202,136 @@ class Node:
         await asyncio.gather(*writers, return_exceptions=True)
         await self.broker.close()
 
-    def attach(self, conn: Connection, user: str | None) -> Client:
-        """A new ``/ws`` connection (accepted): give it an id and send ``connected``."""
+    def attach(self, conn: Connection, grant: Grant | str | None) -> Client:
+        """A new ``/ws`` connection (accepted): give it an id and send ``connected``.
+
+        ``grant`` is what its token allows (a bare user name: every channel; ``None``: the
+        anonymous grant). A user's connection was counted with :attr:`claim_user` already;
+        :meth:`detach` releases it.
+        """
+        if not isinstance(grant, Grant):
+            grant = (
+                self.auth.anonymous
+                if grant is None
+                else Grant(grant, EVERYTHING, EVERYTHING, None, "static")
+            )
         client_id = secrets.token_hex(6)
         while client_id in self.clients:
             client_id = secrets.token_hex(6)
         conn.id = ConnId(client_id)
         member = Member(conn, "", self.settings.outbox_size, self._writers)
-        client = Client(self, conn, user, member)
+        client = Client(self, conn, grant, member)
         self.clients[client_id] = client
-        client.send(connected_frame(client_id, user, __version__))
+        client.send(connected_frame(client_id, grant.user, __version__))
+        loop = asyncio.get_running_loop()
+        if grant.user is None:
+            client.timers.append(
+                loop.call_later(self.settings.auth_timeout, self._auth_deadline, client)
+            )
+        else:
+            self._arm_expiry(client, loop)
         return client
 
     async def detach(self, client: Client, *, notify: bool = True) -> None:
         """The connection ended: drop its subscriptions, presence and writer."""
         self.clients.pop(client.id, None)
         client.member.active = False
+        client.cancel_timers()
+        if client.user is not None:
+            self.release_user(client.user)
         await self._drop_all(client, notify=notify)
         await client.member.finish()
+
+    def close(self, client: Client, code: CloseCode, reason: str) -> None:
+        """Close ``client`` from the server's side; it leaves its channels at once."""
+        member = client.member
+        if not member.active:
+            return
+        logger.info("conn=%s /ws closing %d: %s", client.id, code, reason)
+        client.cancel_timers()
+        member.close_after_current(reason, code, grace=self.settings.close_timeout)
+        self._leave_all(client)
+
+    # -- authentication, expiry and the rate limit ------------------------------------------
+
+    def _auth_deadline(self, client: Client) -> None:
+        if client.user is None and not client.subscriptions:
+            self.close(client, CloseCode.AUTH_TIMEOUT, "not authenticated in time")
+
+    def _arm_expiry(self, client: Client, loop: asyncio.AbstractEventLoop) -> None:
+        """Schedule the token's ``refresh`` push and, unless a fresh token comes, its end."""
+        client.cancel_timers()
+        expires_at = client.grant.expires_at
+        if expires_at is None:
+            return
+        left = expires_at - time.time()
+        if left > self.settings.refresh_ahead:
+            client.timers.append(
+                loop.call_later(left - self.settings.refresh_ahead, self._ask_refresh, client)
+            )
+        else:
+            self._ask_refresh(client)
+        client.timers.append(
+            loop.call_later(max(0.0, left + self.settings.jwt_leeway), self._expire, client)
+        )
+
+    def _ask_refresh(self, client: Client) -> None:
+        expires_at = client.grant.expires_at
+        if expires_at is not None:
+            client.send(refresh_frame(expires_at))
+
+    def _expire(self, client: Client) -> None:
+        self.close(client, CloseCode.TOKEN_EXPIRED, "token expired")
+
+    def refuse(self, client: Client, frame: str | bytes, reason: str) -> None:
+        """A request over the rate limit: an error reply, or 4029 for a client that keeps on."""
+        if not client.member.active:
+            return
+        if client.conn.refused > self.settings.rate_burst:
+            self.close(client, CloseCode.RATE_LIMITED, f"rate limit: {reason}")
+            return
+        request_id: int | str | None = None
+        try:
+            request_id = parse_request(frame).id
+        except RequestError as error:
+            request_id = error.request_id
+        client.send(error_reply(request_id, ErrorCode.RATE_LIMITED, reason))
+
+    async def _auth(self, client: Client, request: Request) -> Outcome:
+        token = request.string("token")
+        try:
+            grant = self.auth.verify(token)
+        except AuthError as error:
+            raise RequestError(ErrorCode.UNAUTHORIZED, str(error), request.id) from None
+        user = grant.user
+        assert user is not None
+        if client.user is None:
+            if client.subscriptions:
+                raise RequestError(
+                    ErrorCode.BAD_REQUEST,
+                    "authenticate before subscribing (unsubscribe first)",
+                    request.id,
+                )
+            if not self.claim_user(user):
+                limit = self.settings.max_connections_per_user
+                self.close(
+                    client,
+                    CloseCode.TOO_MANY_CONNECTIONS,
+                    f"too many connections for this user (limit {limit})",
+                )
+                raise RequestError(ErrorCode.FORBIDDEN, "too many connections", request.id)
+            client.user = user
+            client.info = encode_info(client.id, user)
+        elif user != client.user:
+            raise RequestError(
+                ErrorCode.FORBIDDEN,
+                "a fresh token must be for the same user ('sub')",
+                request.id,
+            )
+        client.grant = grant
+        self._arm_expiry(client, asyncio.get_running_loop())
+        expires = None if grant.expires_at is None else int(grant.expires_at)
+        return orjson.dumps({"user": user, "expires_at": expires}), None
 
     def cut(self, client: Client) -> None:
         """Close a client that reads too slowly (4008); its subscriptions end with it."""
@@ -228,13 +371,7 @@ class Node:
         closed = 0
         for client in list(self.clients.values()):
             if client.user == user and client.member.active:
-                logger.info("conn=%s /ws disconnected through the API", client.id)
-                client.member.close_after_current(
-                    "disconnected by the server",
-                    CloseCode.DISCONNECTED,
-                    grace=self.settings.close_timeout,
-                )
-                self._leave_all(client)
+                self.close(client, CloseCode.DISCONNECTED, "disconnected by the server")
                 closed += 1
         return closed
 
@@ -267,8 +404,20 @@ class Node:
             raise RequestError(ErrorCode.BAD_CHANNEL, self.channel_rule, request.id)
         return channel
 
-    async def _subscribe(self, client: Client, request: Request) -> Outcome:
+    def _allowed(self, client: Client, request: Request, action: str) -> str:
+        """The request's channel, if the client's grant allows ``action`` on it."""
         channel = self._channel(request)
+        grant = client.grant
+        patterns = grant.subscribe if action == "subscribe" else grant.publish
+        if not patterns.allows(channel):
+            who = "anonymous clients" if client.user is None else f"user {client.user!r}"
+            raise RequestError(
+                ErrorCode.FORBIDDEN, f"{who} may not {action} to {channel}", request.id
+            )
+        return channel
+
+    async def _subscribe(self, client: Client, request: Request) -> Outcome:
+        channel = self._allowed(client, request, "subscribe")
         recover = request.mapping("recover")
         recover_offset: int | None = None
         recover_epoch = ""
@@ -423,7 +572,7 @@ class Node:
             await self.broker.emit(channel, event_frame("leave", channel, client.info), client.id)
 
     async def _publish(self, client: Client, request: Request) -> Outcome:
-        channel = self._channel(request)
+        channel = self._allowed(client, request, "publish")
         if lossy_numbers(request.text, request.body.get("data")):
             raise RequestError(
                 ErrorCode.BAD_REQUEST,
@@ -451,12 +600,12 @@ class Node:
         return data
 
     async def _presence(self, client: Client, request: Request) -> Outcome:
-        channel = self._channel(request)
+        channel = self._allowed(client, request, "subscribe")
         clients = await self.broker.presence(channel)
         return orjson.dumps({"clients": clients}), None
 
     async def _history(self, client: Client, request: Request) -> Outcome:
-        channel = self._channel(request)
+        channel = self._allowed(client, request, "subscribe")
         limit = request.integer(
             "limit", low=1, high=HISTORY_LIMIT_MAX, default=HISTORY_LIMIT_DEFAULT
         )

@@ -182,8 +182,8 @@ def _run_workers(settings: Settings) -> None:
 
     import uvicorn
 
+    from roomcast.auth import GENERATED_TOKEN_USER
     from roomcast.logs import logging_config
-    from roomcast.runtime import GENERATED_TOKEN_USER
     from roomcast.workers import export_settings
 
     generated = export_settings(settings, GENERATED_TOKEN_USER)

@@ -41,5 +41,14 @@ class CloseCode(IntEnum):
     #: ``/ws``: the connection was closed through the HTTP API (``POST /api/disconnect``);
     #: clients should not reconnect on their own.
     DISCONNECTED = 4001
+    #: ``/ws``: the connection neither authenticated nor subscribed within
+    #: ``ROOMCAST_AUTH_TIMEOUT``.
+    AUTH_TIMEOUT = 4002
+    #: ``/ws``: the connection's token expired and no fresh one came (``auth``) in time.
+    TOKEN_EXPIRED = 4003
     #: ``/ws``: the client read too slowly (its outbox overflowed); reconnect and recover.
     SLOW = 4008
+    #: ``/ws``: the user or the IP address already holds the most connections allowed.
+    TOO_MANY_CONNECTIONS = 4009
+    #: ``/ws``: the client kept sending over ``ROOMCAST_RATE_LIMIT`` after being told.
+    RATE_LIMITED = 4029

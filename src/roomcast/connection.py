@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any, NewType
 from urllib.parse import parse_qsl
@@ -20,7 +21,7 @@ from urllib.parse import parse_qsl
 from starlette.types import Message, Receive, Scope, Send
 
 from roomcast.closecodes import CloseCode
-from roomcast.errors import ClientError, MessageTooBig, UnsupportedData
+from roomcast.errors import ClientError, MessageTooBig, RateLimited, UnsupportedData
 
 __all__ = ["ConnId", "Connection", "redacted_path"]
 
@@ -42,18 +43,38 @@ class Connection:
     """An accepted (or about to be accepted) WebSocket on a classic endpoint."""
 
     __slots__ = (
+        "_allowance",
+        "_burst",
+        "_rate",
         "_receive",
         "_send",
+        "_stamp",
         "close_code",
         "closed",
         "id",
         "max_size",
         "path",
+        "refused",
         "scope",
     )
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, max_size: int) -> None:
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        max_size: int,
+        rate: float = 0.0,
+        burst: int = 1,
+    ) -> None:
         self.scope = scope
+        # A token bucket: ``rate`` messages per second, ``burst`` at once; rate 0: no limit.
+        self._rate = rate
+        self._burst = float(burst)
+        self._allowance = float(burst)
+        self._stamp = 0.0
+        #: Messages refused since the bucket was last full.
+        self.refused = 0
         self._receive = receive
         self._send = send
         self.max_size = max_size
@@ -71,18 +92,31 @@ class Connection:
         raw: bytes = self.scope.get("query_string", b"")
         return dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
 
-    async def accept(self, headers: Iterable[tuple[bytes, bytes]] = ()) -> bool:
+    async def accept(
+        self, headers: Iterable[tuple[bytes, bytes]] = (), subprotocol: str | None = None
+    ) -> bool:
         """Complete the handshake; ``False`` if the client left before it completed."""
         message = await self._receive()
         if message["type"] != "websocket.connect":
             self.closed = True
             return False
+        accept: dict[str, Any] = {"type": "websocket.accept", "headers": list(headers)}
+        if subprotocol is not None:
+            accept["subprotocol"] = subprotocol
         try:
-            await self._send({"type": "websocket.accept", "headers": list(headers)})
+            await self._send(accept)
         except OSError:
             self.closed = True
             return False
+        self._stamp = time.monotonic()
         return True
+
+    async def accept_and_close(self, code: CloseCode, reason: str) -> None:
+        """Complete the handshake only to close at once: a browser can read the reason."""
+        if not await self.accept():
+            return
+        logger.info("conn=%s %s refused %d: %s", self.id, self.path, code, reason)
+        await self.close(code, reason)
 
     async def deny(self, reason: str) -> None:
         """Refuse the handshake: the client gets HTTP 403 and the WebSocket never opens.
@@ -119,13 +153,32 @@ class Connection:
                 # len(text) <= len(utf-8 bytes) <= 4 * len(text): encode only when in doubt.
                 if len(text) * 4 > self.max_size and len(text.encode()) > self.max_size:
                     raise MessageTooBig(f"message over {self.max_size} bytes")
+                if self._rate and not self._admit():
+                    raise RateLimited(f"over {self._rate:g} messages per second", text)
                 return text
             data: bytes = message.get("bytes") or b""
             if len(data) > self.max_size:
                 raise MessageTooBig(f"message over {self.max_size} bytes")
+            if self._rate and not self._admit():
+                raise RateLimited(f"over {self._rate:g} messages per second", data)
             return data
         self._disconnected(message)
         return None
+
+    def _admit(self) -> bool:
+        """Take a token from the bucket; ``False`` (and one more refusal) if it is empty."""
+        now = time.monotonic()
+        allowance = self._allowance + (now - self._stamp) * self._rate
+        self._stamp = now
+        if allowance >= self._burst:
+            allowance = self._burst
+            self.refused = 0
+        if allowance >= 1.0:
+            self._allowance = allowance - 1.0
+            return True
+        self._allowance = allowance
+        self.refused += 1
+        return False
 
     async def receive_text(self) -> str | None:
         """The next text message; ``None`` after a disconnect. A binary frame is an error."""

@@ -7,7 +7,8 @@ Every error a client can cause carries the close code it ends the connection wit
         ├── UnsupportedData  1003  wrong frame type
         ├── InvalidPayload   1007  e.g. invalid JSON
         ├── PolicyViolation  1008  e.g. a query parameter out of bounds
-        └── MessageTooBig    1009  over ROOMCAST_MAX_MESSAGE_SIZE
+        ├── MessageTooBig    1009  over ROOMCAST_MAX_MESSAGE_SIZE
+        └── RateLimited      1008  over ROOMCAST_RATE_LIMIT (the frame is kept)
     ConfigurationError       a setting that cannot work (not tied to a connection)
 """
 
@@ -21,6 +22,7 @@ __all__ = [
     "InvalidPayload",
     "MessageTooBig",
     "PolicyViolation",
+    "RateLimited",
     "RoomcastError",
     "UnsupportedData",
 ]
@@ -67,3 +69,15 @@ class MessageTooBig(ClientError):
     """A message larger than the configured maximum."""
 
     close_code = CloseCode.MESSAGE_TOO_BIG
+
+
+class RateLimited(PolicyViolation):
+    """A message over the connection's rate limit; :attr:`frame` is the refused message.
+
+    The classic endpoints close with 1008; ``/ws`` answers it with a ``rate_limited`` error
+    and closes with 4029 only if the client keeps on.
+    """
+
+    def __init__(self, reason: str, frame: str | bytes) -> None:
+        super().__init__(reason)
+        self.frame = frame

@@ -36,7 +36,7 @@ __all__ = [
     "utc_now",
 ]
 
-OPS: Final = ("subscribe", "unsubscribe", "publish", "presence", "history", "ping")
+OPS: Final = ("subscribe", "unsubscribe", "publish", "presence", "history", "ping", "auth")
 MAX_ID_LENGTH: Final = 64
 #: The characters of a channel name; the part before the first ":" is its namespace.
 CHANNEL_CHARS: Final = "A-Za-z0-9_.:@=-"
@@ -52,6 +52,9 @@ class ErrorCode(StrEnum):
     ALREADY_SUBSCRIBED = "already_subscribed"
     NOT_SUBSCRIBED = "not_subscribed"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
@@ -217,6 +220,11 @@ def publication_frame(channel: str, offset: int, data: bytes, info: bytes) -> by
 def event_frame(kind: str, channel: str, info: bytes) -> bytes:
     """A ``join`` or ``leave`` push."""
     return b'{"type":"%s","channel":%s,"info":%s}' % (kind.encode(), orjson.dumps(channel), info)
+
+
+def refresh_frame(expires_at: float) -> bytes:
+    """The ``refresh`` push: the connection's token expires at ``expires_at`` (Unix time)."""
+    return orjson.dumps({"type": "refresh", "expires_at": int(expires_at)})
 
 
 def connected_frame(client: str, user: str | None, version: str) -> bytes:

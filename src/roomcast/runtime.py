@@ -4,48 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import secrets
 from dataclasses import dataclass, field
 
+from roomcast.auth import Authenticator, TokenTable
 from roomcast.brokers import Broker, BrokerUnavailable, from_settings
 from roomcast.channels import Node
 from roomcast.connection import Connection
 from roomcast.hub import Hub
 from roomcast.settings import Settings
 
-__all__ = ["Runtime", "TokenTable"]
-
-#: The user a generated token stands for; the guide's name for its one user.
-GENERATED_TOKEN_USER = "authenticated_user"
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
-class TokenTable:
-    """Static tokens for ``/ws/secure``, looked up by digest.
-
-    Keying the table by SHA-256 of the token means a lookup's timing depends on the digest,
-    never on how many leading characters of a real token a guess got right.
-    """
-
-    __slots__ = ("_users", "generated")
-
-    def __init__(self, tokens: dict[str, str]) -> None:
-        #: The token made up at start when none was configured (printed once, never stored).
-        self.generated: str | None = None
-        if not tokens:
-            self.generated = secrets.token_urlsafe(24)
-            tokens = {self.generated: GENERATED_TOKEN_USER}
-        self._users = {_digest(token): user for token, user in tokens.items()}
-
-    def user(self, token: str | None) -> str | None:
-        """The user ``token`` belongs to, or ``None``."""
-        if not token:
-            return None
-        return self._users.get(_digest(token))
+__all__ = ["Runtime"]
 
 
 @dataclass(eq=False)
@@ -56,7 +24,11 @@ class Runtime:
     hub: Hub = field(init=False)
     broker: Broker = field(init=False)
     node: Node = field(init=False)
+    auth: Authenticator = field(init=False)
     tokens: TokenTable = field(init=False)
+    #: Open WebSocket connections per client IP address and per user, on this node.
+    per_ip: dict[str, int] = field(default_factory=dict)
+    per_user: dict[str, int] = field(default_factory=dict)
     connections: set[Connection] = field(default_factory=set)
     _relaying: set[asyncio.Task[None]] = field(default_factory=set)
     #: Chat handlers in each room on this node (joining, in, or leaving).
@@ -69,11 +41,33 @@ class Runtime:
             outbox_size=self.settings.outbox_size, close_timeout=self.settings.close_timeout
         )
         self.broker = from_settings(self.settings)
-        self.node = Node(self.settings, self.broker)
+        self.auth = Authenticator(self.settings)
+        self.tokens = self.auth.tokens
+        self.node = Node(self.settings, self.broker, self.auth)
+        self.node.claim_user = self.claim_user
+        self.node.release_user = self.release_user
         self.broker.on_room(self._deliver_room)
         if self.broker.shared:
             self.hub.relay = self._relay
-        self.tokens = TokenTable(self.settings.tokens)
+
+    # -- connection limits --------------------------------------------------------------------
+
+    def claim_user(self, user: str) -> bool:
+        """Count one more connection of ``user``; ``False`` (and nothing counted) at the limit."""
+        held = self.per_user.get(user, 0)
+        limit = self.settings.max_connections_per_user
+        if limit and held >= limit:
+            return False
+        self.per_user[user] = held + 1
+        return True
+
+    def release_user(self, user: str) -> None:
+        """A connection counted by :meth:`claim_user` ended."""
+        left = self.per_user.get(user, 0) - 1
+        if left > 0:
+            self.per_user[user] = left
+        else:
+            self.per_user.pop(user, None)
 
     # -- the guide's chat rooms, on every node ------------------------------------------
 

@@ -71,6 +71,52 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="Turns the HTTP API on; requests must carry it as a Bearer token."
     )
+    jwt_secret: SecretStr | None = Field(
+        None, description="Secret for HS256/HS384/HS512 tokens on /ws and /ws/secure."
+    )
+    jwt_public_key: str | None = Field(
+        None,
+        description="PEM public key (or a path to one) for RS/PS/ES/EdDSA tokens.",
+    )
+    jwt_jwks_file: str | None = Field(
+        None, description="A JWKS file (JSON) of public keys, chosen by the token's 'kid'."
+    )
+    jwt_audience: str | None = Field(None, description="When set, tokens must carry this 'aud'.")
+    jwt_issuer: str | None = Field(None, description="When set, tokens must carry this 'iss'.")
+    jwt_leeway: float = Field(
+        0.0, ge=0, le=300, description="Seconds of clock skew allowed on 'exp' and 'nbf'."
+    )
+    refresh_ahead: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds before a token expires that /ws sends a 'refresh' push.",
+    )
+    anonymous_subscribe: list[str] = Field(
+        default_factory=list,
+        description='Channels anonymous /ws clients may subscribe to (JSON, e.g. ["public:*"]).',
+    )
+    anonymous_publish: list[str] = Field(
+        default_factory=list, description="Channels anonymous /ws clients may publish to."
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed besides the server's own (JSON list; * for any).",
+    )
+    rate_limit: float = Field(
+        100.0, ge=0, description="Messages per second one connection may send; 0: no limit."
+    )
+    rate_burst: int = Field(200, ge=1, description="Messages a connection may send at once.")
+    max_connections_per_user: int = Field(
+        100, ge=0, description="Connections one user may hold on this node; 0: no limit."
+    )
+    max_connections_per_ip: int = Field(
+        0, ge=0, description="Connections one IP address may hold on this node; 0: no limit."
+    )
+    auth_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a /ws connection without a token has to authenticate or subscribe.",
+    )
     ping_interval: float = Field(20.0, ge=0, description="Seconds between server pings; 0: off.")
     ping_timeout: float = Field(20.0, gt=0, description="Seconds to wait for a pong.")
     drain_timeout: float = Field(
@@ -99,6 +145,14 @@ class Settings(BaseSettings):
             if not token.strip() or not user.strip():
                 raise ValueError("tokens and user names must not be blank")
         return tokens
+
+    @field_validator("anonymous_subscribe", "anonymous_publish")
+    @classmethod
+    def _patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not pattern or "*" in pattern[:-1]:
+                raise ValueError(f"{pattern!r}: a channel name, or a prefix ending in '*'")
+        return patterns
 
     @field_validator("broker_url")
     @classmethod

@@ -37,13 +37,15 @@ def export_settings(settings: Settings, generated_user: str) -> str | None:
     if not settings.tokens:
         generated = secrets.token_urlsafe(24)
         values["tokens"] = {generated: generated_user}
-    if settings.api_key is not None:
-        values["api_key"] = settings.api_key.get_secret_value()
+    for name in ("api_key", "jwt_secret"):
+        secret = getattr(settings, name)
+        if secret is not None:
+            values[name] = secret.get_secret_value()
     for name, value in values.items():
         key = f"ROOMCAST_{name.upper()}"
         if value is None:
             os.environ.pop(key, None)
-        elif isinstance(value, dict):
+        elif isinstance(value, dict | list):
             os.environ[key] = json.dumps(value)
         elif isinstance(value, bool):
             os.environ[key] = "true" if value else "false"

@@ -13,11 +13,13 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Awaitable, Callable
 
 from starlette.routing import WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
+from roomcast.auth import AuthError, origin_allowed, token_from_scope
 from roomcast.brokers import BrokerUnavailable
 from roomcast.closecodes import CloseCode
 from roomcast.connection import Connection
@@ -39,22 +41,62 @@ logger = logging.getLogger("roomcast.chat")
 
 
 class ClassicEndpoint:
-    """Runs a handler on a :class:`Connection`; client errors end it with their close code."""
+    """Runs a handler on a :class:`Connection`; client errors end it with their close code.
 
-    def __init__(self, runtime: Runtime, handler: Handler) -> None:
+
+    Before the handler runs, every endpoint refuses a browser page of a foreign origin (HTTP
+    403: cross-site WebSocket hijacking) and an IP address over its connection limit (closed
+    with ``limit_code`` and a reason a browser can read).
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        handler: Handler,
+        limit_code: CloseCode = CloseCode.POLICY_VIOLATION,
+    ) -> None:
         self.runtime = runtime
         self.handler = handler
+        self.limit_code = limit_code
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        conn = Connection(scope, receive, send, self.runtime.settings.max_message_size)
-        connections = self.runtime.connections
+        runtime = self.runtime
+        settings = runtime.settings
+        conn = Connection(
+            scope,
+            receive,
+            send,
+            settings.max_message_size,
+            settings.rate_limit,
+            settings.rate_burst,
+        )
+        if not origin_allowed(scope, settings.allowed_origins):
+            await conn.deny("origin not allowed (ROOMCAST_ALLOWED_ORIGINS)")
+            return
+        client = scope.get("client")
+        ip: str = client[0] if client else ""
+        per_ip = runtime.per_ip
+        held = per_ip.get(ip, 0)
+        per_ip[ip] = held + 1
+        connections = runtime.connections
         connections.add(conn)
         try:
+            limit = settings.max_connections_per_ip
+            if limit and held >= limit:
+                await conn.accept_and_close(
+                    self.limit_code, f"too many connections from this address (limit {limit})"
+                )
+                return
             await self.handler(conn)
         except ClientError as error:
             await conn.fail(error)
         finally:
             connections.discard(conn)
+            left = per_ip[ip] - 1
+            if left:
+                per_ip[ip] = left
+            else:
+                del per_ip[ip]
 
 
 def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
@@ -101,14 +143,35 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
         await chat(conn, room)
 
     async def secure(conn: Connection) -> None:
-        user = runtime.tokens.user(conn.query().get("token"))
-        if user is None:
-            await conn.deny("invalid or missing token")
+        token, subprotocol = token_from_scope(conn.scope, conn.query())
+        if token is None:
+            await conn.deny("missing token")
             return
-        if not await conn.accept():
+        try:
+            grant = runtime.auth.verify(token)
+        except AuthError as error:
+            await conn.deny(str(error))
             return
-        if await conn.send_text(f"Hello, {user}! Welcome to the secure WebSocket."):
-            await _reply_to_text(conn, "You said: ")
+        user = grant.user
+        assert user is not None
+        if not runtime.claim_user(user):
+            limit = settings.max_connections_per_user
+            await conn.accept_and_close(
+                CloseCode.POLICY_VIOLATION, f"too many connections for this user (limit {limit})"
+            )
+            return
+        expiry: asyncio.TimerHandle | None = None
+        try:
+            if not await conn.accept(subprotocol=subprotocol):
+                return
+            if grant.expires_at is not None:
+                expiry = _close_at(conn, grant.expires_at + settings.jwt_leeway)
+            if await conn.send_text(f"Hello, {user}! Welcome to the secure WebSocket."):
+                await _reply_to_text(conn, "You said: ")
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            runtime.release_user(user)
 
     async def stream(conn: Connection) -> None:
         if not await conn.accept():
@@ -197,6 +260,21 @@ async def _reply_to_text(conn: Connection, prefix: str) -> None:
     while (text := await conn.receive_text()) is not None:
         if not await conn.send_text(prefix + text):
             return
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _close_at(conn: Connection, when: float) -> asyncio.TimerHandle:
+    """Close ``conn`` with 4003 at Unix time ``when`` (its token's expiry)."""
+
+    def expire() -> None:
+        logger.info("conn=%s %s closed %d: token expired", conn.id, conn.path, 4003)
+        task = asyncio.ensure_future(conn.close(CloseCode.TOKEN_EXPIRED, "token expired"))
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    return asyncio.get_running_loop().call_later(max(0.0, when - time.time()), expire)
 
 
 def _stream_params(query: dict[str, str], settings: Settings) -> tuple[int, float]:

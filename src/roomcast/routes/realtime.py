@@ -4,45 +4,55 @@ from __future__ import annotations
 
 from starlette.routing import WebSocketRoute
 
+from roomcast.auth import AuthError, token_from_scope
 from roomcast.closecodes import CloseCode
 from roomcast.connection import Connection
+from roomcast.errors import RateLimited
 from roomcast.routes.classic import ClassicEndpoint
 from roomcast.runtime import Runtime
 
-__all__ = ["bearer_token", "realtime_routes"]
-
-
-def bearer_token(conn: Connection) -> str | None:
-    """The token of the handshake: ``?token=`` or ``Authorization: Bearer``; ``None`` if none."""
-    token = conn.query().get("token")
-    if token is not None:
-        return token
-    for name, value in conn.scope.get("headers", ()):
-        if name == b"authorization":
-            header: str = value.decode("latin-1")
-            scheme, _, credentials = header.partition(" ")
-            if scheme.lower() == "bearer":
-                return credentials.strip()
-    return None
+__all__ = ["realtime_routes"]
 
 
 def realtime_routes(runtime: Runtime) -> list[WebSocketRoute]:
     """The ``/ws`` endpoint, bound to ``runtime``."""
     node = runtime.node
+    auth = runtime.auth
+    settings = runtime.settings
 
     async def realtime(conn: Connection) -> None:
-        user: str | None = None
-        token = bearer_token(conn)
+        token, subprotocol = token_from_scope(conn.scope, conn.query())
+        grant = auth.anonymous
         if token is not None:
-            user = runtime.tokens.user(token)
-            if user is None:
-                await conn.deny("unknown token")
+            try:
+                grant = auth.verify(token)
+            except AuthError as error:
+                await conn.deny(str(error))
                 return
-        if not await conn.accept():
+        user = grant.user
+        if user is not None and not runtime.claim_user(user):
+            limit = settings.max_connections_per_user
+            await conn.accept_and_close(
+                CloseCode.TOO_MANY_CONNECTIONS,
+                f"too many connections for this user (limit {limit})",
+            )
             return
-        client = node.attach(conn, user)
+        if not await conn.accept(subprotocol=subprotocol):
+            if user is not None:
+                runtime.release_user(user)
+            return
+        # From here the client's user count is the node's to release (the user may change
+        # through an ``auth`` request).
+        client = node.attach(conn, grant)
         try:
-            while (frame := await conn.receive()) is not None:
+            while True:
+                try:
+                    frame = await conn.receive()
+                except RateLimited as error:
+                    node.refuse(client, error.frame, error.reason)
+                    continue
+                if frame is None:
+                    break
                 # A client being closed (too slow, or kicked) keeps being read so that its
                 # close handshake can finish, but it gets no more answers.
                 if client.member.active:
@@ -51,4 +61,10 @@ def realtime_routes(runtime: Runtime) -> list[WebSocketRoute]:
             # When the server restarts everyone leaves at once: no leave events for that.
             await node.detach(client, notify=conn.close_code != CloseCode.SERVICE_RESTART)
 
-    return [WebSocketRoute("/ws", ClassicEndpoint(runtime, realtime), name="ws")]
+    return [
+        WebSocketRoute(
+            "/ws",
+            ClassicEndpoint(runtime, realtime, CloseCode.TOO_MANY_CONNECTIONS),
+            name="ws",
+        )
+    ]
