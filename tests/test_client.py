@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 
 import roomcast
@@ -243,3 +245,25 @@ async def test_requests_wait_for_the_reconnect(api_server: RoomcastServer) -> No
         offset = await asyncio.wait_for(publish, 4 * TIMEOUT)
         history = await client.history("sdk:wait")
         assert [(p.offset, p.data) for p in history] == [(offset, "queued")]
+
+
+async def test_token_function_refreshes_before_expiry(server_factory: ServerFactory) -> None:
+    """With ``token=`` a function, the client answers the server's ``refresh`` push with a
+    fresh token (``auth``): the connection outlives the first token's ``exp``."""
+    secret = secrets.token_hex(16)
+    server = server_factory(env={"ROOMCAST_JWT_SECRET": secret, "ROOMCAST_REFRESH_AHEAD": "1.5"})
+    issued: list[float] = []
+
+    async def fresh_token() -> str:
+        exp = time.time() + 2.5
+        issued.append(exp)
+        claims = {"sub": "carol", "exp": int(exp) + 1, "subscribe": ["*"], "publish": ["*"]}
+        return jwt.encode(claims, secret, algorithm="HS256")
+
+    async with roomcast.connect(server.url("/ws"), token=fresh_token) as client:
+        assert client.user == "carol"
+        first_exp = issued[0]
+        await asyncio.sleep(max(0.0, first_exp + 1.5 - time.time()))
+        await client.ping()  # still the first connection, past the first token's expiry
+        assert client.connections == 1
+        assert len(issued) >= 2

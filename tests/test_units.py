@@ -8,10 +8,10 @@ import pytest
 from pydantic import ValidationError
 
 import roomcast
+from roomcast.auth import TokenTable
 from roomcast.closecodes import CloseCode
 from roomcast.errors import ClientError, InvalidPayload, MessageTooBig, UnsupportedData
 from roomcast.logs import RedactSecrets, redact
-from roomcast.auth import TokenTable
 from roomcast.settings import Settings
 
 

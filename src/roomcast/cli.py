@@ -192,7 +192,7 @@ def _run_workers(settings: Settings) -> None:
     logger = logging.getLogger("roomcast.app")
     if generated is not None:
         logger.warning(
-            "no ROOMCAST_TOKENS configured; generated token for /ws/secure: %s", generated
+            "no ROOMCAST_TOKENS configured; generated token for /ws and /ws/secure: %s", generated
         )
     logger.info(
         "roomcast listening on ws://%s:%d with %d workers (broker %s)",

@@ -19,17 +19,22 @@ cannot be replayed; :attr:`Subscription.gaps` counts such recoveries.
 
 The client does not reconnect after close 4001 (disconnected through the server's API) or an
 HTTP 403 handshake (bad token); it raises :class:`Disconnected` to the application then.
+
+``token`` may be a function (plain or async) that returns a token: it is called for every
+connection, and when the server says the token is about to expire (a ``refresh`` push) the
+client fetches a fresh one and sends it with ``auth``, so the connection never drops for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -59,6 +64,9 @@ State = Literal["connecting", "connected", "reconnecting", "closed"]
 
 #: Close codes after which reconnecting cannot help.
 TERMINAL_CLOSE_CODES = frozenset({CloseCode.DISCONNECTED, CloseCode.POLICY_VIOLATION})
+
+#: A token, or a function (plain or async) returning a fresh one.
+TokenSource = str | Callable[[], str | Awaitable[str]] | None
 
 
 class ServerError(RoomcastError):
@@ -156,7 +164,7 @@ class Client:
         self,
         url: str,
         *,
-        token: str | None = None,
+        token: TokenSource = None,
         backoff_min: float = 0.25,
         backoff_max: float = 10.0,
         request_timeout: float = 10.0,
@@ -183,6 +191,7 @@ class Client:
         self._waiting: dict[int, tuple[asyncio.Future[Any], Subscription | None]] = {}
         self._subscriptions: dict[str, Subscription] = {}
         self._runner: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None
         self._first: asyncio.Future[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -214,6 +223,8 @@ class Client:
     async def close(self) -> None:
         """Close the connection and end every subscription's iterator."""
         self.state = "closed"
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -250,8 +261,28 @@ class Client:
         ceiling = min(self.backoff_max, self.backoff_min * 2 ** min(attempt, 30))
         return random.uniform(self.backoff_min / 2, ceiling)
 
+    async def _token(self) -> str | None:
+        """The token to use now: :attr:`token` itself, or what its function returns."""
+        source = self.token
+        if source is None or isinstance(source, str):
+            return source
+        value = source()
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+    async def _refresh(self) -> None:
+        """The server's ``refresh`` push: send a fresh token before the old one expires."""
+        try:
+            token = await self._token()
+            if token:
+                await self._send("auth", {"token": token})
+        except Exception as error:  # the server closes with 4003; we reconnect then
+            logger.warning("roomcast client: token refresh failed: %s", error)
+
     async def _open(self, attempt: int) -> ClientConnection | None:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        token = await self._token()
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
             ws = await ws_connect(
                 self.url,
@@ -299,6 +330,11 @@ class Client:
                     subscription = self._subscriptions.get(frame["channel"])
                     if subscription is not None:
                         await subscription._put(Presence(frame["channel"], kind, frame["info"]))
+                elif kind == "refresh":
+                    if callable(self.token) and (
+                        self._refreshing is None or self._refreshing.done()
+                    ):
+                        self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
                 elif kind == "connected":
                     self.client_id = frame["client"]
                     self.user = frame["user"]
@@ -489,7 +525,7 @@ class Client:
         await self.request("ping")
 
 
-def connect(url: str, *, token: str | None = None, **options: Any) -> Client:
+def connect(url: str, *, token: TokenSource = None, **options: Any) -> Client:
     """A client for the ``/ws`` endpoint at ``url``; use it with ``async with``.
 
     Options: ``backoff_min`` / ``backoff_max`` (seconds, default 0.25 / 10), ``request_timeout``

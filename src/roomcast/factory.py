@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
             # Printed once, deliberately: without it nobody could use /ws/secure. It is never
             # stored, and a restart makes a new one.
             logger.warning(
-                "no ROOMCAST_TOKENS configured; generated token for /ws/secure: %s",
+                "no ROOMCAST_TOKENS configured; generated token for /ws and /ws/secure: %s",
                 runtime.tokens.generated,
             )
         if runtime.announce:
