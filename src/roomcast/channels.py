@@ -249,7 +249,7 @@ class Node:
             return
         logger.info("conn=%s /ws closing %d: %s", client.id, code, reason)
         client.cancel_timers()
-        member.close_after_current(reason, code, grace=self.settings.close_timeout)
+        member.close_after_current(reason, code, grace=self.settings.close_timeout, flush=True)
         self._leave_all(client)
 
     # -- authentication, expiry and the rate limit ------------------------------------------

@@ -229,6 +229,11 @@ class Connection:
             # uvicorn raises ClientDisconnected (an OSError) for a peer that is gone.
             self.closed = True
             return False
+        except RuntimeError:
+            # The ASGI server closed the connection itself (e.g. 1009 for an oversize
+            # message) while this send was queued: uvicorn's protocols raise RuntimeError.
+            self.closed = True
+            return False
         return True
 
     async def close(self, code: CloseCode = CloseCode.NORMAL, reason: str = "") -> None:
@@ -239,7 +244,7 @@ class Connection:
         self.close_code = int(code)
         try:
             await self._send({"type": "websocket.close", "code": int(code), "reason": reason})
-        except OSError:
+        except (OSError, RuntimeError):  # gone, or already closed by the ASGI server
             return
 
     async def fail(self, error: ClientError) -> None:

@@ -111,12 +111,19 @@ class Member:
         code: CloseCode = CloseCode.TRY_AGAIN_LATER,
         *,
         grace: float | None = None,
+        flush: bool = False,
     ) -> None:
-        """Drop the outbox and have the writer close with ``code`` once its current send is done."""
+        """Have the writer close with ``code`` once its current send is done.
+
+        The outbox is dropped (a member too slow to read it), or with ``flush`` sent first (a
+        close for another reason: the replies already queued still reach the peer; the outbox
+        bound and ``grace`` bound that).
+        """
         self.active = False
         self._close_reason = reason
         self._close_code = code
-        self._outbox.clear()
+        if not flush:
+            self._outbox.clear()
         self._outbox.append(_CLOSE)
         self._wake()
         if grace is not None:

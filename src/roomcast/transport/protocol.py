@@ -485,6 +485,10 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         self._state = _CLOSING
         self._stop_keepalive()
         self._close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+        if self._read_paused:
+            # Reading paused for an app that is behind (or gone): the peer's close frame must
+            # still be read, and nothing read from now on is delivered.
+            self.loop.call_soon(self._parse)
 
     def _fail(self, code: CloseCode, reason: str) -> None:
         """The peer broke the protocol: one log line, then close with ``code`` (section 7.1.7)."""
@@ -510,7 +514,9 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
     def _parse(self) -> None:
         reader = self._reader
         inbox = self._inbox
-        while self._state in (_OPEN, _CLOSING) and len(inbox) < _INBOX_LIMIT:
+        # Once closing, frames are read to find the peer's close and are not delivered, so
+        # the app being behind no longer holds reading back.
+        while self._state == _CLOSING or (self._state == _OPEN and len(inbox) < _INBOX_LIMIT):
             try:
                 frame = reader.next_frame()
             except WebSocketProtocolError as error:
@@ -524,7 +530,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         # Backpressure: stop reading while the app is behind. With room in the inbox every
         # complete frame has been parsed, so the buffer holds at most one partial frame, which
         # the reader bounds by the size limit.
-        behind = len(inbox) >= _INBOX_LIMIT
+        behind = len(inbox) >= _INBOX_LIMIT and self._state == _OPEN
         if behind and not self._read_paused and self._state != _CLOSED:
             self._read_paused = True
             self.transport.pause_reading()
