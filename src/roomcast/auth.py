@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -51,9 +52,16 @@ SUBPROTOCOL: Final = "roomcast"
 #: ``Sec-WebSocket-Protocol: roomcast, roomcast.token.<token>`` carries a token.
 TOKEN_SUBPROTOCOL_PREFIX: Final = "roomcast.token."
 
+#: The ``kid`` of guest tokens (``POST /auth/guest``): signed and checked with the guest key.
+GUEST_KID: Final = "roomcast-guest"
+#: A guest's chosen name: what the page shows before the ``#xxxx`` that makes it unique.
+GUEST_NAME: Final = re.compile(r"[A-Za-z0-9 _.-]{1,32}")
+
 #: The user a generated static token stands for; the guide's name for its one user.
 GENERATED_TOKEN_USER: Final = "authenticated_user"
 
+#: The latest ``exp`` taken (year 36812): beyond it timers and replies overflow.
+MAX_EXP: Final = 2**40
 HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 RSA_ALGORITHMS: Final = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 EC_ALGORITHMS: Final = frozenset({"ES256", "ES384", "ES512"})
@@ -113,7 +121,7 @@ class Grant:
     publish: ChannelPatterns
     #: Unix time the grant ends (a JWT's ``exp``); ``None``: never.
     expires_at: float | None = None
-    kind: Literal["anonymous", "static", "jwt"] = "anonymous"
+    kind: Literal["anonymous", "static", "jwt", "guest"] = "anonymous"
 
 
 def _digest(token: str) -> bytes:
@@ -194,13 +202,41 @@ class Authenticator:
                         algs = frozenset({jwk.algorithm_name})
                     self._jwks[jwk.key_id] = (jwk.key, algs)
         self.jwt_enabled = bool(self._secret or self._public or self._jwks)
+        #: Guest sign-in (the page at ``/``): its channels, and the key of its tokens.
+        guests = settings.guests
+        self.guest_channels = ChannelPatterns(guests)
+        self._guest_key: str | None = None
+        if guests:
+            if settings.guest_secret is not None:
+                self._guest_key = settings.guest_secret.get_secret_value()
+            else:
+                self._guest_key = self._secret or secrets.token_urlsafe(32)
+
+    @property
+    def guests_enabled(self) -> bool:
+        return self._guest_key is not None
+
+    def issue_guest(self, name: str, user: str | None = None) -> tuple[str, Grant]:
+        """A guest token for ``name`` (a new ``name#xxxx`` user), or renewed for ``user``."""
+        assert self._guest_key is not None
+        if user is None:
+            user = f"{name}#{secrets.token_hex(2)}"
+        expires_at = int(time.time() + self.settings.guest_ttl)
+        token = jwt.encode(
+            {"sub": user, "exp": expires_at, "iat": int(time.time())},
+            self._guest_key,
+            algorithm="HS256",
+            headers={"kid": GUEST_KID},
+        )
+        grant = Grant(user, self.guest_channels, self.guest_channels, expires_at, "guest")
+        return token, grant
 
     def verify(self, token: str) -> Grant:
         """The grant of ``token`` (static or JWT); raises :class:`AuthError`."""
         user = self.tokens.user(token)
         if user is not None:
             return Grant(user, EVERYTHING, EVERYTHING, None, "static")
-        if not self.jwt_enabled:
+        if not self.jwt_enabled and self._guest_key is None:
             raise AuthError("unknown token")
         return self._verify_jwt(token)
 
@@ -210,20 +246,26 @@ class Authenticator:
         except jwt.PyJWTError:
             raise AuthError("unknown token") from None
         alg = header.get("alg")
-        key = self._key_for(alg, header.get("kid"))
+        guest = header.get("kid") == GUEST_KID
+        if guest:
+            if self._guest_key is None or alg != "HS256":
+                raise AuthError("guest tokens are not accepted")
+            key: Any = self._guest_key
+        else:
+            key = self._key_for(alg, header.get("kid"))
         settings = self.settings
         required = ["exp", "sub"]
-        if settings.jwt_audience:
+        if settings.jwt_audience and not guest:
             required.append("aud")
-        if settings.jwt_issuer:
+        if settings.jwt_issuer and not guest:
             required.append("iss")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
                 algorithms=[str(alg)],
-                audience=settings.jwt_audience,
-                issuer=settings.jwt_issuer,
+                audience=None if guest else settings.jwt_audience,
+                issuer=None if guest else settings.jwt_issuer,
                 leeway=settings.jwt_leeway,
                 options={"require": required, "verify_sub": True},
             )
@@ -239,9 +281,17 @@ class Authenticator:
             raise AuthError("token signature does not verify") from None
         except jwt.PyJWTError as error:
             raise AuthError(f"invalid token: {type(error).__name__}") from None
+        except (ValueError, TypeError, OverflowError):  # e.g. an absurd number in a claim
+            raise AuthError("invalid token: a claim is out of range") from None
+        exp = claims["exp"]
+        if type(exp) not in (int, float) or not 0 <= exp < MAX_EXP:
+            raise AuthError("invalid token: 'exp' is out of range")
         user = claims.get("sub")
         if not isinstance(user, str) or not user.strip():
             raise AuthError("the 'sub' claim must be a non-empty string")
+        if guest:
+            channels = self.guest_channels
+            return Grant(user, channels, channels, float(claims["exp"]), "guest")
         try:
             subscribe = ChannelPatterns(_claim_list(claims, "subscribe"))
             publish = ChannelPatterns(_claim_list(claims, "publish"))

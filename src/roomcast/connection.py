@@ -22,6 +22,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from roomcast.closecodes import CloseCode
 from roomcast.errors import ClientError, MessageTooBig, RateLimited, UnsupportedData
+from roomcast.logs import log_safe
 
 __all__ = ["ConnId", "Connection", "redacted_path"]
 
@@ -34,9 +35,9 @@ _ids = itertools.count(1)
 
 
 def redacted_path(scope: Scope) -> str:
-    """The request path for logs, with its query string left out (it may hold a token)."""
-    path: str = scope.get("path", "")
-    return path
+    """The request path for logs: query string left out (it may hold a token), control
+    characters percent-encoded."""
+    return log_safe(scope.get("path", ""))
 
 
 class Connection:

@@ -16,6 +16,7 @@ from roomcast.routes.api import api_router
 from roomcast.routes.classic import classic_routes
 from roomcast.routes.ops import ops_router
 from roomcast.routes.realtime import realtime_routes
+from roomcast.routes.web import mount_web
 from roomcast.runtime import Runtime
 from roomcast.settings import Settings
 
@@ -76,4 +77,5 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
     app.router.routes.extend(realtime_routes(runtime))
     app.include_router(ops_router(runtime))
     app.include_router(api_router(runtime))
+    mount_web(app, runtime)
     return app

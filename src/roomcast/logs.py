@@ -6,12 +6,21 @@ import logging
 import re
 from typing import Any
 
-__all__ = ["RedactSecrets", "install_redaction", "logging_config"]
+__all__ = ["RedactSecrets", "install_redaction", "log_safe", "logging_config"]
 
 _SECRET_PARAM = re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|jwt)=)[^&\s\"']*")
 _REDACTED = r"\1[redacted]"
 #: uvicorn's loggers that print request lines, query string included.
 _REQUEST_LOGGERS = ("uvicorn.access", "uvicorn.error")
+
+
+#: Control characters, which a percent-encoded path can smuggle into log lines (CWE-117).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def log_safe(text: str) -> str:
+    """``text`` with control characters percent-encoded, so it cannot forge log lines."""
+    return _CONTROL.sub(lambda m: f"%{ord(m.group()):02X}", text)
 
 
 def redact(text: str) -> str:

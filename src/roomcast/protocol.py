@@ -150,6 +150,8 @@ def parse_request(frame: str | bytes) -> Request:
 
 #: 19 digits in a row: the shortest integer literal that may not fit in 64 bits.
 _LONG_NUMBER = re.compile(r"\d{19}")
+#: An integer literal (no fraction, no exponent) of 19 digits or more.
+_INTEGER_LITERAL = re.compile(r"(?<![\d.eE+-])-?\d{19,}(?![\d.eE])")
 
 
 def lossy_numbers(text: str, value: object) -> bool:
@@ -161,11 +163,21 @@ def lossy_numbers(text: str, value: object) -> bool:
     """
     if _LONG_NUMBER.search(text) is None:
         return False
+    # The integer literals too large for 64 bits, as orjson turned them into floats. (A float
+    # such as 1e19 written as a float is no loss; the literals may also sit inside strings,
+    # which is why the parsed value is walked for them.)
+    lost = {
+        float(literal)
+        for literal in _INTEGER_LITERAL.findall(text)
+        if not -(2**63) <= int(literal) < 2**64
+    }
+    if not lost:
+        return False
     stack = [value]
     while stack:
         item = stack.pop()
         if type(item) is float:
-            if item.is_integer() and abs(item) >= 2.0**63:
+            if item in lost:
                 return True
         elif type(item) is list:
             stack.extend(item)

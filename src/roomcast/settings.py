@@ -98,6 +98,18 @@ class Settings(BaseSettings):
     anonymous_publish: list[str] = Field(
         default_factory=list, description="Channels anonymous /ws clients may publish to."
     )
+    guest_channels: list[str] | None = Field(
+        None,
+        description=(
+            "Channels of the guest sign-in that the page at / uses (POST /auth/guest); "
+            'unset: ["room:*"] while no token or JWT key is configured, else off; [] turns it off.'
+        ),
+    )
+    guest_secret: SecretStr | None = Field(
+        None,
+        description="Signs guest tokens; default: ROOMCAST_JWT_SECRET, else made up at start.",
+    )
+    guest_ttl: float = Field(3600.0, gt=0, description="Seconds a guest token lasts.")
     allowed_origins: list[str] = Field(
         default_factory=list,
         description="Browser origins allowed besides the server's own (JSON list; * for any).",
@@ -146,10 +158,10 @@ class Settings(BaseSettings):
                 raise ValueError("tokens and user names must not be blank")
         return tokens
 
-    @field_validator("anonymous_subscribe", "anonymous_publish")
+    @field_validator("anonymous_subscribe", "anonymous_publish", "guest_channels")
     @classmethod
-    def _patterns(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
+    def _patterns(cls, patterns: list[str] | None) -> list[str] | None:
+        for pattern in patterns or ():
             if not pattern or "*" in pattern[:-1]:
                 raise ValueError(f"{pattern!r}: a channel name, or a prefix ending in '*'")
         return patterns
@@ -178,6 +190,14 @@ class Settings(BaseSettings):
                 "(redis://host:port)."
             )
         return self
+
+    @property
+    def guests(self) -> list[str]:
+        """The channels of guest sign-in; empty when it is off."""
+        if self.guest_channels is not None:
+            return self.guest_channels
+        configured = self.tokens or self.jwt_secret or self.jwt_public_key or self.jwt_jwks_file
+        return [] if configured else ["room:*"]
 
     @property
     def broker_display(self) -> str:

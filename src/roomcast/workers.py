@@ -34,10 +34,15 @@ def export_settings(settings: Settings, generated_user: str) -> str | None:
     """
     generated: str | None = None
     values: dict[str, Any] = settings.model_dump()
+    # Guest sign-in is decided once, here, as one process would (the generated token below
+    # must not turn it off), and every worker signs guest tokens with the same key.
+    values["guest_channels"] = settings.guests
+    if settings.guests and not settings.jwt_secret and not settings.guest_secret:
+        values["guest_secret"] = secrets.token_urlsafe(32)
     if not settings.tokens:
         generated = secrets.token_urlsafe(24)
         values["tokens"] = {generated: generated_user}
-    for name in ("api_key", "jwt_secret"):
+    for name in ("api_key", "jwt_secret", "guest_secret"):
         secret = getattr(settings, name)
         if secret is not None:
             values[name] = secret.get_secret_value()

@@ -220,7 +220,9 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
                     separators=(",", ":"),
                     ensure_ascii=False,
                 )
-            except ValueError as error:
+                # A lone surrogate escape ("\ud800") parses, but is no text a frame can carry.
+                reply.encode()
+            except ValueError as error:  # UnicodeEncodeError is one too
                 raise InvalidPayload(f"invalid JSON: {error}") from None
             except RecursionError:
                 raise InvalidPayload("invalid JSON: nested too deeply") from None

@@ -39,6 +39,7 @@ from websockets.extensions.permessage_deflate import (
 from websockets.frames import Frame, Opcode
 
 from roomcast.closecodes import CloseCode
+from roomcast.logs import log_safe
 from roomcast.transport.frames import (
     FIN,
     FRAMES_EXTENSION,
@@ -293,7 +294,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         if self.config.access_log:
             query = self.scope.get("query_string", b"")
             path = self.scope.get("path", "") + (f"?{query.decode('latin-1')}" if query else "")
-            access_logger.info('%s - "WebSocket %s" %s', self._peer(), path, outcome)
+            access_logger.info('%s - "WebSocket %s" %s', self._peer(), log_safe(path), outcome)
 
     # -- the ASGI app --------------------------------------------------------------------
 

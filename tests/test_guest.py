@@ -1,0 +1,141 @@
+"""Guest sign-in (``POST /auth/guest``), the way the page at ``/`` gets a token.
+
+On only while nothing else authenticates anyone (no ``ROOMCAST_TOKENS``, no JWT key), or when
+``ROOMCAST_GUEST_CHANNELS`` says so; a guest may use the guest channels and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
+
+from helpers import TIMEOUT, RoomcastServer, ServerFactory, recv, ws_connect
+
+Frame = dict[str, Any]
+
+#: The embedded defaults: no static tokens, no JWT key, anonymous access off.
+DEFAULTS: dict[str, str | None] = {
+    "ROOMCAST_TOKENS": None,
+    "ROOMCAST_ANONYMOUS_SUBSCRIBE": None,
+    "ROOMCAST_ANONYMOUS_PUBLISH": None,
+}
+
+
+@pytest.fixture(scope="module")
+def defaults_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
+    with RoomcastServer(tmp_path_factory.mktemp("guest"), env=DEFAULTS) as srv:
+        yield srv
+
+
+async def sign_in(server: RoomcastServer, body: dict[str, Any]) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT) as http:
+        return await http.post("/auth/guest", json=body)
+
+
+async def push(ws: Any) -> Frame:
+    frame: Frame = json.loads(await recv(ws))
+    return frame
+
+
+async def request(ws: Any, frame: Frame) -> Frame:
+    await ws.send(json.dumps(frame))
+    while "id" not in (reply := await push(ws)):
+        pass
+    return reply
+
+
+async def test_guest_on_embedded_defaults_uses_room_channels_only(
+    defaults_server: RoomcastServer,
+) -> None:
+    reply = await sign_in(defaults_server, {"name": "ann"})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["user"].startswith("ann#")
+    assert body["channels"] == ["room:*"]
+    token = body["token"]
+    offer = [Subprotocol("roomcast"), Subprotocol(f"roomcast.token.{token}")]
+    async with ws_connect(defaults_server, "/ws", subprotocols=offer) as ws:
+        assert ws.subprotocol == "roomcast"
+        hello = await push(ws)
+        assert hello["user"] == body["user"]
+        ok = await request(ws, {"id": 1, "op": "subscribe", "channel": "room:lobby"})
+        assert ok["ok"] is True
+        ok = await request(ws, {"id": 2, "op": "publish", "channel": "room:lobby", "data": "hi"})
+        assert ok["ok"] is True
+        denied = await request(ws, {"id": 3, "op": "subscribe", "channel": "chat:lobby"})
+        assert denied["error"]["code"] == "forbidden"
+
+
+async def test_renew_keeps_the_user_and_a_forged_guest_token_is_refused(
+    defaults_server: RoomcastServer,
+) -> None:
+    first = (await sign_in(defaults_server, {"name": "bob"})).json()
+    renewed = await sign_in(defaults_server, {"renew": first["token"]})
+    assert renewed.status_code == 200
+    assert renewed.json()["user"] == first["user"]
+    assert renewed.json()["token"] != first["token"] or renewed.json()["expires_at"]
+    forged = jwt.encode(
+        {"sub": "mallory", "exp": first["expires_at"]},
+        "not-the-server-key-" + "x" * 40,
+        algorithm="HS256",
+        headers={"kid": "roomcast-guest"},
+    )
+    assert (await sign_in(defaults_server, {"renew": forged})).status_code == 401
+    with pytest.raises(InvalidStatus) as refused:
+        async with ws_connect(defaults_server, f"/ws?token={forged}"):
+            pass
+    assert refused.value.response.status_code == 403
+
+
+@pytest.mark.parametrize("name", ["", "x" * 33, "<script>", "a\nb"])
+async def test_bad_names_get_422(defaults_server: RoomcastServer, name: str) -> None:
+    assert (await sign_in(defaults_server, {"name": name})).status_code == 422
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},  # base_env configures ROOMCAST_TOKENS: real authentication, so no guests
+        {"ROOMCAST_TOKENS": None, "ROOMCAST_GUEST_CHANNELS": "[]"},
+        {"ROOMCAST_TOKENS": None, "ROOMCAST_JWT_SECRET": "s" * 40},
+    ],
+    ids=["static-tokens", "turned-off", "jwt-configured"],
+)
+async def test_guest_sign_in_off_when_authentication_is_configured(
+    server_factory: ServerFactory, env: dict[str, str | None]
+) -> None:
+    server = server_factory(env=env)
+    assert (await sign_in(server, {"name": "ann"})).status_code == 404
+
+
+async def test_explicit_guest_channels_with_a_jwt_secret(server_factory: ServerFactory) -> None:
+    """Several nodes share ROOMCAST_JWT_SECRET: a guest token from one verifies on another."""
+    env = {"ROOMCAST_JWT_SECRET": "k" * 40, "ROOMCAST_GUEST_CHANNELS": '["demo:*"]'}
+    one, two = server_factory(env=env), server_factory(env=env)
+    body = (await sign_in(one, {"name": "cy"})).json()
+    assert body["channels"] == ["demo:*"]
+    async with ws_connect(two, "/ws", additional_headers=bearer(body["token"])) as ws:
+        assert (await push(ws))["user"] == body["user"]
+        ok = await request(ws, {"id": 1, "op": "subscribe", "channel": "demo:x"})
+        assert ok["ok"] is True
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_page_and_client_module_are_served(defaults_server: RoomcastServer) -> None:
+    async with httpx.AsyncClient(base_url=defaults_server.http_url, timeout=TIMEOUT) as http:
+        page = await http.get("/")
+        module = await http.get("/static/roomcast.js")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert module.status_code == 200
+    assert "javascript" in module.headers["content-type"]
