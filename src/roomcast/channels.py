@@ -24,6 +24,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Any, Final
 
 import orjson
@@ -34,6 +35,7 @@ from roomcast.brokers import Broker, BrokerUnavailable
 from roomcast.closecodes import CloseCode
 from roomcast.connection import Connection, ConnId
 from roomcast.hub import Member
+from roomcast.metrics import FANOUT_BUCKETS, LocalHistogram, Tally, auth_reason
 from roomcast.protocol import (
     ErrorCode,
     Request,
@@ -110,6 +112,9 @@ class Client:
         member = self.member
         if not member.active:
             return
+        conn = self.conn
+        conn.sent += 1
+        conn.sent_bytes += len(payload)
         if member.fast:
             frame = build_frame(OP_TEXT, payload)
             if member.offer(frame) or member.push(frame, force=force):
@@ -177,6 +182,12 @@ class Node:
         self._writers: set[asyncio.Task[None]] = set()
         self.channel_name = channel_pattern(settings.channel_max_length)
         self.channel_rule = channel_rule(settings.channel_max_length)
+        #: For roomcast.metrics: counts of ended connections and refusals; publication frames
+        #: the live fan-out delivered, their bytes, and its durations.
+        self.tally = Tally()
+        self.deliveries = 0
+        self.delivered_bytes = 0
+        self.fanout_time = LocalHistogram(FANOUT_BUCKETS)
         self._ops: dict[str, Callable[[Client, Request], Awaitable[Outcome]]] = {
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
@@ -287,6 +298,7 @@ class Node:
         """A request over the rate limit: an error reply, or 4029 for a client that keeps on."""
         if not client.member.active:
             return
+        self.tally.auth_failed("rate_limited")
         if client.conn.refused > self.settings.rate_burst:
             self.close(client, CloseCode.RATE_LIMITED, f"rate limit: {reason}")
             return
@@ -302,6 +314,7 @@ class Node:
         try:
             grant = self.auth.verify(token)
         except AuthError as error:
+            self.tally.auth_failed(auth_reason(str(error)))
             raise RequestError(ErrorCode.UNAUTHORIZED, str(error), request.id) from None
         user = grant.user
         assert user is not None
@@ -344,6 +357,7 @@ class Node:
             CloseCode.SLOW,
             member.limit,
         )
+        self.tally.cut("/ws")
         member.close_after_current(
             f"too slow: more than {member.limit} frames unread",
             CloseCode.SLOW,
@@ -410,6 +424,7 @@ class Node:
         grant = client.grant
         patterns = grant.subscribe if action == "subscribe" else grant.publish
         if not patterns.allows(channel):
+            self.tally.auth_failed("forbidden_channel")
             who = "anonymous clients" if client.user is None else f"user {client.user!r}"
             raise RequestError(
                 ErrorCode.FORBIDDEN, f"{who} may not {action} to {channel}", request.id
@@ -631,10 +646,13 @@ class Node:
         if local is None or offset <= local.delivered:
             return  # nobody here, or delivered already (a catch-up overlapping the live stream)
         local.delivered = offset
+        start = perf_counter()
         ws_frame: bytes | None = None
         message: dict[str, Any] | None = None
         slow: list[Member] | None = None
-        for member in local.live.values():
+        live = local.live
+        reached = len(live)
+        for member in live.values():
             if member.fast:
                 if ws_frame is None:
                     ws_frame = build_frame(OP_TEXT, frame)
@@ -648,6 +666,11 @@ class Node:
             if slow is None:
                 slow = []
             slow.append(member)
+        if slow is not None:
+            reached -= len(slow)
+        self.fanout_time.observe(perf_counter() - start)
+        self.deliveries += reached
+        self.delivered_bytes += reached * len(frame)
         if local.catching:
             self._deliver_catching(local, offset, frame)
         if slow is not None:

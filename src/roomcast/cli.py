@@ -15,8 +15,9 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from roomcast.cli_tools import register as register_tools
 from roomcast.errors import ConfigurationError
-from roomcast.settings import LogLevel, Settings, WsImplementation
+from roomcast.settings import LogFormat, LogLevel, Settings, WsImplementation
 
 __all__ = ["cli", "main"]
 
@@ -95,6 +96,9 @@ def serve(
     access_log: Annotated[
         bool | None, _opt("ACCESS_LOG", "Log each request and handshake (default on).")
     ] = None,
+    log_format: Annotated[
+        LogFormat | None, _opt("LOG_FORMAT", "text (for people) | json (one object per line).")
+    ] = None,
 ) -> None:
     """Start the server (tokens for /ws/secure: ROOMCAST_TOKENS='{"token": "user"}')."""
     given = {
@@ -116,6 +120,7 @@ def serve(
         "close_timeout": close_timeout,
         "log_level": log_level,
         "access_log": access_log,
+        "log_format": log_format,
     }
     try:
         settings = Settings.model_validate(
@@ -160,7 +165,7 @@ def run(settings: Settings) -> None:
         # uvicorn takes whole seconds here.
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
         log_level=settings.log_level,
-        log_config=logging_config(settings.log_level),
+        log_config=logging_config(settings.log_level, settings.log_format),
         access_log=settings.access_log,
         server_header=False,
     )
@@ -183,17 +188,15 @@ def _run_workers(settings: Settings) -> None:
     import uvicorn
 
     from roomcast.auth import GENERATED_TOKEN_USER
-    from roomcast.logs import logging_config
+    from roomcast.logs import announce_generated_token, logging_config
     from roomcast.workers import export_settings
 
     generated = export_settings(settings, GENERATED_TOKEN_USER)
-    log_config = logging_config(settings.log_level)
+    log_config = logging_config(settings.log_level, settings.log_format)
     logging.config.dictConfig(log_config)
     logger = logging.getLogger("roomcast.app")
     if generated is not None:
-        logger.warning(
-            "no ROOMCAST_TOKENS configured; generated token for /ws and /ws/secure: %s", generated
-        )
+        announce_generated_token(generated, settings.log_format)
     logger.info(
         "roomcast listening on ws://%s:%d with %d workers (broker %s)",
         settings.host,
@@ -221,6 +224,10 @@ def _run_workers(settings: Settings) -> None:
 
 def _exit_cleanly(signum: int, frame: object) -> None:
     sys.exit(0)
+
+
+# connect, publish, presence, history, bench (docs/cli.md).
+register_tools(cli)
 
 
 def main() -> None:

@@ -52,11 +52,17 @@ class Connection:
         "_stamp",
         "close_code",
         "closed",
+        "endpoint",
         "id",
         "max_size",
+        "opened",
         "path",
+        "received",
+        "received_bytes",
         "refused",
         "scope",
+        "sent",
+        "sent_bytes",
     )
 
     def __init__(
@@ -67,8 +73,18 @@ class Connection:
         max_size: int,
         rate: float = 0.0,
         burst: int = 1,
+        endpoint: str = "",
     ) -> None:
         self.scope = scope
+        #: The route's path template (the metrics' endpoint label).
+        self.endpoint = endpoint
+        #: True once accepted. Messages received and sent (direct sends, not fan-out) and their
+        #: payload sizes (characters for text): plain ints that roomcast.metrics reads.
+        self.opened = False
+        self.received = 0
+        self.received_bytes = 0
+        self.sent = 0
+        self.sent_bytes = 0
         # A token bucket: ``rate`` messages per second, ``burst`` at once; rate 0: no limit.
         self._rate = rate
         self._burst = float(burst)
@@ -110,6 +126,7 @@ class Connection:
             self.closed = True
             return False
         self._stamp = time.monotonic()
+        self.opened = True
         return True
 
     async def accept_and_close(self, code: CloseCode, reason: str) -> None:
@@ -150,7 +167,9 @@ class Connection:
         message = await self._receive()
         if message["type"] == "websocket.receive":
             text: str | None = message.get("text")
+            self.received += 1
             if text is not None:
+                self.received_bytes += len(text)
                 # len(text) <= len(utf-8 bytes) <= 4 * len(text): encode only when in doubt.
                 if len(text) * 4 > self.max_size and len(text.encode()) > self.max_size:
                     raise MessageTooBig(f"message over {self.max_size} bytes")
@@ -158,6 +177,7 @@ class Connection:
                     raise RateLimited(f"over {self._rate:g} messages per second", text)
                 return text
             data: bytes = message.get("bytes") or b""
+            self.received_bytes += len(data)
             if len(data) > self.max_size:
                 raise MessageTooBig(f"message over {self.max_size} bytes")
             if self._rate and not self._admit():
@@ -214,10 +234,14 @@ class Connection:
 
     async def send_text(self, text: str) -> bool:
         """Send a text message; ``False`` if the peer is gone."""
+        self.sent += 1
+        self.sent_bytes += len(text)
         return await self.send_message({"type": "websocket.send", "text": text})
 
     async def send_bytes(self, data: bytes) -> bool:
         """Send a binary message; ``False`` if the peer is gone."""
+        self.sent += 1
+        self.sent_bytes += len(data)
         return await self.send_message({"type": "websocket.send", "bytes": data})
 
     async def send_message(self, message: dict[str, Any]) -> bool:

@@ -10,8 +10,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from roomcast import __version__
+from roomcast.asyncapi import ASYNCAPI_PATH, asyncapi_router
 from roomcast.brokers import BrokerUnavailable
-from roomcast.logs import install_redaction
+from roomcast.logs import announce_generated_token, install_redaction
+from roomcast.metrics import Metrics, metrics_router
 from roomcast.routes.api import api_router
 from roomcast.routes.classic import classic_routes
 from roomcast.routes.ops import ops_router
@@ -33,6 +35,7 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
     """
     runtime = Runtime(settings if settings is not None else Settings(), announce=announce)
     install_redaction()
+    metrics = Metrics(runtime) if runtime.settings.metrics else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -41,10 +44,7 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
         if runtime.tokens.generated is not None:
             # Printed once, deliberately: without it nobody could use /ws/secure. It is never
             # stored, and a restart makes a new one.
-            logger.warning(
-                "no ROOMCAST_TOKENS configured; generated token for /ws and /ws/secure: %s",
-                runtime.tokens.generated,
-            )
+            announce_generated_token(runtime.tokens.generated, cfg.log_format)
         if runtime.announce:
             base = f"ws://{cfg.host}:{cfg.port}"
             logger.info(
@@ -60,13 +60,22 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
                 "on at /api (ROOMCAST_API_KEY set)" if cfg.api_key else "off (no ROOMCAST_API_KEY)",
             )
         await runtime.node.start()
+        if metrics is not None:
+            metrics.start()
         try:
             yield
         finally:
             await runtime.hub.stop()
             await runtime.node.stop()
+            if metrics is not None:
+                await metrics.stop()
 
-    app = FastAPI(title="roomcast", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="roomcast",
+        version=__version__,
+        description=f"The WebSocket endpoints: [AsyncAPI 3.0 document]({ASYNCAPI_PATH}).",
+        lifespan=lifespan,
+    )
 
     async def broker_unavailable(request: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": "1"})
@@ -77,5 +86,8 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
     app.router.routes.extend(realtime_routes(runtime))
     app.include_router(ops_router(runtime))
     app.include_router(api_router(runtime))
+    if metrics is not None:
+        app.include_router(metrics_router(metrics))
+    app.include_router(asyncapi_router(runtime.settings))
     mount_web(app, runtime)
     return app

@@ -21,10 +21,12 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Any, Final
 
 from roomcast.closecodes import CloseCode
 from roomcast.connection import Connection, ConnId
+from roomcast.metrics import FANOUT_BUCKETS, LocalHistogram
 from roomcast.transport.frames import FRAMES_EXTENSION, OP_TEXT, build_frame
 
 __all__ = ["Hub", "Member", "Room"]
@@ -221,12 +223,16 @@ class Member:
 class Room:
     """Members of one room, in join order, and what the others hear when one leaves."""
 
-    __slots__ = ("leave_notice", "members", "name")
+    __slots__ = ("endpoint", "leave_notice", "members", "name", "sent", "sent_bytes")
 
-    def __init__(self, name: str, leave_notice: str | None) -> None:
+    def __init__(self, name: str, leave_notice: str | None, endpoint: str = "") -> None:
         self.name = name
         self.leave_notice = leave_notice
         self.members: dict[ConnId, Member] = {}
+        #: The members' route (the metrics' endpoint label), and what its fan-outs delivered.
+        self.endpoint = endpoint
+        self.sent = 0
+        self.sent_bytes = 0
 
 
 class Hub:
@@ -243,12 +249,18 @@ class Hub:
         #: With a shared broker, leave notices go to every node through this (room, text)
         #: callback instead of straight to the local members.
         self.relay: Callable[[str, str], None] | None = None
+        #: For roomcast.metrics: fan-out durations; deliveries of rooms gone, by endpoint;
+        #: members cut for being slow, by endpoint.
+        self.fanout_time = LocalHistogram(FANOUT_BUCKETS)
+        self.sent: dict[str, int] = {}
+        self.sent_bytes: dict[str, int] = {}
+        self.slow: dict[str, int] = {}
 
     def join(self, conn: Connection, room: str, leave_notice: str | None = None) -> Member:
         """Add ``conn`` to ``room`` (created on first join) and start its writer."""
         entry = self._rooms.get(room)
         if entry is None:
-            entry = self._rooms[room] = Room(room, leave_notice)
+            entry = self._rooms[room] = Room(room, leave_notice, conn.endpoint)
         member = Member(conn, room, self.outbox_size, self._writers)
         entry.members[conn.id] = member
         return member
@@ -263,6 +275,7 @@ class Hub:
         entry = self._rooms.get(room)
         if entry is None:
             return 0
+        start = perf_counter()
         frame: bytes | None = None
         message: dict[str, Any] | None = None
         overflowed: list[Member] | None = None
@@ -283,6 +296,10 @@ class Hub:
                     overflowed = []
                 overflowed.append(member)
         reached = len(entry.members)
+        delivered = reached if overflowed is None else reached - len(overflowed)
+        self.fanout_time.observe(perf_counter() - start)
+        entry.sent += delivered
+        entry.sent_bytes += delivered * len(text)
         if overflowed is not None:
             for member in overflowed:
                 self._cut(member)
@@ -296,6 +313,8 @@ class Hub:
             CloseCode.TRY_AGAIN_LATER,
             member.limit,
         )
+        endpoint = member.conn.endpoint
+        self.slow[endpoint] = self.slow.get(endpoint, 0) + 1
         member.close_after_current(
             f"too slow: more than {member.limit} messages unread", grace=self.close_timeout
         )
@@ -308,6 +327,7 @@ class Hub:
             return
         if not entry.members:
             del self._rooms[member.room]
+            self._keep_counts(entry)
         # The last local member leaving still has an audience on other nodes (relay).
         if notify and entry.leave_notice is not None and (entry.members or self.relay):
             self._departures.append((member.room, entry.leave_notice))
@@ -339,6 +359,23 @@ class Hub:
         self._tell_departures()
         await member.finish()
 
+    def _keep_counts(self, entry: Room) -> None:
+        if entry.sent:
+            endpoint = entry.endpoint
+            self.sent[endpoint] = self.sent.get(endpoint, 0) + entry.sent
+            self.sent_bytes[endpoint] = self.sent_bytes.get(endpoint, 0) + entry.sent_bytes
+
+    def delivered(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Messages and payload characters every fan-out delivered so far, by endpoint."""
+        sent = dict(self.sent)
+        sent_bytes = dict(self.sent_bytes)
+        for entry in self._rooms.values():
+            if entry.sent:
+                endpoint = entry.endpoint
+                sent[endpoint] = sent.get(endpoint, 0) + entry.sent
+                sent_bytes[endpoint] = sent_bytes.get(endpoint, 0) + entry.sent_bytes
+        return sent, sent_bytes
+
     def stats(self) -> dict[str, int]:
         """Counts for ``/stats``: rooms, members and live writer tasks."""
         return {
@@ -358,4 +395,6 @@ class Hub:
         for writer in writers:
             writer.cancel()
         await asyncio.gather(*writers, return_exceptions=True)
+        for entry in self._rooms.values():
+            self._keep_counts(entry)
         self._rooms.clear()

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import sys
+import time
 from typing import Any
 
-__all__ = ["RedactSecrets", "install_redaction", "log_safe", "logging_config"]
+__all__ = [
+    "JsonFormatter",
+    "RedactSecrets",
+    "announce_generated_token",
+    "install_redaction",
+    "log_safe",
+    "logging_config",
+]
 
 _SECRET_PARAM = re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|jwt)=)[^&\s\"']*")
 _REDACTED = r"\1[redacted]"
@@ -53,8 +63,53 @@ def install_redaction() -> None:
             logger.addFilter(RedactSecrets())
 
 
-def logging_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging config with roomcast's loggers added at ``level``."""
+#: ``conn=<id>``: how every log line about a connection names it.
+_CONN = re.compile(r"\bconn=([0-9a-zA-Z]+)")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``message``, and ``conn`` (the
+    connection id) when the line is about a connection; ``exc`` holds a traceback if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": message,
+        }
+        conn = _CONN.search(message)
+        if conn is not None:
+            entry["conn"] = conn.group(1)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def announce_generated_token(token: str, log_format: str) -> None:
+    """Show the token made up at start, once, on the console: never as a log record.
+
+    Logs are shipped and kept; a console banner is for the person who started the server.
+    With JSON logs (a deployment, not a person) the token is not shown at all.
+    """
+    if log_format == "json":
+        logging.getLogger("roomcast.app").warning(
+            "no ROOMCAST_TOKENS configured: one was generated for /ws and /ws/secure and is "
+            "shown only with --log-format text; set ROOMCAST_TOKENS to choose your own"
+        )
+        return
+    sys.stderr.write(
+        "roomcast: no ROOMCAST_TOKENS configured; "
+        f"generated token for /ws and /ws/secure: {token}\n"
+    )
+    sys.stderr.flush()
+
+
+def logging_config(level: str, log_format: str = "text") -> dict[str, Any]:
+    """uvicorn's logging config with roomcast's loggers added at ``level``; ``log_format``
+    ``json`` writes JSON lines (:class:`JsonFormatter`) instead of uvicorn's text."""
     from uvicorn.config import LOGGING_CONFIG
 
     config: dict[str, Any] = {
@@ -64,4 +119,7 @@ def logging_config(level: str) -> dict[str, Any]:
     loggers = dict(config.get("loggers", {}))
     loggers["roomcast"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
     config["loggers"] = loggers
+    if log_format == "json":
+        json_formatter = {"()": "roomcast.logs.JsonFormatter"}
+        config["formatters"] = {"default": json_formatter, "access": json_formatter}
     return config

@@ -16,6 +16,7 @@ from roomcast.errors import ConfigurationError
 __all__ = ["Settings"]
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+LogFormat = Literal["text", "json"]
 #: "roomcast" is roomcast's own WebSocket protocol (pre-framed fan-out, hardened parsing); the
 #: others are uvicorn's, on which roomcast falls back to plain ASGI sends.
 WsImplementation = Literal["roomcast", "websockets-sansio", "websockets", "wsproto"]
@@ -148,7 +149,13 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Seconds the peer gets to answer a close frame."
     )
     log_level: LogLevel = Field("info", description="Log level of the server.")
+    log_format: LogFormat = Field(
+        "text", description="Log lines for people (text) or one JSON object per line (json)."
+    )
     access_log: bool = Field(True, description="Log every request and handshake.")
+    metrics: bool = Field(
+        True, description="Serve Prometheus metrics at GET /metrics (no key: firewall it)."
+    )
 
     @field_validator("tokens")
     @classmethod

@@ -12,6 +12,7 @@ import os
 import secrets
 from typing import Any
 
+from roomcast.metrics import prepare_multiprocess_dir
 from roomcast.settings import Settings
 from roomcast.transport import protocol_class
 from roomcast.transport.http import http_protocol_class
@@ -29,10 +30,15 @@ HttpProtocol = http_protocol_class(_settings.handshake_timeout)
 def export_settings(settings: Settings, generated_user: str) -> str | None:
     """Put ``settings`` into ``os.environ`` for the worker processes.
 
+    With metrics on, this also sets ``PROMETHEUS_MULTIPROC_DIR`` to a fresh directory
+    (removed at exit) unless the environment already sets one.
     With no tokens configured one is generated here, once, so every worker accepts the same
     token; it is returned so the caller can print it.
     """
     generated: str | None = None
+    if settings.metrics and settings.workers > 1:
+        # Every worker writes its metrics there and /metrics, on any worker, adds them up.
+        prepare_multiprocess_dir()
     values: dict[str, Any] = settings.model_dump()
     # Guest sign-in is decided once, here, as one process would (the generated token below
     # must not turn it off), and every worker signs guest tokens with the same key.

@@ -62,6 +62,8 @@ class MemoryBroker:
         self._control_sink: Callable[[str, str], None] | None = None
         self.available = True
         self._sweeper: asyncio.Task[None] | None = None
+        #: Publications made (for roomcast.metrics).
+        self.publications = 0
 
     async def start(self, sink: Sink) -> None:
         self._sink = sink
@@ -116,6 +118,7 @@ class MemoryBroker:
         stream = self._stream(channel)
         stream.offset += 1
         offset = stream.offset
+        self.publications += 1
         frame = publication_frame(channel, offset, data, info)
         if self.history_size:
             publications = stream.publications

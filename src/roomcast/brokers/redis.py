@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast.brokers.base import BrokerUnavailable, HistoryPage, Position, Sink
+from roomcast.metrics import BROKER_BUCKETS, LocalHistogram
 
 __all__ = ["RedisBroker"]
 
@@ -191,6 +192,10 @@ class RedisBroker:
         self._down_since: float | None = None
         #: Set while Redis is reachable through the listener's connection.
         self._up = asyncio.Event()
+        #: For roomcast.metrics: command round trips by op, publications made, reconnections.
+        self.timings: dict[str, LocalHistogram] = {}
+        self.publications = 0
+        self.reconnects = 0
 
     # -- keys -----------------------------------------------------------------------------
 
@@ -272,13 +277,22 @@ class RedisBroker:
         assert self._redis is not None, "the broker is not started"
         return self._redis
 
-    async def _call(self, operation: Awaitable[T]) -> T:
-        """Run one Redis operation; an unreachable Redis becomes :class:`BrokerUnavailable`."""
+    async def _call(self, op: str, operation: Awaitable[T]) -> T:
+        """Run one Redis operation; an unreachable Redis becomes :class:`BrokerUnavailable`.
+
+        ``op`` names it for the round-trip histogram (one of roomcast.metrics.BROKER_OPS).
+        """
+        start = time.perf_counter()
         try:
             return await operation
         except UNREACHABLE as error:
             self._mark_down(error)
             raise BrokerUnavailable("the broker (Redis) is unreachable; retry later") from None
+        finally:
+            timing = self.timings.get(op)
+            if timing is None:
+                timing = self.timings[op] = LocalHistogram(BROKER_BUCKETS)
+            timing.observe(time.perf_counter() - start)
 
     def _mark_down(self, error: BaseException) -> None:
         self._up.clear()
@@ -317,6 +331,7 @@ class RedisBroker:
                     self._down_since = None
                     backoff = 0.1
                     if was_down:
+                        self.reconnects += 1
                         logger.warning("broker %s reachable again", self._where)
                         await self._refresh_presence()
                         if self._sink is not None:
@@ -392,7 +407,7 @@ class RedisBroker:
         waiter = asyncio.get_running_loop().create_future()
         self._confirm[pubsub_channel] = waiter
         try:
-            await self._call(pubsub.subscribe(pubsub_channel))
+            await self._call("subscribe", pubsub.subscribe(pubsub_channel))
             # Wait for Redis to confirm, so that nothing published after this returns is missed.
             async with asyncio.timeout(5):
                 await waiter
@@ -426,11 +441,13 @@ class RedisBroker:
 
     async def room_publish(self, room: str, text: str) -> None:
         """Send a chat message to every member of ``room``, on every node."""
-        await self._call(self._conn.publish(self._key("r", room), text))
+        await self._call("room_publish", self._conn.publish(self._key("r", room), text))
 
     async def command(self, command: str, argument: str) -> int:
         """Send a command to every node (this one included); returns how many nodes got it."""
-        received: int = await self._call(self._conn.publish(self._control, f"{command} {argument}"))
+        received: int = await self._call(
+            "command", self._conn.publish(self._control, f"{command} {argument}")
+        )
         return received
 
     # -- publications and history ---------------------------------------------------------
@@ -439,6 +456,7 @@ class RedisBroker:
         head = b'{"type":"publication","channel":' + orjson.dumps(channel) + b',"offset":'
         tail = b',"data":' + data + b',"info":' + info + b"}"
         epoch, offset = await self._call(
+            "publish",
             self._publish_script(
                 keys=[self._key("m", channel), self._key("h", channel)],
                 args=[
@@ -449,15 +467,17 @@ class RedisBroker:
                     self.history_ttl,
                     self._key("c", channel),
                 ],
-            )
+            ),
         )
+        self.publications += 1
         return Position(epoch.decode(), int(offset))
 
     async def position(self, channel: str) -> Position:
         epoch, offset = await self._call(
+            "position",
             self._position_script(
                 keys=[self._key("m", channel)], args=[secrets.token_hex(4), self.history_ttl]
-            )
+            ),
         )
         text = epoch.decode()
         if self._key("c", channel) in self._wanted:
@@ -481,10 +501,11 @@ class RedisBroker:
         else:
             mode, bound = "latest", 0
         reply = await self._call(
+            "history",
             self._history_script(
                 keys=[self._key("m", channel), self._key("h", channel)],
                 args=[secrets.token_hex(4), self.history_ttl, mode, bound, limit],
-            )
+            ),
         )
         epoch = reply[0].decode()
         offset, start = int(reply[1]), int(reply[2])
@@ -505,7 +526,7 @@ class RedisBroker:
         pipe.hset(self._key("p", channel), client, encoded)
         pipe.zadd(self._key("z", channel), {client: self._expiry_ms()})
         pipe.zadd(f"{self.prefix}:channels", {channel: self._expiry_ms()})
-        await self._call(pipe.execute())
+        await self._call("presence_add", pipe.execute())
 
     async def presence_remove(self, channel: str, client: str) -> None:
         mine = self._mine.get(channel)
@@ -516,14 +537,15 @@ class RedisBroker:
         pipe = self._conn.pipeline(transaction=True)
         pipe.hdel(self._key("p", channel), client)
         pipe.zrem(self._key("z", channel), client)
-        await self._call(pipe.execute())
+        await self._call("presence_remove", pipe.execute())
 
     async def presence(self, channel: str) -> list[dict[str, Any]]:
         raw = await self._call(
+            "presence",
             self._presence_script(
                 keys=[self._key("p", channel), self._key("z", channel)],
                 args=[int(time.time() * 1000)],
-            )
+            ),
         )
         entries = [orjson.loads(item) for item in raw if item is not None]
         entries.sort(key=lambda entry: entry.pop("at", 0))
@@ -531,13 +553,14 @@ class RedisBroker:
 
     async def emit(self, channel: str, frame: bytes, client: str) -> None:
         await self._call(
-            self._conn.publish(self._key("c", channel), b"E " + client.encode() + b" " + frame)
+            "emit",
+            self._conn.publish(self._key("c", channel), b"E " + client.encode() + b" " + frame),
         )
 
     async def channels(self) -> dict[str, int]:
         now = int(time.time() * 1000)
         raw: list[Any] = await self._call(
-            self._conn.zrangebyscore(f"{self.prefix}:channels", f"({now}", "+inf")
+            "channels", self._conn.zrangebyscore(f"{self.prefix}:channels", f"({now}", "+inf")
         )
         names = [bytes(name).decode() for name in raw]
         if not names:
@@ -545,7 +568,7 @@ class RedisBroker:
         pipe = self._conn.pipeline(transaction=False)
         for name in names:
             pipe.zcount(self._key("z", name), f"({now}", "+inf")
-        counts = await self._call(pipe.execute())
+        counts = await self._call("channels", pipe.execute())
         return {name: n for name, n in zip(names, counts, strict=True) if n}
 
     async def _heartbeat(self) -> None:
@@ -572,7 +595,7 @@ class RedisBroker:
             pipe.zadd(f"{self.prefix}:channels", {channel: expiry})
             # A channel with subscribers keeps its stream position even when nobody publishes.
             pipe.expire(self._key("m", channel), self.history_ttl)
-        await self._call(pipe.execute())
+        await self._call("presence_refresh", pipe.execute())
 
 
 def _frame_offset(frame: bytes) -> int:

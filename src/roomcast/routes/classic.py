@@ -23,7 +23,8 @@ from roomcast.auth import AuthError, origin_allowed, token_from_scope
 from roomcast.brokers import BrokerUnavailable
 from roomcast.closecodes import CloseCode
 from roomcast.connection import Connection
-from roomcast.errors import ClientError, InvalidPayload, PolicyViolation
+from roomcast.errors import ClientError, InvalidPayload, PolicyViolation, RateLimited
+from roomcast.metrics import auth_reason
 from roomcast.runtime import Runtime
 from roomcast.settings import Settings
 
@@ -54,10 +55,13 @@ class ClassicEndpoint:
         runtime: Runtime,
         handler: Handler,
         limit_code: CloseCode = CloseCode.POLICY_VIOLATION,
+        endpoint: str = "",
     ) -> None:
         self.runtime = runtime
         self.handler = handler
         self.limit_code = limit_code
+        #: The route's path template: the metrics' endpoint label.
+        self.endpoint = endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = self.runtime
@@ -69,8 +73,11 @@ class ClassicEndpoint:
             settings.max_message_size,
             settings.rate_limit,
             settings.rate_burst,
+            self.endpoint,
         )
+        tally = runtime.node.tally
         if not origin_allowed(scope, settings.allowed_origins):
+            tally.auth_failed("origin")
             await conn.deny("origin not allowed (ROOMCAST_ALLOWED_ORIGINS)")
             return
         client = scope.get("client")
@@ -89,9 +96,12 @@ class ClassicEndpoint:
                 return
             await self.handler(conn)
         except ClientError as error:
+            if isinstance(error, RateLimited):
+                tally.auth_failed("rate_limited")
             await conn.fail(error)
         finally:
             connections.discard(conn)
+            tally.ended(conn)
             left = per_ip[ip] - 1
             if left:
                 per_ip[ip] = left
@@ -145,11 +155,13 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
     async def secure(conn: Connection) -> None:
         token, subprotocol = token_from_scope(conn.scope, conn.query())
         if token is None:
+            runtime.node.tally.auth_failed("unknown_token")
             await conn.deny("missing token")
             return
         try:
             grant = runtime.auth.verify(token)
         except AuthError as error:
+            runtime.node.tally.auth_failed(auth_reason(str(error)))
             await conn.deny(str(error))
             return
         user = grant.user
@@ -252,7 +264,7 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
         "/ws/methods_raw": methods_raw,
     }
     return [
-        WebSocketRoute(path, ClassicEndpoint(runtime, handler), name=path.strip("/"))
+        WebSocketRoute(path, ClassicEndpoint(runtime, handler, endpoint=path), name=path.strip("/"))
         for path, handler in endpoints.items()
     ]
 

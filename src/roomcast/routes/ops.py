@@ -15,7 +15,8 @@ def ops_router(runtime: Runtime) -> APIRouter:
     """``GET /health`` and ``GET /stats`` for ``runtime``."""
     router = APIRouter(tags=["operations"])
 
-    @router.get("/health", summary="Liveness: the server answers")
+    @router.get("/healthz", summary="Liveness: the process answers")
+    @router.get("/health", summary="Liveness (the same as /healthz)")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 

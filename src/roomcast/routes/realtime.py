@@ -8,6 +8,7 @@ from roomcast.auth import AuthError, token_from_scope
 from roomcast.closecodes import CloseCode
 from roomcast.connection import Connection
 from roomcast.errors import RateLimited
+from roomcast.metrics import auth_reason
 from roomcast.routes.classic import ClassicEndpoint
 from roomcast.runtime import Runtime
 
@@ -27,6 +28,7 @@ def realtime_routes(runtime: Runtime) -> list[WebSocketRoute]:
             try:
                 grant = auth.verify(token)
             except AuthError as error:
+                node.tally.auth_failed(auth_reason(str(error)))
                 await conn.deny(str(error))
                 return
         user = grant.user
@@ -64,7 +66,7 @@ def realtime_routes(runtime: Runtime) -> list[WebSocketRoute]:
     return [
         WebSocketRoute(
             "/ws",
-            ClassicEndpoint(runtime, realtime, CloseCode.TOO_MANY_CONNECTIONS),
+            ClassicEndpoint(runtime, realtime, CloseCode.TOO_MANY_CONNECTIONS, "/ws"),
             name="ws",
         )
     ]

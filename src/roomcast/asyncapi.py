@@ -1,0 +1,759 @@
+"""``GET /asyncapi.json``: an AsyncAPI 3.0 document of every WebSocket endpoint, made from code.
+
+What the code knows is read from it rather than copied: the WebSocket routes from the app's
+router, the operations from :data:`roomcast.protocol.OPS`, the error codes from
+:class:`~roomcast.protocol.ErrorCode`, the close codes (and their ``#:`` comments) from
+:class:`~roomcast.closecodes.CloseCode`, the limits and the channel-name rule from the
+server's :class:`~roomcast.settings.Settings`, the token transports from :mod:`roomcast.auth`.
+The ``/ws`` frames are pydantic models below; their JSON Schemas become the message payloads.
+What only prose says (the guide endpoints' texts, which close code an endpoint uses) is written
+here, next to the code that turns it into the document.
+
+A WebSocket route with no description here is left out of the document;
+``tests/test_asyncapi.py`` compares the document with the app's routes, so it fails then.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Annotated, Any, Final, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StringConstraints, create_model
+from pydantic.json_schema import SkipJsonSchema, models_json_schema
+from starlette.routing import BaseRoute, WebSocketRoute
+
+from roomcast import __version__
+from roomcast.auth import SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX
+from roomcast.channels import HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX
+from roomcast.closecodes import CloseCode
+from roomcast.protocol import CHANNEL_CHARS, MAX_ID_LENGTH, OPS, ErrorCode
+from roomcast.routes.classic import LEAVE_NOTICE, ROOM_NAME
+from roomcast.settings import Settings
+
+__all__ = [
+    "ASYNCAPI_PATH",
+    "ERROR_CODES",
+    "PUSHES",
+    "REQUESTS",
+    "RESULTS",
+    "asyncapi_document",
+    "asyncapi_router",
+    "close_code_descriptions",
+]
+
+ASYNCAPI_PATH: Final = "/asyncapi.json"
+ASYNCAPI_VERSION: Final = "3.0.0"
+WS_BINDING_VERSION: Final = "0.1.0"
+#: The query parameter :func:`roomcast.auth.token_from_scope` reads a token from.
+TOKEN_QUERY_PARAMETER: Final = "token"
+
+_COMPONENT = "#/components/schemas/{model}"
+
+
+def _ref(*parts: str) -> dict[str, str]:
+    """A Reference Object to ``#/part/part/...`` (JSON Pointer escaping applied)."""
+    escaped = (part.replace("~", "~0").replace("/", "~1") for part in parts)
+    return {"$ref": "#/" + "/".join(escaped)}
+
+
+# -- the /ws frames, as pydantic models ------------------------------------------------------
+
+
+class ChannelName(RootModel[str]):
+    """A channel name; its schema is made per server (``ROOMCAST_CHANNEL_MAX_LENGTH``)."""
+
+
+RequestId = Annotated[
+    int | Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)],
+    Field(description="Chosen by the client; the reply carries it back."),
+]
+ClientId = Annotated[
+    str, Field(pattern="^[0-9a-f]{12}$", description="A connection's id (12 hex digits).")
+]
+User = Annotated[str | None, Field(description="The user; null for anonymous clients.")]
+
+
+class _Request(BaseModel):
+    # Fields an operation does not know are ignored (newer clients, older servers).
+    model_config = ConfigDict(extra="allow")
+
+    id: RequestId
+
+
+class Recover(BaseModel):
+    offset: int = Field(ge=0, description="The offset of the last publication the client saw.")
+    epoch: str = Field(description="The epoch that offset belongs to.")
+
+
+class SubscribeRequest(_Request):
+    op: Literal["subscribe"]
+    channel: ChannelName
+    recover: Recover | None = Field(None, description="Replay what was missed since then.")
+    join_leave: bool = Field(False, description="Also push join/leave events of this channel.")
+
+
+class UnsubscribeRequest(_Request):
+    op: Literal["unsubscribe"]
+    channel: ChannelName
+
+
+class PublishRequest(_Request):
+    op: Literal["publish"]
+    channel: ChannelName
+    data: Any = Field(description="Any JSON value; stored and delivered as sent.")
+
+
+class PresenceRequest(_Request):
+    op: Literal["presence"]
+    channel: ChannelName
+
+
+class HistoryRequest(_Request):
+    op: Literal["history"]
+    channel: ChannelName
+    limit: int | None = Field(HISTORY_LIMIT_DEFAULT, ge=1, le=HISTORY_LIMIT_MAX)
+    since: int | None = Field(None, ge=0, description="Only offsets > since, oldest first.")
+    before: int | None = Field(
+        None, ge=0, description="Only offsets < before, the newest; not with since."
+    )
+
+
+class PingRequest(_Request):
+    op: Literal["ping"]
+
+
+class AuthRequest(_Request):
+    op: Literal["auth"]
+    token: str = Field(description="A JWT or a static token (ROOMCAST_TOKENS).")
+
+
+class Info(BaseModel):
+    """Who published, joined or left (both null for publications of the HTTP API)."""
+
+    client: ClientId | None
+    user: User
+
+
+class Position(BaseModel):
+    epoch: str = Field(description="Names the channel's history stream.")
+    offset: int = Field(ge=0, description="The channel's latest offset (0: none yet).")
+
+
+class SubscribeResult(Position):
+    recovered: bool | SkipJsonSchema[None] = Field(
+        None, description="Only with recover: every missed publication is replayed."
+    )
+    replayed: int | SkipJsonSchema[None] = Field(
+        None, ge=0, description="Only with recover: publication pushes that follow the reply."
+    )
+
+
+class PublishResult(Position):
+    pass
+
+
+class Empty(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PresenceClient(BaseModel):
+    client: ClientId
+    user: User
+    connected_at: str = Field(json_schema_extra={"format": "date-time"})
+
+
+class PresenceResult(BaseModel):
+    clients: list[PresenceClient]
+
+
+class PublicationPush(BaseModel):
+    """A publication on a channel this connection is subscribed to."""
+
+    type: Literal["publication"]
+    channel: ChannelName
+    offset: int = Field(ge=1)
+    data: Any
+    info: Info
+
+
+class HistoryResult(Position):
+    start: int = Field(ge=1, description="The lowest offset the history still holds.")
+    publications: list[PublicationPush]
+
+
+class AuthResult(BaseModel):
+    user: str
+    expires_at: int | None = Field(description="Unix seconds; null: the token does not expire.")
+
+
+class ConnectedPush(BaseModel):
+    """The first frame of every connection."""
+
+    type: Literal["connected"]
+    client: ClientId
+    user: User
+    version: str = Field(examples=[__version__])
+
+
+class JoinPush(BaseModel):
+    """Another client subscribed (for subscriptions made with join_leave)."""
+
+    type: Literal["join"]
+    channel: ChannelName
+    info: Info
+
+
+class LeavePush(BaseModel):
+    """A client unsubscribed or disconnected (for subscriptions made with join_leave)."""
+
+    type: Literal["leave"]
+    channel: ChannelName
+    info: Info
+
+
+class RefreshPush(BaseModel):
+    """The token expires soon: send a fresh one with auth, or be closed with 4003."""
+
+    type: Literal["refresh"]
+    expires_at: int = Field(description="Unix seconds.")
+
+
+class ErrorBody(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class ErrorReply(BaseModel):
+    """A request that failed, or a frame that is no request (id null when none was read)."""
+
+    id: RequestId | None
+    ok: Literal[False]
+    error: ErrorBody
+
+
+REQUESTS: Final[dict[str, type[BaseModel]]] = {
+    "subscribe": SubscribeRequest,
+    "unsubscribe": UnsubscribeRequest,
+    "publish": PublishRequest,
+    "presence": PresenceRequest,
+    "history": HistoryRequest,
+    "ping": PingRequest,
+    "auth": AuthRequest,
+}
+RESULTS: Final[dict[str, type[BaseModel]]] = {
+    "subscribe": SubscribeResult,
+    "unsubscribe": Empty,
+    "publish": PublishResult,
+    "presence": PresenceResult,
+    "history": HistoryResult,
+    "ping": Empty,
+    "auth": AuthResult,
+}
+PUSHES: Final[dict[str, type[BaseModel]]] = {
+    "connected": ConnectedPush,
+    "publication": PublicationPush,
+    "join": JoinPush,
+    "leave": LeavePush,
+    "refresh": RefreshPush,
+}
+#: ``ErrorCode`` members carry no docs of their own: docs/protocol.md, "Error codes".
+ERROR_CODES: Final[dict[ErrorCode, str]] = {
+    ErrorCode.BAD_REQUEST: "not a JSON object, no valid id, binary, or a field missing or wrong",
+    ErrorCode.UNKNOWN_OP: "op is not one of the operations",
+    ErrorCode.BAD_CHANNEL: "the channel name is missing, not a string, or breaks the rule",
+    ErrorCode.TOO_LARGE: "data is over ROOMCAST_MAX_PUBLICATION_SIZE bytes",
+    ErrorCode.ALREADY_SUBSCRIBED: "subscribe to a channel this connection is subscribed to",
+    ErrorCode.NOT_SUBSCRIBED: "unsubscribe from a channel it is not subscribed to",
+    ErrorCode.TOO_MANY_SUBSCRIPTIONS: "a subscription beyond ROOMCAST_MAX_SUBSCRIPTIONS",
+    ErrorCode.UNAUTHORIZED: "auth with a token that does not verify",
+    ErrorCode.FORBIDDEN: "no permission for this channel and op, or auth for another user",
+    ErrorCode.RATE_LIMITED: "over ROOMCAST_RATE_LIMIT; the request was not handled",
+    ErrorCode.UNAVAILABLE: "the broker cannot be reached right now; retry later",
+    ErrorCode.INTERNAL: "the server failed (details in its log)",
+}
+
+
+def _reply_model(op: str) -> type[BaseModel]:
+    result = RESULTS.get(op, Empty)
+    return create_model(
+        f"{op.capitalize()}Reply",
+        __doc__=f"The reply to a successful {op} request.",
+        id=(RequestId, ...),
+        ok=(Literal[True], ...),
+        result=(result, ...),
+    )
+
+
+def _generic_request(op: str) -> type[BaseModel]:
+    """For an op of ``OPS`` not described in :data:`REQUESTS` (the test catches it)."""
+    return create_model(
+        f"{op.capitalize()}Request",
+        __base__=_Request,
+        op=(Literal[op], ...),
+    )
+
+
+# -- close codes -------------------------------------------------------------------------------
+
+
+@cache
+def close_code_descriptions() -> dict[CloseCode, str]:
+    """Each close code with its ``#:`` comment in roomcast/closecodes.py (its name without)."""
+    descriptions = {code: code.name.replace("_", " ").lower() for code in CloseCode}
+    try:
+        source = inspect.getsource(CloseCode)
+    except (OSError, TypeError):  # no source (a frozen or stripped install)
+        return descriptions
+    comment: list[str] = []
+    for line in source.splitlines():
+        text = line.strip()
+        if text.startswith("#:"):
+            comment.append(text[2:].strip())
+            continue
+        match = re.fullmatch(r"([A-Z][A-Z0-9_]*)\s*=\s*\d+", text)
+        if match and match.group(1) in CloseCode.__members__ and comment:
+            # The comments are reST; the document's descriptions are Markdown.
+            descriptions[CloseCode[match.group(1)]] = " ".join(comment).replace("``", "`")
+        comment = []
+    return descriptions
+
+
+def _close_table(codes: Iterable[CloseCode]) -> str:
+    docs = close_code_descriptions()
+    return "\n".join(f"- `{int(code)}` {code.name}: {docs[code]}" for code in codes)
+
+
+# -- the guide's endpoints ----------------------------------------------------------------------
+
+
+def _text(summary: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "contentType": "text/plain",
+        "payload": schema if schema is not None else {"type": "string"},
+    }
+
+
+def _prefixed(prefix: str) -> dict[str, Any]:
+    return {"type": "string", "pattern": "^" + re.escape(prefix)}
+
+
+def _binary(summary: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "contentType": "application/octet-stream",
+        "payload": {"type": "string", "format": "binary"},
+    }
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A WebSocket endpoint as the document shows it."""
+
+    title: str
+    description: str
+    #: Frames the client sends (the server receives).
+    incoming: dict[str, dict[str, Any]]
+    #: Frames the server sends.
+    outgoing: dict[str, dict[str, Any]]
+    close_codes: Sequence[CloseCode]
+    query: dict[str, Any] = field(default_factory=dict)
+    secured: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+_COMMON_CLOSES = (
+    CloseCode.NORMAL,
+    CloseCode.POLICY_VIOLATION,
+    CloseCode.MESSAGE_TOO_BIG,
+    CloseCode.INTERNAL_ERROR,
+    CloseCode.SERVICE_RESTART,
+)
+
+
+def _classic_endpoints(settings: Settings) -> dict[str, Endpoint]:
+    text_only = (*_COMMON_CLOSES, CloseCode.UNSUPPORTED_DATA)
+    chat_closes = (*text_only, CloseCode.TRY_AGAIN_LATER)
+    chat_out = {
+        "chatMessage": _text("What a member said, to every member", _prefixed("Client says: ")),
+        "chatLeft": _text("A member left", {"type": "string", "const": LEAVE_NOTICE}),
+    }
+    chat_in = {"chatText": _text("A text message for the room")}
+    token_query = {
+        TOKEN_QUERY_PARAMETER: {
+            "type": "string",
+            "description": "A token (also accepted: Authorization: Bearer, or a subprotocol).",
+        }
+    }
+    return {
+        "/ws/echo": Endpoint(
+            "Echo",
+            "Text in, `Echo: {text}` out.",
+            {"echoText": _text("Any text")},
+            {"echoReply": _text("The text, echoed", _prefixed("Echo: "))},
+            text_only,
+        ),
+        "/ws/chat": Endpoint(
+            "Chat",
+            "One room: every member (the sender too) gets what any member says.",
+            chat_in,
+            chat_out,
+            chat_closes,
+        ),
+        "/ws/chat/{room}": Endpoint(
+            "Chat room",
+            "As /ws/chat, in the named room. An invalid room name is accepted, then closed "
+            "with 1008 and the rule as reason.",
+            chat_in,
+            chat_out,
+            chat_closes,
+            parameters={
+                "room": {
+                    "description": f"The room: `{ROOM_NAME.pattern}`.",
+                    "examples": ["lobby"],
+                }
+            },
+        ),
+        "/ws/secure": Endpoint(
+            "Secure",
+            "A bad or missing token is refused with HTTP 403 before the handshake completes; "
+            "a JWT that expires while connected is closed with 4003.",
+            {"secureText": _text("Any text")},
+            {
+                "secureWelcome": _text(
+                    "The first message",
+                    {
+                        "type": "string",
+                        "pattern": r"^Hello, .*! Welcome to the secure WebSocket\.$",
+                    },
+                ),
+                "secureReply": _text("The text, echoed", _prefixed("You said: ")),
+            },
+            (*text_only, CloseCode.TOKEN_EXPIRED),
+            query=token_query,
+            secured=True,
+        ),
+        "/ws/stream": Endpoint(
+            "Stream",
+            "`count` messages `interval` seconds apart, then close 1000; parameters out of "
+            "bounds: accepted, then closed with 1008. Frames the client sends are ignored.",
+            {},
+            {
+                "streamMessage": _text(
+                    "The next message", {"type": "string", "pattern": "^Streaming message [0-9]+$"}
+                )
+            },
+            _COMMON_CLOSES,
+            query={
+                "count": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": settings.stream_max_count,
+                    "default": 10,
+                },
+                "interval": {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": settings.stream_max_interval,
+                    "default": 1,
+                    "description": "Seconds between messages.",
+                },
+            },
+        ),
+        "/ws/methods_text": Endpoint(
+            "Text frames",
+            "Text in, `Server received: {text}` out.",
+            {"methodsText": _text("Any text")},
+            {"methodsTextReply": _text("The reply", _prefixed("Server received: "))},
+            text_only,
+        ),
+        "/ws/methods_bytes": Endpoint(
+            "Binary frames",
+            'Bytes in, `b"Server received: " + bytes` out; a text frame is closed with 1003.',
+            {"methodsBytes": _binary("Any bytes")},
+            {"methodsBytesReply": _binary('b"Server received: " + the bytes')},
+            text_only,
+        ),
+        "/ws/methods_json": Endpoint(
+            "JSON frames",
+            "JSON in (a text frame), the JSON wrapped out; invalid JSON is closed with 1007.",
+            {"methodsJson": {"summary": "Any JSON value", "payload": {}}},
+            {
+                "methodsJsonReply": {
+                    "summary": "The JSON, wrapped",
+                    "payload": {
+                        "type": "object",
+                        "required": ["message", "data"],
+                        "properties": {
+                            "message": {"const": "Server received your JSON"},
+                            "data": {},
+                        },
+                    },
+                }
+            },
+            (*text_only, CloseCode.INVALID_PAYLOAD),
+        ),
+        "/ws/methods_raw": Endpoint(
+            "Raw frames",
+            "Text or bytes in, the same type out with the prefix `Raw echo: `.",
+            {"rawText": _text("Any text"), "rawBytes": _binary("Any bytes")},
+            {
+                "rawTextReply": _text("The text, echoed", _prefixed("Raw echo: ")),
+                "rawBytesReply": _binary('b"Raw echo: " + the bytes'),
+            },
+            _COMMON_CLOSES,
+        ),
+    }
+
+
+# -- /ws ------------------------------------------------------------------------------------------
+
+
+def _realtime_endpoint(settings: Settings) -> Endpoint:
+    incoming = {
+        f"{op}Request": {
+            "name": op,
+            "title": f"{op} request",
+            "payload": {"$ref": _COMPONENT.format(model=f"{op.capitalize()}Request")},
+        }
+        for op in OPS
+    }
+    outgoing = {
+        f"{op}Reply": {
+            "title": f"{op} reply",
+            "payload": {"$ref": _COMPONENT.format(model=f"{op.capitalize()}Reply")},
+        }
+        for op in OPS
+    }
+    outgoing["errorReply"] = {
+        "title": "error reply",
+        "summary": "A request that failed; the connection stays open.",
+        "payload": {"$ref": _COMPONENT.format(model="ErrorReply")},
+    }
+    for kind, model in PUSHES.items():
+        outgoing[f"{kind}Push"] = {
+            "name": kind,
+            "title": f"{kind} push",
+            "summary": (model.__doc__ or kind).strip(),
+            "payload": {"$ref": _COMPONENT.format(model=model.__name__)},
+        }
+    return Endpoint(
+        "Channels (/ws protocol)",
+        "roomcast's own protocol: JSON text frames. Requests carry an `id` and an `op`, and get "
+        "exactly one reply with that id, in order; pushes carry a `type` and no id. A token "
+        "is optional (anonymous clients get ROOMCAST_ANONYMOUS_* channels) and may also come "
+        "after connecting, with the `auth` op. A token that does not verify, or a foreign "
+        f"origin: HTTP 403. Limits: messages up to {settings.max_message_size} bytes, "
+        f"`data` up to {settings.max_publication_size} bytes of JSON, "
+        f"{settings.max_subscriptions} subscriptions per connection, "
+        f"{settings.outbox_size} unread frames, history of {settings.history_size} "
+        f"publications per channel.",
+        incoming,
+        outgoing,
+        (
+            CloseCode.NORMAL,
+            CloseCode.MESSAGE_TOO_BIG,
+            CloseCode.INTERNAL_ERROR,
+            CloseCode.SERVICE_RESTART,
+            CloseCode.DISCONNECTED,
+            CloseCode.AUTH_TIMEOUT,
+            CloseCode.TOKEN_EXPIRED,
+            CloseCode.SLOW,
+            CloseCode.TOO_MANY_CONNECTIONS,
+            CloseCode.RATE_LIMITED,
+        ),
+        query={TOKEN_QUERY_PARAMETER: {"type": "string", "description": "A token (optional)."}},
+        secured=True,
+    )
+
+
+def _schemas(settings: Settings) -> dict[str, Any]:
+    """components.schemas: every /ws model, the channel-name rule and the error codes."""
+    models: list[type[BaseModel]] = [REQUESTS.get(op) or _generic_request(op) for op in OPS]
+    models += [_reply_model(op) for op in OPS]
+    models += [ErrorReply, *PUSHES.values()]
+    _, top = models_json_schema(
+        [(model, "validation") for model in models], ref_template=_COMPONENT
+    )
+    schemas: dict[str, Any] = top.get("$defs", {})
+    length = settings.channel_max_length
+    schemas["ChannelName"] = {
+        "type": "string",
+        "title": "ChannelName",
+        "pattern": f"^[{CHANNEL_CHARS}]{{1,{length}}}$",
+        "minLength": 1,
+        "maxLength": length,
+        "description": "The part before the first `:` is the namespace (`chat:lobby`).",
+    }
+    schemas["ErrorCode"] = {
+        "type": "string",
+        "title": "ErrorCode",
+        "enum": [code.value for code in ErrorCode],
+        "description": "\n".join(
+            f"- `{code.value}`: {ERROR_CODES.get(code, code.name.lower())}" for code in ErrorCode
+        ),
+    }
+    return schemas
+
+
+# -- the document ------------------------------------------------------------------------------
+
+
+def channel_key(path: str) -> str:
+    """A channel's key in the document: ``/ws/chat/{room}`` → ``ws_chat_room``."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", path).strip("_") or "root"
+
+
+def _security() -> dict[str, dict[str, Any]]:
+    return {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT or a static token of ROOMCAST_TOKENS",
+            "description": "`Authorization: Bearer TOKEN` (servers, scripts).",
+        },
+        "queryToken": {
+            "type": "httpApiKey",
+            "name": TOKEN_QUERY_PARAMETER,
+            "in": "query",
+            "description": f"`?{TOKEN_QUERY_PARAMETER}=TOKEN` (ends up in proxy logs).",
+        },
+        "subprotocolToken": {
+            "type": "httpApiKey",
+            "name": "Sec-WebSocket-Protocol",
+            "in": "header",
+            "description": f"`Sec-WebSocket-Protocol: {SUBPROTOCOL}, "
+            f"{TOKEN_SUBPROTOCOL_PREFIX}TOKEN`: the way a browser can send it; the server "
+            f"selects `{SUBPROTOCOL}`.",
+        },
+    }
+
+
+def _websocket_paths(routes: Iterable[BaseRoute]) -> list[str]:
+    return [route.path for route in routes if isinstance(route, WebSocketRoute)]
+
+
+def asyncapi_document(
+    settings: Settings,
+    routes: Iterable[BaseRoute],
+    *,
+    host: str = "",
+    secure: bool = False,
+    root_path: str = "",
+) -> dict[str, Any]:
+    """The AsyncAPI 3.0 document of the WebSocket routes among ``routes``."""
+    known = _classic_endpoints(settings)
+    known["/ws"] = _realtime_endpoint(settings)
+    server: dict[str, Any] = {
+        "host": host or f"{settings.host}:{settings.port}",
+        "protocol": "wss" if secure else "ws",
+        "title": "roomcast",
+    }
+    if root_path:
+        server["pathname"] = root_path
+    security_refs = [_ref("components", "securitySchemes", name) for name in _security()]
+    channels: dict[str, Any] = {}
+    operations: dict[str, Any] = {}
+    for path in _websocket_paths(routes):
+        endpoint = known.get(path)
+        if endpoint is None:
+            continue  # undocumented: tests/test_asyncapi.py fails on it
+        key = channel_key(path)
+        channel: dict[str, Any] = {
+            "address": path,
+            "title": endpoint.title,
+            "description": endpoint.description
+            + "\n\nClose codes:\n"
+            + _close_table(endpoint.close_codes),
+            "messages": {**endpoint.incoming, **endpoint.outgoing},
+            "x-close-codes": [int(code) for code in endpoint.close_codes],
+        }
+        if endpoint.parameters:
+            channel["parameters"] = endpoint.parameters
+        binding: dict[str, Any] = {"method": "GET", "bindingVersion": WS_BINDING_VERSION}
+        if endpoint.query:
+            binding["query"] = {"type": "object", "properties": endpoint.query}
+        channel["bindings"] = {"ws": binding}
+        channels[key] = channel
+
+        def refs(names: Iterable[str], key: str = key) -> list[dict[str, str]]:
+            return [_ref("channels", key, "messages", name) for name in names]
+
+        if path == "/ws":
+            for op in OPS:
+                operations[f"{key}_{op}"] = {
+                    "action": "receive",
+                    "channel": _ref("channels", key),
+                    "title": op,
+                    "messages": refs([f"{op}Request"]),
+                    "reply": {
+                        "channel": _ref("channels", key),
+                        "messages": refs([f"{op}Reply", "errorReply"]),
+                    },
+                    "security": security_refs,
+                }
+            for kind in PUSHES:
+                operations[f"{key}_{kind}"] = {
+                    "action": "send",
+                    "channel": _ref("channels", key),
+                    "title": f"{kind} push",
+                    "messages": refs([f"{kind}Push"]),
+                }
+            continue
+        if endpoint.incoming:
+            operations[f"{key}_receive"] = {
+                "action": "receive",
+                "channel": _ref("channels", key),
+                "messages": refs(endpoint.incoming),
+            }
+            if endpoint.secured:
+                operations[f"{key}_receive"]["security"] = security_refs
+        operations[f"{key}_send"] = {
+            "action": "send",
+            "channel": _ref("channels", key),
+            "messages": refs(endpoint.outgoing),
+        }
+    docs = close_code_descriptions()
+    return {
+        "asyncapi": ASYNCAPI_VERSION,
+        "info": {
+            "title": "roomcast",
+            "version": __version__,
+            "description": "The WebSocket endpoints of this roomcast server: the FastAPI "
+            "guide's endpoints (docs/endpoints.md) and the /ws channel protocol "
+            "(docs/protocol.md). Generated from the code and this server's settings.",
+            "license": {"name": "MIT", "url": "https://opensource.org/licenses/MIT"},
+        },
+        "defaultContentType": "application/json",
+        "servers": {"roomcast": server},
+        "channels": channels,
+        "operations": operations,
+        "components": {"schemas": _schemas(settings), "securitySchemes": _security()},
+        "x-close-codes": {
+            str(int(code)): {"name": code.name, "description": docs[code]} for code in CloseCode
+        },
+    }
+
+
+def asyncapi_router(settings: Settings) -> APIRouter:
+    """``GET /asyncapi.json`` for an app with ``settings``."""
+    router = APIRouter(tags=["operations"])
+
+    @router.get(ASYNCAPI_PATH, summary="AsyncAPI 3.0 document of the WebSocket endpoints")
+    async def asyncapi(request: Request) -> JSONResponse:
+        document = asyncapi_document(
+            settings,
+            request.app.router.routes,
+            host=request.url.netloc,
+            secure=request.url.scheme in ("https", "wss"),
+            root_path=request.scope.get("root_path", ""),
+        )
+        return JSONResponse(document)
+
+    return router

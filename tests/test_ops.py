@@ -1,0 +1,69 @@
+"""Operating roomcast: liveness and readiness endpoints, and JSON log lines.
+
+(``/readyz`` turning 503 within 5 s of Redis going away and 200 again after it returns is in
+``test_chaos.py``; metrics in ``test_metrics.py``.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import httpx
+
+from helpers import (
+    GOOD_TOKEN,
+    TIMEOUT,
+    RoomcastServer,
+    ServerFactory,
+    async_wait_until,
+    recv,
+    ws_connect,
+)
+
+API_KEY = "ops-test-api-key-0123456789"
+
+
+async def test_healthz_and_readyz(server: RoomcastServer) -> None:
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT) as http:
+        for path in ("/healthz", "/health"):
+            reply = await http.get(path)
+            assert (reply.status_code, reply.json()) == (200, {"status": "ok"})
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["broker"] == "ok"
+
+
+async def test_json_logs_name_the_connection_and_never_a_secret(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(
+        env={
+            "ROOMCAST_LOG_FORMAT": "json",
+            "ROOMCAST_API_KEY": API_KEY,
+            "ROOMCAST_ACCESS_LOG": "true",
+        }
+    )
+    offset = server.log_offset()
+    async with ws_connect(server, f"/ws/secure?token={GOOD_TOKEN}") as ws:
+        await recv(ws)
+    async with ws_connect(server, "/ws/methods_bytes") as ws:
+        await ws.send("text where bytes are expected")  # closed 1003, logged with its conn id
+        with contextlib.suppress(Exception):
+            await recv(ws)
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT) as http:
+        reply = await http.get("/api/channels", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert reply.status_code == 200
+    await async_wait_until(
+        lambda: "closed 1003" in server.log_since(offset), TIMEOUT, "the 1003 close logged"
+    )
+    text = server.log_since(offset)
+    assert GOOD_TOKEN not in text
+    assert API_KEY not in text
+    entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert entries, "no log lines"
+    for entry in entries:
+        assert {"ts", "level", "logger", "message"} <= entry.keys(), entry
+    closed = [e for e in entries if "closed 1003" in e["message"]]
+    assert closed, entries
+    assert all(e.get("conn") for e in closed)
