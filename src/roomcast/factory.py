@@ -59,6 +59,13 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
                 "/ws channels on; HTTP API %s",
                 "on at /api (ROOMCAST_API_KEY set)" if cfg.api_key else "off (no ROOMCAST_API_KEY)",
             )
+            if runtime.auth.guests_enabled:
+                logger.info(
+                    "chat page: open http://%s:%d/ in a browser (guest sign-in for %s)",
+                    cfg.host,
+                    cfg.port,
+                    ", ".join(cfg.guests),
+                )
         await runtime.node.start()
         if metrics is not None:
             metrics.start()
