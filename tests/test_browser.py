@@ -7,35 +7,16 @@ can read. These tests hold the docs to that.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+from chromium import CHROMIUM_ARGS, require_chromium
 from helpers import TIMEOUT, RoomcastServer
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM, playwright_api = require_chromium()
 
-if CHROMIUM is None:
-    if os.environ.get("CI"):
-        pytest.fail("CI needs Chromium for the browser tests (apt-get install chromium)")
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
-playwright_api = pytest.importorskip("playwright.async_api", reason="pip install playwright")
-
-# Flags for a sandboxed, offline machine: no first-run UI, no calls home.
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 # Opens a WebSocket and reports every event until it closes (bounded by a timer).
 OPEN_AND_WATCH = """

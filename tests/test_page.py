@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 import roomcast
+from chromium import CHROMIUM_ARGS, require_chromium
 from helpers import TIMEOUT, RoomcastServer, async_wait_until
 from redis_server import RedisServer, fresh_redis_fixture  # noqa: F401 (a fixture)
 from tcpproxy import TcpProxy
@@ -27,27 +28,9 @@ from tcpproxy import TcpProxy
 if TYPE_CHECKING:
     from playwright.async_api import Browser, BrowserContext, Locator, Page
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-if CHROMIUM is None:
-    if os.environ.get("CI"):
-        pytest.fail("CI needs Chromium for the browser tests (apt-get install chromium)")
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
-playwright_api = pytest.importorskip("playwright.async_api", reason="pip install playwright")
+CHROMIUM, playwright_api = require_chromium()
 expect = playwright_api.expect
 
-# Flags for a sandboxed, offline machine: no first-run UI, no calls home.
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 API_KEY = "page-api-key"
 GUEST_ENV = {"ROOMCAST_GUEST_CHANNELS": '["room:*"]', "ROOMCAST_API_KEY": API_KEY}
