@@ -13,6 +13,7 @@ Every test uses channel names of its own and, on Redis, a key prefix of its own.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,7 +31,7 @@ from redis_server import (
     unique_prefix,
 )
 from roomcast.brokers import Broker, BrokerUnavailable, MemoryBroker, Position
-from roomcast.brokers.redis import RedisBroker
+from roomcast.brokers.redis import PRESENCE_BATCH, RedisBroker
 from roomcast.protocol import encode_info, event_frame, publication_frame
 
 BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
@@ -57,19 +58,20 @@ class Recorder:
     def __init__(self) -> None:
         self.publications: list[tuple[str, int, bytes]] = []
         self.events: list[tuple[str, bytes, str]] = []
-        self.resets: list[str] = []
+        #: The epochs each channel's publications came in, in the order they changed.
+        self.epochs: dict[str, list[str]] = {}
         self.reconnects = 0
         self.rooms: list[tuple[str, str]] = []
         self.commands: list[tuple[str, str]] = []
 
-    def on_publication(self, channel: str, offset: int, frame: bytes) -> None:
+    def on_publication(self, channel: str, epoch: str, offset: int, frame: bytes) -> None:
         self.publications.append((channel, offset, frame))
+        seen = self.epochs.setdefault(channel, [])
+        if not seen or seen[-1] != epoch:
+            seen.append(epoch)
 
     def on_event(self, channel: str, frame: bytes, client: str) -> None:
         self.events.append((channel, frame, client))
-
-    def on_reset(self, channel: str) -> None:
-        self.resets.append(channel)
 
     def on_reconnect(self) -> None:
         self.reconnects += 1
@@ -327,6 +329,132 @@ async def test_channels_counts_subscribers(node: Node) -> None:
     assert await broker.channels() == {first: 1}
 
 
+def store_presence(
+    server: RedisServer, broker: Broker, ch: str, entries: list[dict[str, Any]], expires_in: float
+) -> None:
+    """Write presence entries straight into Redis, laid out as nodes write them.
+
+    They expire in ``expires_in`` seconds; a negative value makes them a dead node's.
+    """
+    assert isinstance(broker, RedisBroker)
+    now = time.time()
+    expiry = int((now + expires_in) * 1000)
+    with server.client() as conn:
+        pipe = conn.pipeline(transaction=False)
+        for start in range(0, len(entries), PRESENCE_BATCH):
+            part = entries[start : start + PRESENCE_BATCH]
+            encoded = {
+                e["client"]: orjson.dumps({**e, "at": now + (start + k) / 1e6})
+                for k, e in enumerate(part)
+            }
+            pipe.hset(f"{broker.prefix}:p:{ch}", mapping=encoded)  # type: ignore[arg-type]
+            pipe.zadd(f"{broker.prefix}:z:{ch}", dict.fromkeys(encoded, expiry))
+        pipe.zadd(f"{broker.prefix}:channels", {ch: expiry}, gt=True)
+        pipe.execute()
+
+
+async def test_presence_of_twenty_thousand_clients(
+    node: Node, backend: tuple[str, RedisServer | None]
+) -> None:
+    # Far more than Lua can unpack() at once (about 8000): presence has no limit of its own.
+    ch = channel()
+    entries = [entry(f"{i:012x}") for i in range(20_000)]
+    server = backend[1]
+    if server is not None:
+        store_presence(server, node.broker, ch, entries, expires_in=60)
+    else:
+        for e in entries:
+            await node.broker.presence_add(ch, e["client"], e)
+    assert await node.broker.presence(ch) == entries
+    assert await node.broker.channels() == {ch: 20_000}
+    await node.broker.presence_remove(ch, entries[0]["client"])
+    assert await node.broker.presence(ch) == entries[1:]
+
+
+@pytest.mark.parametrize("backend", REDIS_ONLY, indirect=True)
+async def test_a_dead_nodes_presence_expires_whatever_its_size(
+    node: Node, backend: tuple[str, RedisServer]
+) -> None:
+    broker = node.broker
+    assert isinstance(broker, RedisBroker)
+    server = backend[1]
+    ch, deserted = channel(), channel()
+    dead = [entry(f"dead{i:08x}") for i in range(12_000)]
+    live = [entry(f"live{i:08x}") for i in range(8_000)]
+    store_presence(server, broker, ch, dead, expires_in=-1)
+    store_presence(server, broker, ch, live, expires_in=60)
+    store_presence(server, broker, deserted, dead, expires_in=-1)
+
+    assert await broker.presence(ch) == live
+    assert await broker.presence(deserted) == []
+    assert await broker.channels() == {ch: 8_000}
+    with server.client() as conn:
+        # The dead node's entries are gone from Redis, not just left out.
+        assert (conn.hlen(f"{broker.prefix}:p:{ch}"), conn.zcard(f"{broker.prefix}:z:{ch}")) == (
+            8_000,
+            8_000,
+        )
+        assert conn.exists(f"{broker.prefix}:p:{deserted}", f"{broker.prefix}:z:{deserted}") == 0
+
+
+def presence_command_sizes(log: list[Any], prefix: str) -> dict[str, list[int]]:
+    """How many presence entries each HSET / ZADD / HDEL / ZREM of the ``SLOWLOG`` carried."""
+    sizes: dict[str, list[int]] = {}
+    for item in log:
+        args: list[bytes] = item[3]
+        name = args[0].decode().upper()
+        if name not in ("HSET", "ZADD", "HDEL", "ZREM") or not args[1].startswith(
+            f"{prefix}:".encode()
+        ):
+            continue
+        count = len(args)
+        # The slow log keeps 32 arguments; the last one then says how many it left out.
+        more = re.fullmatch(rb"\.\.\. \((\d+) more arguments\)", args[-1])
+        if more is not None:
+            count = len(args) - 1 + int(more.group(1))
+        pairs = name in ("HSET", "ZADD")
+        sizes.setdefault(name, []).append((count - 2) // 2 if pairs else count - 2)
+    return sizes
+
+
+@pytest.mark.redis
+async def test_a_nodes_presence_is_written_in_bounded_commands(fresh_redis: RedisServer) -> None:
+    # One command with every entry of a big channel would hold Redis for its whole length.
+    prefix = unique_prefix("batch")
+    broker = RedisBroker(
+        fresh_redis.url_for(prefix), history_size=100, history_ttl=3600, presence_ttl=30
+    )
+    await start_node(broker)
+    closed = False
+    try:
+        ch = channel()
+        await broker.subscribe(ch)
+        clients = [f"{i:012x}" for i in range(2_500)]
+        for start in range(0, len(clients), 250):
+            await asyncio.gather(
+                *(broker.presence_add(ch, c, entry(c)) for c in clients[start : start + 250])
+            )
+        with fresh_redis.client() as conn:
+            conn.config_set("slowlog-log-slower-than", 0)
+            conn.config_set("slowlog-max-len", 10_000)
+            conn.slowlog_reset()
+        await broker._refresh_presence()  # what the heartbeat runs, and a reconnection
+        assert [e["client"] for e in await broker.presence(ch)] == clients
+        await broker.close()
+        closed = True
+        with fresh_redis.client() as conn:
+            # Leaving, the node took its entries away.
+            assert conn.exists(f"{prefix}:p:{ch}", f"{prefix}:z:{ch}") == 0
+            log = conn.execute_command("SLOWLOG", "GET", -1)
+    finally:
+        if not closed:
+            await broker.close()
+    sizes = presence_command_sizes(log, prefix)
+    for name in ("HSET", "HDEL", "ZREM"):
+        assert sum(sizes.get(name, [])) == len(clients), (name, sizes.get(name))
+    assert max(max(s) for s in sizes.values()) <= PRESENCE_BATCH, sizes
+
+
 # -- delivery to the node ------------------------------------------------------------------------
 
 
@@ -344,7 +472,7 @@ async def test_publications_and_events_of_subscribed_channels(node: Node) -> Non
     await async_wait_until(lambda: len(sink.of(ch)) == 3, what="3 publications")
     assert sink.of(ch) == frames(ch, range(1, 4))
     await async_wait_until(lambda: (ch, join, "c0ffee000001") in sink.events, what="the event")
-    assert sink.resets == []
+    assert len(sink.epochs[ch]) == 1  # one stream throughout
     if node.shared:
         # Redis delivers a node's subscriptions in order: had `elsewhere` come, it would have
         # come first. (memory:// hands the node every publication of the process by design.)
@@ -444,8 +572,8 @@ async def test_a_lost_stream_is_reported_as_a_reset(
     new = await broker.publish(ch, data(2), INFO)
     assert new.offset == 1
     assert new.epoch != old
-    await async_wait_until(lambda: node.sink.resets, what="on_reset")
-    assert node.sink.resets == [ch]
+    await async_wait_until(lambda: len(node.sink.epochs[ch]) == 2, what="the new epoch")
+    assert node.sink.epochs[ch] == [old, new.epoch]
 
 
 @pytest.mark.redis
@@ -478,9 +606,11 @@ async def test_losing_and_regaining_redis(fresh_redis: RedisServer) -> None:
         again = await broker.publish(ch, data(1), INFO)
         assert again.offset == 1
         assert again.epoch != first.epoch
-        # The subscription came back with the connection: the new stream reaches the node,
-        # announced as a reset of the channel, then delivered.
-        await async_wait_until(lambda: node.sink.resets == [ch], what="on_reset")
+        # The subscription came back with the connection: the new stream reaches the node
+        # under its new epoch.
+        await async_wait_until(
+            lambda: node.sink.epochs[ch] == [first.epoch, again.epoch], what="the new epoch"
+        )
         third = await broker.publish(ch, data(2), INFO)
         await async_wait_until(
             lambda: (ch, 2, publication_frame(ch, 2, data(2), INFO)) in node.sink.publications,

@@ -36,7 +36,7 @@ class Recorder:
         self.publications: list[tuple[str, int, bytes]] = []
         self.events: list[tuple[str, bytes, str]] = []
 
-    def on_publication(self, channel: str, offset: int, frame: bytes) -> None:
+    def on_publication(self, channel: str, epoch: str, offset: int, frame: bytes) -> None:
         self.publications.append((channel, offset, frame))
 
     def on_event(self, channel: str, frame: bytes, client: str) -> None:
@@ -186,3 +186,36 @@ def test_channel_bound_spares_channels_in_use() -> None:
         assert await broker.channels() == {}
 
     asyncio.run(scenario())
+
+
+def test_history_bytes_per_channel_and_in_all() -> None:
+    """history_bytes bounds one channel; history_total_bytes all of them, the least recently
+    published channel losing its oldest publications first."""
+    broker = MemoryBroker(
+        history_size=100,
+        history_ttl=60,
+        history_channels=100,
+        history_bytes=1000,
+        history_total_bytes=2000,
+        clock=Clock(),
+    )
+    payload = orjson.dumps("x" * 200)
+
+    async def run() -> None:
+        for _ in range(10):
+            await broker.publish("a:1", payload, b"{}")
+        page = await broker.history("a:1", since=0, limit=100)
+        sizes = [len(frame) for _, frame in page.publications]
+        assert sum(sizes) <= 1000 < sum(sizes) + sizes[0]
+        assert page.start == page.publications[0][0] == 11 - len(sizes)
+        for channel in ("a:2", "a:3"):
+            for _ in range(10):
+                await broker.publish(channel, payload, b"{}")
+        assert broker.stored_bytes <= 2000
+        oldest = await broker.history("a:1", since=0, limit=100)
+        newest = await broker.history("a:3", since=0, limit=100)
+        assert len(oldest.publications) < len(sizes)  # a:1 gave way first
+        assert len(newest.publications) == len(sizes)
+        assert oldest.offset == 10  # its stream goes on; only publications were dropped
+
+    asyncio.run(run())

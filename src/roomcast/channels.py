@@ -63,6 +63,11 @@ logger = logging.getLogger("roomcast.channels")
 EMPTY: Final = b"{}"
 HISTORY_LIMIT_DEFAULT: Final = 100
 HISTORY_LIMIT_MAX: Final = 1000
+#: Bounds of the live publications a channel holds back while it catches up (per channel).
+HELD_MAX: Final = 10_000
+HELD_MAX_BYTES: Final = 8 << 20
+#: Rounds of a catch-up (each one reads the history) before the channel is reset instead.
+CATCH_UP_ROUNDS: Final = 5
 
 #: What an operation returns: the encoded result, and what to do right after the reply.
 Outcome = tuple[bytes, Callable[[], None] | None]
@@ -106,8 +111,11 @@ class Client:
     def send(self, payload: bytes, *, force: bool = False) -> None:
         """Queue one frame for this client; a full outbox cuts it (4008).
 
-        ``force`` is for the frames of a subscribe reply's replay, which the history size
-        bounds: the outbox may then exceed its limit by that much.
+        The outbox is bounded in frames and in bytes (``ROOMCAST_OUTBOX_SIZE``,
+        ``ROOMCAST_OUTBOX_BYTES``). ``force`` is for the frames of a subscribe reply's replay,
+        which the history bounds (``ROOMCAST_HISTORY_SIZE`` publications of at most
+        ``ROOMCAST_MAX_PUBLICATION_SIZE``): the outbox may then exceed its bounds by that much,
+        once, as the next frame that is not forced meets them.
         """
         member = self.member
         if not member.active:
@@ -127,7 +135,7 @@ class Client:
 class Subscription:
     """A client's subscription to one channel."""
 
-    __slots__ = ("channel", "client", "join_leave", "offset", "pending")
+    __slots__ = ("channel", "client", "epoch", "join_leave", "offset", "pending")
 
     def __init__(self, client: Client, channel: str, join_leave: bool) -> None:
         self.client = client
@@ -135,14 +143,44 @@ class Subscription:
         self.join_leave = join_leave
         #: The offset of the last publication sent to the client (or its starting point).
         self.offset = 0
+        #: The epoch of the stream the client follows (from its subscribe reply).
+        self.epoch = ""
         #: Publications that arrived before the subscribe reply was sent; ``None`` once live.
         self.pending: list[tuple[int, bytes]] | None = []
+
+
+class Held:
+    """Live publications held back during a catch-up, bounded in count and bytes."""
+
+    __slots__ = ("bytes", "items", "overflow")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, int, bytes]] = []
+        self.bytes = 0
+        #: Set when more arrived than the bound: the catch-up then resets the channel.
+        self.overflow = False
+
+    def add(self, epoch: str, offset: int, frame: bytes) -> None:
+        if len(self.items) >= HELD_MAX or self.bytes + len(frame) > HELD_MAX_BYTES:
+            self.overflow = True
+            return
+        self.items.append((epoch, offset, frame))
+        self.bytes += len(frame)
 
 
 class LocalChannel:
     """A channel with subscribers on this node."""
 
-    __slots__ = ("catching", "delivered", "epoch", "live", "subscriptions")
+    __slots__ = (
+        "again",
+        "catching",
+        "delivered",
+        "epoch",
+        "filling",
+        "held",
+        "live",
+        "subscriptions",
+    )
 
     def __init__(self) -> None:
         #: Every local subscription, in the order they were made.
@@ -151,10 +189,20 @@ class LocalChannel:
         self.live: dict[str, Member] = {}
         #: Subscriptions pending or catching up (checked one by one).
         self.catching: dict[str, Subscription] = {}
-        #: The highest offset this node has delivered on the channel.
-        self.delivered = 0
-        #: The epoch the broker gave for the channel.
+        #: The highest offset this node has delivered on the channel (``None``: not known yet,
+        #: for a new channel or a new stream). Publications reach the node in offset order, so
+        #: the next one must be ``delivered + 1``: anything else is a gap to fill.
+        self.delivered: int | None = None
+        #: The epoch of the stream the node delivers.
         self.epoch: str | None = None
+        #: While the node catches up from the history (after a gap, or a reconnection to the
+        #: broker): the live publications that arrive meanwhile, held back, in order, so that
+        #: none overtakes the catch-up (``None`` otherwise).
+        self.held: Held | None = None
+        #: Whether a catch-up task runs, and whether it must read the history again (the
+        #: broker reconnected meanwhile).
+        self.filling = False
+        self.again = False
 
     def forget(self, client: str) -> None:
         """Stop delivering to ``client`` (the subscription itself may stay a moment longer)."""
@@ -178,7 +226,6 @@ class Node:
         self.clients: dict[str, Client] = {}
         #: The channels with a local subscriber.
         self.local: dict[str, LocalChannel] = {}
-        self._resync: asyncio.Task[None] | None = None
         self._writers: set[asyncio.Task[None]] = set()
         self.channel_name = channel_pattern(settings.channel_max_length)
         self.channel_rule = channel_rule(settings.channel_max_length)
@@ -205,8 +252,6 @@ class Node:
         await self.broker.start(self)
 
     async def stop(self) -> None:
-        if self._resync is not None:
-            self._resync.cancel()
         writers = list(self._writers)
         for writer in writers:
             writer.cancel()
@@ -230,7 +275,9 @@ class Node:
         while client_id in self.clients:
             client_id = secrets.token_hex(6)
         conn.id = ConnId(client_id)
-        member = Member(conn, "", self.settings.outbox_size, self._writers)
+        member = Member(
+            conn, "", self.settings.outbox_size, self._writers, self.settings.outbox_bytes
+        )
         client = Client(self, conn, grant, member)
         self.clients[client_id] = client
         client.send(connected_frame(client_id, grant.user, __version__))
@@ -352,16 +399,11 @@ class Node:
         if not member.active:
             return
         logger.info(
-            "conn=%s /ws cut %d: outbox overflow (%d frames unread)",
-            client.id,
-            CloseCode.SLOW,
-            member.limit,
+            "conn=%s /ws cut %d: outbox overflow (%s)", client.id, CloseCode.SLOW, member.overflow
         )
         self.tally.cut("/ws")
         member.close_after_current(
-            f"too slow: more than {member.limit} frames unread",
-            CloseCode.SLOW,
-            grace=self.settings.close_timeout,
+            f"too slow: {member.overflow}", CloseCode.SLOW, grace=self.settings.close_timeout
         )
         self._leave_all(client)
 
@@ -465,17 +507,17 @@ class Node:
         try:
             if local is None:
                 local = self.local[channel] = LocalChannel()
-                local.subscriptions[client.id] = subscription
-                local.catching[client.id] = subscription
-                await self.broker.subscribe(channel)
-            else:
-                local.subscriptions[client.id] = subscription
-                local.catching[client.id] = subscription
+            local.subscriptions[client.id] = subscription
+            local.catching[client.id] = subscription
+            # Every subscriber waits until the broker delivers the channel to this node (the
+            # first one asked; the others wait for the same confirmation), and only then reads
+            # the position: a position read earlier could miss publications made in between.
+            await self.broker.subscribe(channel)
             replay: list[bytes] = []
             if recover_offset is None:
                 position = await self.broker.position(channel)
                 epoch, top = position.epoch, position.offset
-                self._new_epoch(local, epoch, subscription)
+                self._learn_stream(local, epoch, top, subscription)
                 result = orjson.dumps({"epoch": epoch, "offset": top})
                 subscription.offset = top
             else:
@@ -496,19 +538,34 @@ class Node:
                     )
                     replay = [frame for _, frame in page.publications]
                 epoch, top = page.epoch, page.offset
-                self._new_epoch(local, epoch, subscription)
+                self._learn_stream(local, epoch, top, subscription)
                 result = orjson.dumps(
                     {"epoch": epoch, "offset": top, "recovered": recovered, "replayed": len(replay)}
                 )
                 subscription.offset = top
             entry = {"client": client.id, "user": client.user, "connected_at": client.connected_at}
-            await self.broker.presence_add(channel, client.id, entry)
+
+            def current() -> bool:
+                return client.member.active and client.subscriptions.get(channel) is subscription
+
+            # The server may close the client while the broker answers (too slow, token
+            # expired, /api/disconnect): it leaves its channels at once (_leave_all), removing
+            # its presence entry. An entry added after that would outlive the client, kept alive
+            # by this node's presence heartbeat; so add it only for a current subscription, and
+            # take it back if the client was closed during the add.
+            if current():
+                try:
+                    await self.broker.presence_add(channel, client.id, entry)
+                finally:
+                    if not current():
+                        await self.broker.presence_remove(channel, client.id)
         except BaseException:
             # A failed broker call, or the server stopping: leave no half subscription behind.
-            # (Nothing else can end the subscription meanwhile: a client's requests and its
-            # departure all run in its handler, one after the other.)
+            # (A client closed meanwhile has left already: then _drop finds nothing to do.)
             await self._drop(client, channel, notify=False)
             raise
+        if not current():
+            return result, None  # closed meanwhile: no reply reaches it, no join to announce
         await self.broker.emit(channel, event_frame("join", channel, client.info), client.id)
 
         def go_live() -> None:
@@ -522,21 +579,28 @@ class Node:
                 if offset > subscription.offset:
                     subscription.offset = offset
                     client.send(frame)
-            if local.delivered >= subscription.offset and client.member.active:
+            delivered = local.delivered
+            if delivered is not None and delivered >= subscription.offset and client.member.active:
                 # Nothing it already has can still arrive: straight to the live members.
                 del local.catching[client.id]
                 local.live[client.id] = client.member
 
         return result, go_live
 
-    def _new_epoch(self, local: LocalChannel, epoch: str, mine: Subscription) -> None:
-        """A subscribe learnt the channel's epoch: if it changed, the others must recover."""
-        if local.epoch is not None and local.epoch != epoch:
-            local.delivered = 0
-            for other in list(local.subscriptions.values()):
-                if other is not mine:
-                    self._restart(other.client, f"the history of {other.channel} was reset")
-        local.epoch = epoch
+    def _learn_stream(self, local: LocalChannel, epoch: str, top: int, mine: Subscription) -> None:
+        """A subscribe reply read the channel's stream (``epoch``, last offset ``top``).
+
+        The broker delivers the channel to this node since before the read, so every
+        publication after ``top`` reaches the node: a node that knew nothing of the channel
+        knows where it stands now. A new epoch resets the subscribers of the old one.
+        """
+        mine.epoch = epoch
+        if local.epoch != epoch:
+            if local.epoch is not None:
+                self._reset(local, epoch)
+            local.epoch = epoch
+        if local.delivered is None:
+            local.delivered = top
 
     async def _unsubscribe(self, client: Client, request: Request) -> Outcome:
         channel = self._channel(request)
@@ -632,19 +696,49 @@ class Node:
             )
         assert limit is not None
         page = await self.broker.history(channel, since=since, before=before, limit=limit)
-        frames = (frame for _, frame in page.publications)
-        return history_result(page.epoch, page.offset, page.start, frames), None
+        frames = [frame for _, frame in page.publications]
+        # Bounded in bytes too (HISTORY_PAGE_BYTES): a page may hold fewer than `limit`, and
+        # the client pages on from its last (or, backwards, its first) offset.
+        result = history_result(
+            page.epoch, page.offset, page.start, frames, keep_newest=since is None
+        )
+        return result, None
 
     async def _ping(self, client: Client, request: Request) -> Outcome:
         return EMPTY, None
 
     # -- deliveries from the broker ---------------------------------------------------------
 
-    def on_publication(self, channel: str, offset: int, frame: bytes) -> None:
-        """Fan a publication out to the channel's local subscribers (its frame built once)."""
+    def on_publication(self, channel: str, epoch: str, offset: int, frame: bytes) -> None:
+        """A publication from the broker: fan it out, unless it is not the next one.
+
+        Publications reach the node in offset order. One from another stream resets the
+        subscribers of the old one; one past the next offset means the node missed some (its
+        connection to the broker dropped them): it holds the live ones back and fills the gap
+        from the history first. Nothing is skipped without the subscribers being told.
+        """
         local = self.local.get(channel)
-        if local is None or offset <= local.delivered:
-            return  # nobody here, or delivered already (a catch-up overlapping the live stream)
+        if local is None:
+            return
+        held = local.held
+        if held is not None:
+            held.add(epoch, offset, frame)
+            return
+        if epoch != local.epoch:
+            if local.epoch is not None:
+                self._reset(local, epoch)
+            local.epoch = epoch
+        delivered = local.delivered
+        if delivered is not None:
+            if offset <= delivered:
+                return  # delivered already (a catch-up overlapping the live stream)
+            if offset != delivered + 1:
+                self._catch_up(channel, local).add(epoch, offset, frame)
+                return
+        self._fan_out(local, offset, frame)
+
+    def _fan_out(self, local: LocalChannel, offset: int, frame: bytes) -> None:
+        """Write the next publication, framed once, to every live subscriber."""
         local.delivered = offset
         start = perf_counter()
         ws_frame: bytes | None = None
@@ -707,18 +801,25 @@ class Node:
             ):
                 subscription.client.send(frame)
 
-    def on_reset(self, channel: str) -> None:
-        """The channel's stream began again: its subscribers' offsets mean nothing now.
+    def _reset(self, local: LocalChannel, epoch: str) -> None:
+        """The channel's stream began again as ``epoch``: the old one's offsets mean nothing.
 
-        They are closed with 1012 so that they reconnect and subscribe with ``recover``: the
-        reply then says ``recovered: false`` and replays what the new stream holds.
+        Its subscribers are closed with 1012 so that they reconnect and subscribe with
+        ``recover``: the reply then says ``recovered: false`` and replays what the new stream
+        holds. Those that already follow ``epoch`` (their reply read it) stay.
         """
-        local = self.local.get(channel)
-        if local is None:
-            return
-        local.delivered = 0
+        local.epoch = epoch
+        local.delivered = None
         for subscription in list(local.subscriptions.values()):
-            self._restart(subscription.client, f"the history of {channel} was reset")
+            if not subscription.epoch:
+                # Its reply, still to come, reads the stream as it is now; what it was given
+                # meanwhile belongs to the old one.
+                if subscription.pending:
+                    subscription.pending.clear()
+            elif subscription.epoch != epoch:
+                self._restart(
+                    subscription.client, f"the history of {subscription.channel} was reset"
+                )
 
     def _restart(self, client: Client, reason: str) -> None:
         member = client.member
@@ -731,42 +832,128 @@ class Node:
         self._leave_all(client)
 
     def on_reconnect(self) -> None:
-        """The broker is back: deliver what was published while this node could not hear."""
-        if self._resync is None or self._resync.done():
-            self._resync = asyncio.get_running_loop().create_task(
-                self._catch_up(), name="roomcast-resync"
-            )
+        """The broker is back: catch every channel up on what this node could not hear.
 
-    async def _catch_up(self) -> None:
-        limit = max(1, self.settings.history_size)
+        Called before any publication of the new connection arrives, so each channel holds the
+        live ones back until its catch-up has delivered what the history holds.
+        """
         for channel, local in list(self.local.items()):
-            # Live members have everything up to `delivered`; catching ones up to their own
-            # offset (never below it); pending ones are being answered by the broker now.
-            marks = [local.delivered] if local.live else []
-            marks += [s.offset for s in local.catching.values() if s.pending is None]
-            if not marks:
-                continue
-            since = min(marks)
-            try:
+            self._catch_up(channel, local)
+
+    def _catch_up(self, channel: str, local: LocalChannel) -> Held:
+        """Hold ``channel``'s live publications back and fill its gap from the history.
+
+        One catch-up at a time per channel: asked again while one runs (the broker reconnected
+        meanwhile), that one reads the history once more.
+        """
+        if local.held is None:
+            local.held = Held()
+        if local.filling:
+            local.again = True
+            return local.held
+        local.filling = True
+        local.again = False
+        task = asyncio.get_running_loop().create_task(
+            self._fill(channel, local), name=f"roomcast-catch-up-{channel}"
+        )
+        self._writers.add(task)
+        task.add_done_callback(self._writers.discard)
+        return local.held
+
+    async def _fill(self, channel: str, local: LocalChannel) -> None:
+        """Deliver from the history what the node missed, then what it held back, in order.
+
+        Each round reads the history after the last offset delivered, delivers it, then the
+        held publications while they follow on. A gap the history no longer covers, another
+        stream, or a catch-up that cannot finish resets the subscribers concerned: they see
+        ``recovered: false`` when they come back, never a silent gap. If the broker is
+        unreachable, the channel stays held (bounded) until it is back (:meth:`on_reconnect`).
+        """
+        limit = max(1, self.settings.history_size)
+        try:
+            for _ in range(CATCH_UP_ROUNDS):
+                local.again = False
+                since = self._since(local)
+                if since is None:
+                    self._release(local, everything=True)
+                    return  # nobody waits for anything older: the held ones are the stream
                 page = await self.broker.history(channel, since=since, limit=limit)
-            except BrokerUnavailable:
-                return  # down again: the next reconnect starts over
-            if self.local.get(channel) is not local:
+                if self.local.get(channel) is not local:
+                    return  # everyone left meanwhile
+                if local.again:
+                    continue  # the broker reconnected while the history was read
+                if page.epoch != local.epoch:
+                    self._reset(local, page.epoch)
+                    continue
+                lost = page.start - 1
+                if since < lost:
+                    self._drop_behind(local, lost)
+                    local.delivered = lost
+                for offset, frame in page.publications:
+                    delivered = local.delivered
+                    if delivered is None or offset > delivered:
+                        self._fan_out(local, offset, frame)
+                if self._release(local):
+                    return
+            self._restart_all(local, "the node could not catch up with the channel")
+            self._release(local, everything=True)
+        except BrokerUnavailable:
+            return  # still held; the broker's reconnection starts the next catch-up
+        finally:
+            local.filling = False
+
+    @staticmethod
+    def _since(local: LocalChannel) -> int | None:
+        """The offset after which some subscriber still needs publications."""
+        marks = [] if local.delivered is None else [local.delivered]
+        marks += [s.offset for s in local.catching.values() if s.pending is None]
+        return min(marks) if marks else None
+
+    def _drop_behind(self, local: LocalChannel, lost: int) -> None:
+        """Reset the subscribers that miss publications the history no longer holds."""
+        for subscription in list(local.subscriptions.values()):
+            mark = local.delivered if subscription.client.id in local.live else subscription.offset
+            if subscription.pending is None and mark is not None and mark < lost:
+                self._restart(subscription.client, "missed publications the history lost")
+
+    def _release(self, local: LocalChannel, *, everything: bool = False) -> bool:
+        """Deliver the held publications while they follow on (``everything``: all of them).
+
+        Returns ``True`` once none is left (the channel is live again); ``False`` at a gap,
+        another stream, or an overflow, keeping the rest held for the next round.
+        """
+        held = local.held
+        if held is None:
+            return True
+        if held.overflow and not everything:
+            # More arrived than could be held: the history has them; hold anew and read it.
+            local.held = Held()
+            return False
+        items = held.items
+        for i, (epoch, offset, frame) in enumerate(items):
+            delivered = local.delivered
+            if everything:
+                if epoch != local.epoch:
+                    self._reset(local, epoch)
+                elif delivered is not None and offset <= delivered:
+                    continue
+                self._fan_out(local, offset, frame)
                 continue
-            if page.epoch != local.epoch:
-                self.on_reset(channel)
-                continue
-            lost = page.start - 1
-            if since < lost:
-                # The history no longer covers what some subscribers missed: they must recover
-                # for themselves (they will hear recovered: false).
-                for subscription in list(local.subscriptions.values()):
-                    live = subscription.client.id in local.live
-                    mark = local.delivered if live else subscription.offset
-                    if subscription.pending is None and mark < lost:
-                        self._restart(subscription.client, "missed publications the history lost")
-            for offset, frame in page.publications:
-                self.on_publication(channel, offset, frame)
+            if epoch != local.epoch or (delivered is not None and offset > delivered + 1):
+                local.held = rest = Held()
+                for item in items[i:]:
+                    rest.add(*item)
+                return False
+            if delivered is None or offset > delivered:
+                self._fan_out(local, offset, frame)
+        local.held = None
+        return True
+
+    def _restart_all(self, local: LocalChannel, reason: str) -> None:
+        for subscription in list(local.subscriptions.values()):
+            if subscription.pending is None:
+                self._restart(subscription.client, reason)
+        local.delivered = None
 
     def stats(self) -> dict[str, int]:
         """Counts for ``/stats``."""

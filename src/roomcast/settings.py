@@ -57,6 +57,14 @@ class Settings(BaseSettings):
         ge=1,
         description="Frames queued for one connection before it is cut (chat 1013, /ws 4008).",
     )
+    outbox_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Bytes one connection's outbox and transport buffer may hold before it is cut "
+            "(chat 1013, /ws 4008); an empty outbox takes any one message."
+        ),
+    )
     max_subscriptions: int = Field(
         128, ge=1, description="Channels one /ws connection may subscribe to."
     )
@@ -68,6 +76,27 @@ class Settings(BaseSettings):
     history_ttl: float = Field(3600.0, gt=0, description="Seconds a publication is kept.")
     history_channels: int = Field(
         10000, ge=1, description="Channels whose history the memory:// broker keeps."
+    )
+    history_bytes: int = Field(
+        1024 * 1024,
+        ge=0,
+        description="Bytes of publication frames kept per channel (the oldest go first).",
+    )
+    history_total_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description=(
+            "Bytes of history the memory:// broker keeps in all (past it, the oldest "
+            "publications of the least recently published channels go first)."
+        ),
+    )
+    history_meta_ttl: float = Field(
+        30 * 86400.0,
+        gt=0,
+        description=(
+            "Seconds a channel's position (epoch, offset) outlives its last use in a shared "
+            "broker; never less than the history TTL."
+        ),
     )
     api_key: SecretStr | None = Field(
         None, description="Turns the HTTP API on; requests must carry it as a Bearer token."

@@ -25,6 +25,8 @@ def from_settings(settings: Settings) -> Broker:
             history_size=settings.history_size,
             history_ttl=settings.history_ttl,
             history_channels=settings.history_channels,
+            history_bytes=settings.history_bytes,
+            history_total_bytes=settings.history_total_bytes,
         )
     if settings.broker_scheme in ("redis", "rediss"):
         from roomcast.brokers.redis import RedisBroker
@@ -34,5 +36,7 @@ def from_settings(settings: Settings) -> Broker:
             history_size=settings.history_size,
             history_ttl=settings.history_ttl,
             presence_ttl=settings.presence_ttl,
+            history_bytes=settings.history_bytes,
+            meta_ttl=settings.history_meta_ttl,
         )
     raise ConfigurationError(f"unsupported broker {settings.broker_url!r}")

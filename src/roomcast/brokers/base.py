@@ -45,17 +45,23 @@ class HistoryPage:
 class Sink(Protocol):
     """The node side: what a broker delivers to."""
 
-    def on_publication(self, channel: str, offset: int, frame: bytes) -> None:
-        """A publication of ``channel`` (its encoded ``publication`` frame)."""
+    def on_publication(self, channel: str, epoch: str, offset: int, frame: bytes) -> None:
+        """A publication of ``channel`` (its encoded ``publication`` frame), in offset order.
+
+        ``epoch`` names the stream the offset belongs to: a new epoch means the stream began
+        again (its history was lost or may have been rolled back), and the sink resets the
+        subscribers of the old one. A gap in the offsets is the sink's to fill from the history.
+        """
 
     def on_event(self, channel: str, frame: bytes, client: str) -> None:
         """A ``join``/``leave`` event of ``channel`` about ``client``."""
 
-    def on_reset(self, channel: str) -> None:
-        """``channel``'s history stream was lost and began again under a new epoch."""
-
     def on_reconnect(self) -> None:
-        """The broker was unreachable and is back: publications may have been missed."""
+        """The broker was unreachable and is back: publications may have been missed.
+
+        Called before any publication that arrives through the new connection, so that the
+        sink can hold live publications back until it has caught up from the history.
+        """
 
 
 class Broker(Protocol):

@@ -1,9 +1,12 @@
 """``memory://``: the embedded broker. Everything lives in this process; nothing to run.
 
-History is bounded three ways: ``history_size`` publications per channel, ``history_ttl``
-seconds per publication, and ``history_channels`` channels (past it, the stream of the channel
-published to least recently, among those nobody is subscribed to, is dropped; its next
-publication starts a new epoch). Presence is bounded by the connections' subscription limits.
+History is bounded five ways: ``history_size`` publications and ``history_bytes`` bytes per
+channel, ``history_ttl`` seconds per publication, ``history_channels`` channels (past it, the
+stream of the channel published to least recently, among those nobody is subscribed to, is
+dropped; its next publication starts a new epoch), and ``history_total_bytes`` bytes in all (past
+it, the oldest publications of the least recently published channels are dropped: their streams
+go on, and a recovery from before them says ``recovered: false``). Presence is bounded by the
+connections' subscription limits.
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ _EVICTION_SCAN = 16
 class _Stream:
     """One channel's history stream."""
 
-    __slots__ = ("epoch", "offset", "publications", "touched")
+    __slots__ = ("bytes", "epoch", "offset", "publications", "touched")
 
     def __init__(self, now: float) -> None:
         self.epoch = secrets.token_hex(4)
         self.offset = 0
         #: (offset, time stored, encoded frame), oldest first.
         self.publications: deque[tuple[int, float, bytes]] = deque()
+        #: The size of the frames in :attr:`publications`.
+        self.bytes = 0
         self.touched = now
 
 
@@ -49,11 +54,17 @@ class MemoryBroker:
         history_size: int,
         history_ttl: float,
         history_channels: int,
+        history_bytes: int = 1 << 20,
+        history_total_bytes: int = 256 << 20,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.history_channels = history_channels
+        self.history_bytes = history_bytes
+        self.history_total_bytes = history_total_bytes
+        #: The size of every stored frame, all channels together.
+        self.stored_bytes = 0
         self._clock = clock
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
         self._presence: dict[str, dict[str, dict[str, Any]]] = {}
@@ -103,7 +114,7 @@ class MemoryBroker:
     def _evict(self) -> None:
         for _, (name, _stream) in zip(range(_EVICTION_SCAN), self._streams.items(), strict=False):
             if name not in self._presence:
-                del self._streams[name]
+                self.stored_bytes -= self._streams.pop(name).bytes
                 return
         # Every stream looked at has subscribers: keep them all for now (the subscription
         # limits bound how many such streams there can be).
@@ -112,7 +123,20 @@ class MemoryBroker:
         publications = stream.publications
         oldest = now - self.history_ttl
         while publications and publications[0][1] < oldest:
-            publications.popleft()
+            self._drop_oldest(stream)
+
+    def _drop_oldest(self, stream: _Stream) -> None:
+        size = len(stream.publications.popleft()[2])
+        stream.bytes -= size
+        self.stored_bytes -= size
+
+    def _trim_total(self) -> None:
+        """Past ``history_total_bytes``: drop publications, least recently published first."""
+        for stream in self._streams.values():
+            while stream.publications and self.stored_bytes > self.history_total_bytes:
+                self._drop_oldest(stream)
+            if self.stored_bytes <= self.history_total_bytes:
+                return
 
     async def publish(self, channel: str, data: bytes, info: bytes) -> Position:
         stream = self._stream(channel)
@@ -123,10 +147,16 @@ class MemoryBroker:
         if self.history_size:
             publications = stream.publications
             publications.append((offset, stream.touched, frame))
-            if len(publications) > self.history_size:
-                publications.popleft()
+            stream.bytes += len(frame)
+            self.stored_bytes += len(frame)
+            while publications and (
+                len(publications) > self.history_size or stream.bytes > self.history_bytes
+            ):
+                self._drop_oldest(stream)
+            if self.stored_bytes > self.history_total_bytes:
+                self._trim_total()
         if self._sink is not None:
-            self._sink.on_publication(channel, offset, frame)
+            self._sink.on_publication(channel, stream.epoch, offset, frame)
         return Position(stream.epoch, offset)
 
     async def position(self, channel: str) -> Position:
@@ -217,7 +247,7 @@ class MemoryBroker:
                 and stream.touched < idle_since
                 and name not in self._presence
             ):
-                del self._streams[name]
+                del self._streams[name]  # empty: no bytes to count
 
     async def _sweep_forever(self) -> None:
         interval = max(1.0, min(self.history_ttl, 60.0))

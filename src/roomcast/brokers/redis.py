@@ -2,13 +2,20 @@
 
 Keys (``P`` is the prefix, ``roomcast`` unless the URL says ``?prefix=...``):
 
-- ``P:m:{channel}`` hash ``epoch``, ``offset``: the channel's stream position. Offsets come
-  from ``HINCRBY`` inside the publish script, so a channel has one sequence cluster-wide.
+- ``P:m:{channel}`` hash ``epoch``, ``offset``, ``gen``, ``bytes``: the channel's stream
+  position. Offsets come from ``HINCRBY`` inside the publish script, so a channel has one
+  sequence cluster-wide. It lives ``history_meta_ttl`` after its last use (not the history TTL:
+  a quiet channel keeps its offsets).
 - ``P:h:{channel}`` stream: the history, one entry per publication with the explicit id
-  ``{offset}-1``, trimmed to the history size (``MAXLEN``) and by age on every read.
+  ``{offset}-1``, trimmed to the history size and to ``history_bytes`` bytes of frames (``bytes``
+  in the meta counts them) on every publish, and by age on every read.
+- ``P:generation``: the run id of the Redis process the streams were written in (see
+  ``_BOOT``). A stream whose ``gen`` differs begins again under a new epoch, so a Redis restored
+  from a snapshot or a promoted replica never hands out an offset twice under one epoch.
 - ``P:p:{channel}`` hash client -> presence entry, and ``P:z:{channel}`` sorted set client ->
-  expiry time: each node refreshes the expiry of its own clients' entries; the entries of a node
-  that died expire after ``presence_ttl`` seconds.
+  expiry time: each node refreshes the expiry of its own clients' entries, in the channels it
+  delivers; the entries of a node that died expire after ``presence_ttl`` seconds (the presence
+  script drops them, however many). Commands take ``PRESENCE_BATCH`` entries at most.
 - ``P:channels`` sorted set channel -> expiry: channels with subscribers, refreshed the same way.
 - Pub/sub channel ``P:c:{channel}``: live publications (``P <epoch> <offset> <frame>``) and
   join/leave events (``E <client> <frame>``); ``P:r:{room}``: the chat rooms; ``P:control``:
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
@@ -33,8 +41,10 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast.brokers.base import BrokerUnavailable, HistoryPage, Position, Sink
@@ -53,67 +63,120 @@ STARTUP_WAIT = 5.0
 #: writing on a transport that closed under it while it reconnected ("the handler is closed").
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError)
 
-# KEYS: meta, stream. ARGV: new epoch, frame head, frame tail, history size, ttl (s), pubsub
-# channel. The frame is head .. offset .. tail; returns {epoch, offset}.
-_PUBLISH = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
+# Every stream script begins with this. KEYS[1] meta, KEYS[2] stream, KEYS[3] generation;
+# ARGV[1] a new epoch, ARGV[2] the meta key's TTL (s). A channel's stream begins again (a new
+# epoch, offset 0, no history) when it has no meta key, or when its meta was written under
+# another generation of the Redis data: see _BOOT. Beginning again deletes whatever stream is
+# left, so that offsets and stream ids start together (an orphaned stream whose ids run ahead of
+# a recreated meta would make the next XADD fail).
+_PROLOGUE = """
+local generation = redis.call('GET', KEYS[3]) or ''
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'gen')
+local epoch = meta[1]
+if not epoch or meta[2] ~= generation then
   epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
   redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'gen', generation, 'offset', 0, 'bytes', 0)
 end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
+
+# KEYS: generation. Sets the generation to this Redis process's run id, which is new at every
+# start: a restart (with whatever it restored: an RDB snapshot, an AOF, nothing) and a promoted
+# replica each get a new one. Roomcast's scripts are run only by their SHA, which the script
+# cache of a new process does not know; the broker answers that NOSCRIPT by running this first,
+# then loading the scripts. So no stream script runs in a Redis process before the generation
+# names it, and every stream written before it begins again under a new epoch: offsets handed
+# out before a restore can never be handed out again under the same epoch. Idempotent, so any
+# number of nodes may run it.
+_BOOT = """
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+if redis.call('GET', KEYS[1]) ~= run then
+  redis.call('SET', KEYS[1], run)
+end
+return run
+"""
+
+# Drops the oldest history entries while there are more than ARGV[size] of them or they hold
+# more than ARGV[bytes] bytes of frames; keeps the meta's byte count. (Expects `count`.)
+_TRIM = """
+local total = tonumber(redis.call('HGET', KEYS[1], 'bytes') or 0)
+while count > 0 and (count > size or total > max_bytes) do
+  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+  if #oldest == 0 then break end
+  redis.call('XDEL', KEYS[2], oldest[1][1])
+  total = total - string.len(oldest[1][2][4])
+  count = count - 1
+end
+redis.call('HSET', KEYS[1], 'bytes', total)
+"""
+
+# KEYS: meta, stream, generation. ARGV: new epoch, meta TTL (s), frame head, frame tail, history
+# size, history TTL (s), pubsub channel, history bytes. The frame is head .. offset .. tail;
+# returns {epoch, offset}. Live message: "P <epoch> <offset> <frame>".
+_PUBLISH = (
+    _PROLOGUE
+    + """
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-local frame = ARGV[2] .. offset .. ARGV[3]
-local size = tonumber(ARGV[4])
+local frame = ARGV[3] .. offset .. ARGV[4]
+local size = tonumber(ARGV[5])
 if size > 0 then
   local now = redis.call('TIME')
   local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-1', 't', ms, 'f', frame)
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  local id = offset .. '-1'
+  if not pcall(redis.call, 'XADD', KEYS[2], id, 't', ms, 'f', frame) then
+    -- A stream left from before (its ids ahead of this offset): it cannot be this epoch's.
+    redis.call('DEL', KEYS[2])
+    redis.call('HSET', KEYS[1], 'bytes', 0)
+    redis.call('XADD', KEYS[2], id, 't', ms, 'f', frame)
+  end
+  redis.call('HINCRBY', KEYS[1], 'bytes', string.len(frame))
+  local count = redis.call('XLEN', KEYS[2])
+  local max_bytes = tonumber(ARGV[8])
+"""
+    + _TRIM
+    + """
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('PUBLISH', ARGV[6], 'P ' .. epoch .. ' ' .. offset .. ' ' .. frame)
+redis.call('PUBLISH', ARGV[7], 'P ' .. epoch .. ' ' .. offset .. ' ' .. frame)
 return {epoch, offset}
 """
+)
 
-# KEYS: meta. ARGV: new epoch, ttl (s). Returns {epoch, offset}, creating the stream if needed.
-_POSITION = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+# KEYS: meta, stream, generation. ARGV: new epoch, meta TTL (s). Returns {epoch, offset}.
+_POSITION = (
+    _PROLOGUE
+    + """
 return {epoch, tonumber(redis.call('HGET', KEYS[1], 'offset'))}
 """
+)
 
-# KEYS: meta, stream. ARGV: new epoch, ttl (s), mode (since|before|latest), bound, limit.
-# Drops entries older than the TTL first; returns {epoch, offset, start, f1, f2, ...}.
-_HISTORY = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
-  redis.call('DEL', KEYS[2])
-end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+# KEYS: meta, stream, generation. ARGV: new epoch, meta TTL (s), history TTL (s), mode
+# (since|before|latest), bound, limit. Drops entries older than the history TTL first; returns
+# {epoch, offset, start, f1, f2, ...}.
+_HISTORY = (
+    _PROLOGUE
+    + """
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
 local now = redis.call('TIME')
 local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  - tonumber(ARGV[2]) * 1000
+  - tonumber(ARGV[3]) * 1000
+local expired = 0
 while true do
   local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
   if #oldest == 0 then break end
   local fields = oldest[1][2]
   if tonumber(fields[2]) >= cutoff then break end
   redis.call('XDEL', KEYS[2], oldest[1][1])
+  expired = expired + string.len(fields[4])
 end
+if expired > 0 then redis.call('HINCRBY', KEYS[1], 'bytes', -expired) end
 local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 local start = offset + 1
 if #first > 0 then start = tonumber(string.match(first[1][1], '^(%d+)')) end
-local mode = ARGV[3]
-local bound = tonumber(ARGV[4])
-local limit = tonumber(ARGV[5])
+local mode = ARGV[4]
+local bound = tonumber(ARGV[5])
+local limit = tonumber(ARGV[6])
 local entries
 if mode == 'since' then
   entries = redis.call('XRANGE', KEYS[2], '(' .. bound .. '-1', '+', 'COUNT', limit)
@@ -134,17 +197,31 @@ else
 end
 return out
 """
+)
 
-# KEYS: presence hash, presence zset. ARGV: now (ms). Drops expired entries, returns the rest.
+#: Presence entries per Redis command, at most: Lua's unpack() fails past about 8000 values (its
+#: stack limit), and one command with every entry of a big channel would hold Redis for all of it.
+PRESENCE_BATCH = 1000
+
+# KEYS: presence hash, presence zset. ARGV: now (ms), batch (PRESENCE_BATCH). Drops the expired
+# entries (a dead node's), however many, then returns the others. No command takes more than a
+# batch of members.
 _PRESENCE = """
-local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-if #gone > 0 then
+local batch = tonumber(ARGV[2])
+while true do
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, batch)
+  if #gone == 0 then break end
   redis.call('HDEL', KEYS[1], unpack(gone))
   redis.call('ZREM', KEYS[2], unpack(gone))
 end
 local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf')
-if #live == 0 then return {} end
-return redis.call('HMGET', KEYS[1], unpack(live))
+local out = {}
+for first = 1, #live, batch do
+  local last = math.min(first + batch - 1, #live)
+  local found = redis.call('HMGET', KEYS[1], unpack(live, first, last))
+  for i = 1, #found do out[#out + 1] = found[i] end
+end
+return out
 """
 
 
@@ -160,6 +237,8 @@ class RedisBroker:
         history_size: int,
         history_ttl: float,
         presence_ttl: float,
+        history_bytes: int = 1 << 20,
+        meta_ttl: float = 30 * 86400.0,
         node_id: str | None = None,
     ) -> None:
         parts = urlsplit(url)
@@ -169,25 +248,29 @@ class RedisBroker:
         self.url = urlunsplit(parts._replace(query=rest))
         self.history_size = history_size
         self.history_ttl = max(1, round(history_ttl))
+        self.history_bytes = history_bytes
+        #: The meta key (epoch, offset) outlives the publications: a channel whose history
+        #: expired keeps its offsets, so its subscribers are not reset for being quiet.
+        self.meta_ttl = max(self.history_ttl, round(meta_ttl))
         self.presence_ttl = presence_ttl
         self.node_id = node_id or secrets.token_hex(4)
         self.available = False
         self._redis: aioredis.Redis | None = None
         self._pubsub: Any = None
+        #: The pub/sub connection's own client: one connection, never retried in place (see
+        #: start()).
+        self._listener: aioredis.Redis | None = None
         self._sink: Sink | None = None
         #: Pub/sub channels this node wants, and the futures of subscriptions not yet confirmed.
         self._wanted: set[str] = set()
         self._confirm: dict[str, asyncio.Future[None]] = {}
-        #: The epoch this node knows for each channel it delivers (to notice a reset).
-        self._epochs: dict[str, str] = {}
         #: Presence entries of this node's clients: channel -> client -> encoded entry.
         self._mine: dict[str, dict[str, bytes]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._room_sink: Callable[[str, str], None] | None = None
         self._control_sink: Callable[[str, str], None] | None = None
-        self._publish_script: Any = None
-        self._position_script: Any = None
-        self._history_script: Any = None
+        #: SHA1 of each stream script (run by EVALSHA only; see _BOOT).
+        self._shas: dict[str, str] = {}
         self._presence_script: Any = None
         self._down_since: float | None = None
         #: Set while Redis is reachable through the listener's connection.
@@ -222,9 +305,21 @@ class RedisBroker:
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         r = self._redis
-        self._publish_script = r.register_script(_PUBLISH)
-        self._position_script = r.register_script(_POSITION)
-        self._history_script = r.register_script(_HISTORY)
+        self._shas = {
+            source: hashlib.sha1(source.encode()).hexdigest()
+            for source in (_PUBLISH, _POSITION, _HISTORY)
+        }
+        # The pub/sub connection must not reconnect behind the listener's back: redis-py
+        # retries a failed read by reconnecting and resubscribing in place, and whatever was
+        # published meanwhile would be lost without anyone knowing. With no retries the read
+        # fails, the listener reconnects itself, and the node catches up from the history.
+        self._listener = aioredis.Redis.from_url(
+            self.url,
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=2,
+            health_check_interval=10,
+            client_name=f"roomcast-{self.node_id}-pubsub",
+        )
         self._presence_script = r.register_script(_PRESENCE)
         self._wanted.add(self._control)
         loop = asyncio.get_running_loop()
@@ -261,15 +356,15 @@ class RedisBroker:
                 async with asyncio.timeout(2):
                     pipe = self._conn.pipeline(transaction=False)
                     for channel, entries in self._mine.items():
-                        pipe.hdel(self._key("p", channel), *entries)
-                        pipe.zrem(self._key("z", channel), *entries)
+                        self._forget_presence(pipe, channel, list(entries))
                     await pipe.execute()
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._pubsub.aclose()
-        if self._redis is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self._redis.aclose(close_connection_pool=True)
+        for client in (self._listener, self._redis):
+            if client is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await client.aclose(close_connection_pool=True)
         self._sink = None
 
     @property
@@ -314,7 +409,8 @@ class RedisBroker:
         while True:
             try:
                 if self._pubsub is None:
-                    pubsub = self._conn.pubsub()
+                    assert self._listener is not None
+                    pubsub = self._listener.pubsub()
                     await pubsub.subscribe(*self._wanted)
                     self._pubsub = pubsub
                 if not self.available:
@@ -368,14 +464,7 @@ class RedisBroker:
         if kind_ == "c" and sink is not None:
             if data.startswith(b"P "):
                 _, epoch, offset, frame = data.split(b" ", 3)
-                known = self._epochs.get(name)
-                epoch_text = epoch.decode()
-                if known is not None and known != epoch_text:
-                    self._epochs[name] = epoch_text
-                    sink.on_reset(name)
-                    return
-                self._epochs[name] = epoch_text
-                sink.on_publication(name, int(offset), frame)
+                sink.on_publication(name, epoch.decode(), int(offset), frame)
             elif data.startswith(b"E "):
                 _, client, frame = data.split(b" ", 2)
                 sink.on_event(name, frame, client.decode())
@@ -429,7 +518,6 @@ class RedisBroker:
         await self._want(self._key("c", channel))
 
     async def unsubscribe(self, channel: str) -> None:
-        self._epochs.pop(channel, None)
         await self._unwant(self._key("c", channel))
 
     async def join_room(self, room: str) -> None:
@@ -452,39 +540,50 @@ class RedisBroker:
 
     # -- publications and history ---------------------------------------------------------
 
+    async def _stream_script(self, source: str, channel: str, *args: Any) -> Any:
+        """Run a stream script on ``channel`` by its SHA; after a NOSCRIPT, boot first.
+
+        NOSCRIPT means this Redis process has not run roomcast's scripts yet: it is new (a
+        restart, a restore, a failover) or its script cache was flushed. _BOOT then moves the
+        generation to this process's run id before any stream script can run in it.
+        """
+        keys = (self._key("m", channel), self._key("h", channel), self._generation)
+        argv = (secrets.token_hex(4), self.meta_ttl, *args)
+        conn = self._conn
+        try:
+            return await conn.evalsha(self._shas[source], len(keys), *keys, *argv)
+        except NoScriptError:
+            await conn.eval(_BOOT, 1, self._generation)
+            for script in self._shas:
+                await conn.script_load(script)
+            return await conn.evalsha(self._shas[source], len(keys), *keys, *argv)
+
+    @property
+    def _generation(self) -> str:
+        return f"{self.prefix}:generation"
+
     async def publish(self, channel: str, data: bytes, info: bytes) -> Position:
         head = b'{"type":"publication","channel":' + orjson.dumps(channel) + b',"offset":'
         tail = b',"data":' + data + b',"info":' + info + b"}"
         epoch, offset = await self._call(
             "publish",
-            self._publish_script(
-                keys=[self._key("m", channel), self._key("h", channel)],
-                args=[
-                    secrets.token_hex(4),
-                    head,
-                    tail,
-                    self.history_size,
-                    self.history_ttl,
-                    self._key("c", channel),
-                ],
+            self._stream_script(
+                _PUBLISH,
+                channel,
+                head,
+                tail,
+                self.history_size,
+                self.history_ttl,
+                self._key("c", channel),
+                self.history_bytes,
             ),
         )
         self.publications += 1
         return Position(epoch.decode(), int(offset))
 
     async def position(self, channel: str) -> Position:
-        epoch, offset = await self._call(
-            "position",
-            self._position_script(
-                keys=[self._key("m", channel)], args=[secrets.token_hex(4), self.history_ttl]
-            ),
-        )
-        text = epoch.decode()
-        if self._key("c", channel) in self._wanted:
-            # Learn the epoch of a channel just subscribed, never replace one: a different
-            # epoch is a reset, which the next publication reports (on_reset).
-            self._epochs.setdefault(channel, text)
-        return Position(text, int(offset))
+        epoch, offset = await self._call("position", self._stream_script(_POSITION, channel))
+        return Position(epoch.decode(), int(offset))
 
     async def history(
         self,
@@ -502,16 +601,11 @@ class RedisBroker:
             mode, bound = "latest", 0
         reply = await self._call(
             "history",
-            self._history_script(
-                keys=[self._key("m", channel), self._key("h", channel)],
-                args=[secrets.token_hex(4), self.history_ttl, mode, bound, limit],
-            ),
+            self._stream_script(_HISTORY, channel, self.history_ttl, mode, bound, limit),
         )
         epoch = reply[0].decode()
         offset, start = int(reply[1]), int(reply[2])
         frames: list[bytes] = reply[3:]
-        if self._key("c", channel) in self._wanted:
-            self._epochs.setdefault(channel, epoch)
         return HistoryPage(epoch, offset, start, [(_frame_offset(f), f) for f in frames])
 
     # -- presence -------------------------------------------------------------------------
@@ -544,7 +638,7 @@ class RedisBroker:
             "presence",
             self._presence_script(
                 keys=[self._key("p", channel), self._key("z", channel)],
-                args=[int(time.time() * 1000)],
+                args=[int(time.time() * 1000), PRESENCE_BATCH],
             ),
         )
         entries = [orjson.loads(item) for item in raw if item is not None]
@@ -585,17 +679,35 @@ class RedisBroker:
                 logger.warning("broker presence refresh failed: %r", error)
 
     async def _refresh_presence(self) -> None:
+        """Write this node's presence entries again with a new expiry (heartbeat, reconnection).
+
+        Only those of the channels this node still delivers: the last local subscriber of a
+        channel unsubscribes it, so an entry left for a channel no longer delivered belongs to
+        no client here; it is removed rather than kept alive for the node's whole life.
+        """
         if not self._mine:
             return
-        expiry = self._expiry_ms()
         pipe = self._conn.pipeline(transaction=False)
+        for channel in [c for c in self._mine if self._key("c", c) not in self._wanted]:
+            self._forget_presence(pipe, channel, list(self._mine.pop(channel)))
+        expiry = self._expiry_ms()
         for channel, entries in self._mine.items():
-            pipe.hset(self._key("p", channel), mapping=dict(entries))  # type: ignore[arg-type]
-            pipe.zadd(self._key("z", channel), dict.fromkeys(entries, expiry))
+            clients = list(entries)
+            for first in range(0, len(clients), PRESENCE_BATCH):
+                batch = clients[first : first + PRESENCE_BATCH]
+                pipe.hset(self._key("p", channel), mapping={c: entries[c] for c in batch})
+                pipe.zadd(self._key("z", channel), dict.fromkeys(batch, expiry))
             pipe.zadd(f"{self.prefix}:channels", {channel: expiry})
             # A channel with subscribers keeps its stream position even when nobody publishes.
-            pipe.expire(self._key("m", channel), self.history_ttl)
+            pipe.expire(self._key("m", channel), self.meta_ttl)
         await self._call("presence_refresh", pipe.execute())
+
+    def _forget_presence(self, pipe: Any, channel: str, clients: list[str]) -> None:
+        """Queue on ``pipe`` the removal of ``clients``' entries, a batch per command."""
+        for first in range(0, len(clients), PRESENCE_BATCH):
+            batch = clients[first : first + PRESENCE_BATCH]
+            pipe.hdel(self._key("p", channel), *batch)
+            pipe.zrem(self._key("z", channel), *batch)
 
 
 def _frame_offset(frame: bytes) -> int:
