@@ -9,10 +9,20 @@ Backpressure: a member whose transport is over its high-water mark (or that alre
 messages waiting) gets the message in its outbox instead, and a writer task sends it when the
 transport drains, in order.
 
-Overflow policy: a member whose outbox already holds ``outbox_size`` messages when another
-arrives is *cut*: removed from its room at once, its outbox dropped, and close 1013 (try again
-later) queued behind the message its writer is sending. The room's other members are told it
-left, as for any other departure.
+Overflow policy: an outbox is bounded in messages (``outbox_size``) and in bytes
+(``outbox_bytes``). A member whose outbox already holds ``outbox_size`` messages, or whose
+transport buffer and outbox together would hold more than ``outbox_bytes`` with the new one,
+is *cut*: removed from its room at once, its outbox dropped, and close 1013 (try again later)
+queued behind the message its writer is sending. The room's other members are told it left, as
+for any other departure. (An outbox with nothing in it takes any one message, however large:
+the message size limits bound that one.)
+
+Counting the transport's buffer matters on roomcast's own transport, where a member under its
+high-water mark is written to directly: a peer that never reads still reaches the bound, once
+its transport is full and the rest waits in the outbox. The transport keeps its own buffer
+near its high-water mark (see :meth:`roomcast.transport.RoomcastWebSocketProtocol.write_frame`),
+so what a peer that never reads can pin on the server is about ``outbox_bytes`` plus one
+message (its kernel socket buffers aside).
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from roomcast.connection import Connection, ConnId
 from roomcast.metrics import FANOUT_BUCKETS, LocalHistogram
 from roomcast.transport.frames import FRAMES_EXTENSION, OP_TEXT, build_frame
 
-__all__ = ["Hub", "Member", "Room"]
+__all__ = ["DEFAULT_OUTBOX_BYTES", "Hub", "Member", "Room", "item_size"]
 
 logger = logging.getLogger("roomcast.hub")
 
@@ -39,16 +49,32 @@ _CLOSE: Final[dict[str, Any]] = {"type": "roomcast.close"}
 #: An outbox holds prepared frames (fast path) or ASGI messages (plain ASGI).
 Item = bytes | dict[str, Any]
 
+#: Bytes a connection's outbox and transport buffer may hold (``ROOMCAST_OUTBOX_BYTES``).
+DEFAULT_OUTBOX_BYTES: Final = 4 << 20
+
+
+def item_size(item: Item) -> int:
+    """What an outbox item weighs: a frame's bytes, an ASGI message's text or bytes length."""
+    if isinstance(item, bytes):
+        return len(item)
+    data = item.get("text")
+    if data is None:
+        data = item.get("bytes") or b""
+    return len(data)
+
 
 class Member:
     """A connection's membership in one room: its outbox and the task that drains it."""
 
     __slots__ = (
+        "_buffered",
         "_busy",
         "_close_code",
         "_close_reason",
         "_outbox",
+        "_queued",
         "_send_frame",
+        "_sending",
         "_wakeup",
         "_write_frame",
         "_writer",
@@ -57,15 +83,29 @@ class Member:
         "conn",
         "fast",
         "limit",
+        "max_bytes",
+        "overflow",
         "room",
     )
 
     def __init__(
-        self, conn: Connection, room: str, limit: int, writers: set[asyncio.Task[None]]
+        self,
+        conn: Connection,
+        room: str,
+        limit: int,
+        writers: set[asyncio.Task[None]],
+        max_bytes: int = DEFAULT_OUTBOX_BYTES,
     ) -> None:
         self.conn = conn
         self.room = room
+        #: The outbox's bounds: messages, and bytes (the transport's buffer included).
         self.limit = limit
+        self.max_bytes = max_bytes
+        #: Which bound the last refused push met, for the close reason and the log.
+        self.overflow = f"more than {limit} messages unread"
+        #: Bytes of the items in the outbox, and of the one being sent (until it is written).
+        self._queued = 0
+        self._sending = 0
         #: False once the member left or was cut; its messages are no longer broadcast.
         self.active = True
         self._outbox: deque[Item] = deque()
@@ -81,6 +121,8 @@ class Member:
         self._send_frame: Callable[[bytes], Awaitable[None]] | None = (
             frames["send"] if frames else None
         )
+        #: Bytes waiting in the transport's buffer (roomcast's own transport only).
+        self._buffered: Callable[[], int] | None = frames.get("buffered") if frames else None
         #: Whether this member takes prepared frames (roomcast's own transport).
         self.fast = self._write_frame is not None
         if self._write_frame is None:
@@ -93,17 +135,30 @@ class Member:
         return write is not None and not self._outbox and not self._busy and write(frame)
 
     def push(self, item: Item, *, force: bool = False) -> bool:
-        """Queue an item for this member; ``False`` if the outbox is full.
+        """Queue an item for this member; ``False`` if that would pass a bound (see the module).
 
-        ``force`` queues it even past the limit: for a burst the server itself bounds, such as
-        a recovery's replay (at most the history size), not for anything a peer can repeat.
+        ``force`` queues it even past the bounds: for a burst the server itself bounds, such as
+        a recovery's replay (at most the history size), not for anything a peer can repeat. The
+        bytes it adds still count, so the next push that is not forced meets the bound.
         """
         if self.conn.closed:
             return True  # the peer is gone: drop it; the member's handler is leaving
         outbox = self._outbox
-        if len(outbox) >= self.limit and not force:
-            return False
+        size = item_size(item)
+        if not force:
+            if len(outbox) >= self.limit:
+                self.overflow = f"more than {self.limit} messages unread"
+                return False
+            queued = self._queued
+            if queued:
+                buffered = self._buffered
+                if buffered is not None:
+                    queued += buffered()
+                if queued + size > self.max_bytes:
+                    self.overflow = f"more than {self.max_bytes} bytes unread"
+                    return False
         outbox.append(item)
+        self._queued += size
         self._wake()
         return True
 
@@ -126,6 +181,7 @@ class Member:
         self._close_code = code
         if not flush:
             self._outbox.clear()
+            self._queued = self._sending
         self._outbox.append(_CLOSE)
         self._wake()
         if grace is not None:
@@ -175,6 +231,8 @@ class Member:
                         await self.conn.close(self._close_code, self._close_reason)
                         return
                     self._busy = True
+                    # Still counted while it waits for the transport: it is still held here.
+                    self._sending = item_size(item)
                     if type(item) is bytes:
                         assert send_frame is not None
                         try:
@@ -185,12 +243,16 @@ class Member:
                     elif not await send(item):  # type: ignore[arg-type]
                         self._gone()
                         return
+                    self._queued -= self._sending
+                    self._sending = 0
                     self._busy = False
                 if send_frame is not None:
                     return  # fast path: no writer while there is nothing to wait for
                 self._wakeup = loop.create_future()
                 await self._wakeup
         finally:
+            self._queued -= self._sending
+            self._sending = 0
             self._busy = False
             self._writer = None
 
@@ -198,6 +260,7 @@ class Member:
         """The peer went away mid-send: nothing more will reach it."""
         self.active = False
         self._outbox.clear()
+        self._queued = self._sending
 
     async def finish(self) -> None:
         """Cancel the writer, if one runs, and wait for it to end."""
@@ -238,8 +301,14 @@ class Room:
 class Hub:
     """Rooms of one process; every method is synchronous except :meth:`stop`."""
 
-    def __init__(self, outbox_size: int, close_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        outbox_size: int,
+        close_timeout: float = 5.0,
+        outbox_bytes: int = DEFAULT_OUTBOX_BYTES,
+    ) -> None:
         self.outbox_size = outbox_size
+        self.outbox_bytes = outbox_bytes
         #: Seconds a cut member's writer may stay stuck on its current send before the close.
         self.close_timeout = close_timeout
         self._rooms: dict[str, Room] = {}
@@ -261,7 +330,7 @@ class Hub:
         entry = self._rooms.get(room)
         if entry is None:
             entry = self._rooms[room] = Room(room, leave_notice, conn.endpoint)
-        member = Member(conn, room, self.outbox_size, self._writers)
+        member = Member(conn, room, self.outbox_size, self._writers, self.outbox_bytes)
         entry.members[conn.id] = member
         return member
 
@@ -307,17 +376,15 @@ class Hub:
 
     def _cut(self, member: Member) -> None:
         logger.info(
-            "conn=%s %s cut %d: outbox overflow (%d messages unread)",
+            "conn=%s %s cut %d: outbox overflow (%s)",
             member.conn.id,
             member.conn.path,
             CloseCode.TRY_AGAIN_LATER,
-            member.limit,
+            member.overflow,
         )
         endpoint = member.conn.endpoint
         self.slow[endpoint] = self.slow.get(endpoint, 0) + 1
-        member.close_after_current(
-            f"too slow: more than {member.limit} messages unread", grace=self.close_timeout
-        )
+        member.close_after_current(f"too slow: {member.overflow}", grace=self.close_timeout)
         self._remove(member, notify=True)
 
     def _remove(self, member: Member, notify: bool) -> None:

@@ -9,7 +9,7 @@ the same bytes, embedded verbatim in history replies.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -18,6 +18,7 @@ from typing import Any, Final
 import orjson
 
 __all__ = [
+    "HISTORY_PAGE_BYTES",
     "OPS",
     "ErrorCode",
     "Request",
@@ -244,15 +245,45 @@ def connected_frame(client: str, user: str | None, version: str) -> bytes:
     return orjson.dumps({"type": "connected", "client": client, "user": user, "version": version})
 
 
-def history_result(epoch: str, offset: int, start: int, publications: Iterable[bytes]) -> bytes:
-    """The result of ``history``: stored publication frames embedded as they are."""
-    return (
-        b'{"epoch":'
-        + orjson.dumps(epoch)
-        + b',"offset":%d,"start":%d,"publications":[' % (offset, start)
-        + b",".join(publications)
-        + b"]}"
+#: The most a ``history`` result holds, in bytes of JSON: with its reply's envelope (an id is at
+#: most 64 characters) the frame stays within 1 MiB, the message size limit common clients have
+#: by default (the websockets library's ``max_size``), and one request cannot make the server
+#: build a reply of ``limit`` x the publication size limit.
+HISTORY_PAGE_BYTES: Final = (1 << 20) - 1024
+
+
+def history_result(
+    epoch: str,
+    offset: int,
+    start: int,
+    publications: Sequence[bytes],
+    *,
+    max_bytes: int = HISTORY_PAGE_BYTES,
+    keep_newest: bool = False,
+) -> bytes:
+    """The result of ``history``: stored publication frames embedded as they are.
+
+    It holds as many of ``publications`` (oldest first) as fit in ``max_bytes``, and at least
+    one, so that a client paging on always moves on: the oldest of them for a page forwards
+    (``since``), the newest with ``keep_newest`` (``before``, or the latest page).
+    """
+    head = b'{"epoch":%s,"offset":%d,"start":%d,"publications":[' % (
+        orjson.dumps(epoch),
+        offset,
+        start,
     )
+    room = max_bytes - len(head) - 2
+    order = reversed(publications) if keep_newest else iter(publications)
+    taken = 0
+    for frame in order:
+        room -= len(frame) + 1  # the frame and its comma
+        if room < 0 and taken:
+            break
+        taken += 1
+    if taken < len(publications):
+        dropped = len(publications) - taken
+        publications = publications[dropped:] if keep_newest else publications[:taken]
+    return head + b",".join(publications) + b"]}"
 
 
 def utc_now() -> str:

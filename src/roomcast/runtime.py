@@ -38,7 +38,9 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.hub = Hub(
-            outbox_size=self.settings.outbox_size, close_timeout=self.settings.close_timeout
+            outbox_size=self.settings.outbox_size,
+            close_timeout=self.settings.close_timeout,
+            outbox_bytes=self.settings.outbox_bytes,
         )
         self.broker = from_settings(self.settings)
         self.auth = Authenticator(self.settings)

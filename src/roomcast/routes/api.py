@@ -166,9 +166,12 @@ def api_router(runtime: Runtime) -> APIRouter:
         if since is not None and before is not None:
             raise HTTPException(422, "give 'since' or 'before', not both")
         page = await broker.history(channel_ok(channel), since=since, before=before, limit=limit)
-        frames = (frame for _, frame in page.publications)
-        # The stored frames go out as they are: no decoding and re-encoding of each one.
-        body = history_result(page.epoch, page.offset, page.start, frames)
+        frames = [frame for _, frame in page.publications]
+        # The stored frames go out as they are: no decoding and re-encoding of each one. A page
+        # is bounded in bytes as on /ws (HISTORY_PAGE_BYTES): it may hold fewer than `limit`.
+        body = history_result(
+            page.epoch, page.offset, page.start, frames, keep_newest=since is None
+        )
         return Response(body, media_type="application/json")
 
     @router.post("/disconnect", summary="Close every /ws connection of a user (close 4001)")

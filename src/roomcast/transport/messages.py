@@ -1,13 +1,16 @@
 """Sans-I/O message assembly (RFC 6455 section 5.4, RFC 7692): data frames in, messages out.
 
 Fragments are joined, compressed messages inflated, text checked as UTF-8 fragment by
-fragment, and the total size bounded however the message is split. Every violation raises
+fragment, and the total size bounded however the message is split: every continuation frame
+counts :data:`FRAGMENT_COST` bytes beyond its payload, so a run of empty continuation frames
+reaches the limit too. Every violation raises
 :class:`~roomcast.transport.frames.WebSocketProtocolError` with its close code.
 """
 
 from __future__ import annotations
 
 import codecs
+from typing import Final
 
 from websockets.exceptions import PayloadTooBig
 from websockets.exceptions import ProtocolError as WebSocketsProtocolError
@@ -24,7 +27,14 @@ from roomcast.transport.frames import (
     WebSocketProtocolError,
 )
 
-__all__ = ["MessageAssembler"]
+__all__ = ["FRAGMENT_COST", "MessageAssembler"]
+
+#: What each continuation frame adds to its message's size beyond its payload. An empty frame
+#: costs its sender 6 bytes and the server a parse and a decode step; counted as nothing, an
+#: endless run of them grew a message forever without reaching the limit. At 16 bytes a message
+#: has at most ``max_size / 16`` fragments (65,536 at 1 MiB), and one split into fragments of
+#: 1 KiB or more loses under 2% of its limit.
+FRAGMENT_COST: Final = 16
 
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
@@ -32,14 +42,16 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 class MessageAssembler:
     """Builds whole messages from a connection's data frames, in order."""
 
-    __slots__ = ("_compressed", "_decoder", "_opcode", "_parts", "_size", "deflate", "max_size")
+    __slots__ = ("_compressed", "_data", "_decoder", "_opcode", "_size", "deflate", "max_size")
 
     def __init__(self, max_size: int, deflate: PerMessageDeflate | None = None) -> None:
         self.max_size = max_size
         #: The negotiated permessage-deflate extension, if any.
         self.deflate = deflate
         self._opcode = 0
-        self._parts: list[str] | list[bytes] = []
+        #: The fragments so far, joined: the memory a message in progress holds is its size,
+        #: with no per-fragment object (text is decoded once, when the message is whole).
+        self._data = bytearray()
         self._size = 0
         self._compressed = False
         self._decoder: codecs.IncrementalDecoder | None = None
@@ -47,7 +59,8 @@ class MessageAssembler:
     def reset(self) -> None:
         """Forget the message in progress (after a failure)."""
         self._opcode = 0
-        self._parts = []
+        if self._data:
+            self._data = bytearray()  # not clear(): that would keep its capacity
         self._size = 0
         self._compressed = False
         self._decoder = None
@@ -78,6 +91,10 @@ class MessageAssembler:
             if fin:
                 self.reset()
             return None
+        if opcode == OP_CONT:
+            # Counted before the payload: a fragment's cost to the server is not its size
+            # alone (see FRAGMENT_COST), and nothing is inflated past the budget it leaves.
+            self._size += FRAGMENT_COST
         if self._compressed:
             payload = self._inflate(opcode, first, payload)
         self._size += len(payload)
@@ -87,29 +104,33 @@ class MessageAssembler:
             )
         if self._opcode == OP_TEXT:
             return self._text(payload, fin)
-        parts: list[bytes] = self._parts  # type: ignore[assignment]
+        data = self._data
+        if fin and not data:
+            self.reset()
+            return payload  # the common case: one frame, one message
+        data += payload
         if not fin:
-            parts.append(payload)
             return None
-        data = payload if not parts else b"".join([*parts, payload])
+        whole = bytes(data)
         self.reset()
-        return data
+        return whole
 
     def _text(self, payload: bytes, fin: bool) -> str | None:
         decoder = self._decoder
+        data = self._data
         try:
             if fin and decoder is None:
                 text = payload.decode()  # the common case: one frame, one message
             else:
                 if decoder is None:
                     decoder = self._decoder = _utf8_decoder()
-                # Decoding each fragment as it comes fails fast on invalid UTF-8 (Autobahn 6.x).
-                chunk = decoder.decode(payload, fin)
-                parts: list[str] = self._parts  # type: ignore[assignment]
+                # Decoding each fragment as it comes fails fast on invalid UTF-8 (Autobahn 6.x);
+                # the bytes are kept, not the pieces of text, and decoded once at the end.
+                decoder.decode(payload, fin)
+                data += payload
                 if not fin:
-                    parts.append(chunk)
                     return None
-                text = "".join([*parts, chunk])
+                text = data.decode()
         except UnicodeDecodeError:
             raise WebSocketProtocolError(
                 CloseCode.INVALID_PAYLOAD, "text message is not valid UTF-8"

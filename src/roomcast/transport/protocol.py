@@ -10,13 +10,16 @@ Beyond plain ASGI it advertises the ``roomcast.frames`` extension in ``scope["ex
 - ``write(frame) -> bool`` writes an already built frame now, if the connection is open and its
   transport is under its high-water mark; ``False`` means "queue it and use ``send``".
 - ``send(frame)`` (a coroutine) waits until the transport can take more, then writes.
+- ``buffered() -> int``: bytes taken and not yet handed to the kernel (the transport's write
+  buffer and the frames corked this turn), which the hub counts against a connection's bound.
 
 A broadcast builds one frame and hands the same bytes to every member (server frames are not
 masked, RFC 6455 section 5.1), instead of one ASGI message, one encode and one frame per member.
 
 Safety, each tied to a test: invalid UTF-8 ends the connection with 1007 and one log line; a
-message's size is bounded in total, however it is fragmented; compressed data is inflated only up
-to the size limit (no deflate bomb); the closing handshake is bounded by a timer.
+message's size is bounded in total, however it is fragmented (each continuation frame counts,
+empty ones too); compressed data is inflated only up to the size limit (no deflate bomb); pongs
+for a peer that does not read them are not queued; the closing handshake is bounded by a timer.
 """
 
 from __future__ import annotations
@@ -81,8 +84,12 @@ _CLOSED: Final = 4
 
 #: Control opcodes: RSV1 (compression) is never allowed on them (RFC 7692 section 6.1).
 _CONTROL: Final = (OP_CLOSE, OP_PING, OP_PONG)
-#: Corked frames written at once, before the end of the loop turn, past this many.
+#: Corked frames written at once, before the end of the loop turn, past this many...
 _CORK_LIMIT: Final = 256
+#: ... or past this many bytes (the transport's default high-water mark): the transport only
+#: pauses, and refuses more frames, once it was written to, so without this a turn's frames
+#: could pass its high-water mark by any amount.
+_CORK_BYTES: Final = 64 * 1024
 #: Complete messages held for the app before frames are left unparsed and reading pauses.
 _INBOX_LIMIT: Final = 4
 
@@ -98,16 +105,19 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         "_app_task",
         "_close_timer",
         "_corked",
+        "_corked_size",
         "_deflate",
         "_denial",
         "_drain_waiter",
         "_ext_header",
+        "_failed",
         "_frames_ext",
         "_head",
         "_inbox",
         "_messages",
         "_ping_payload",
         "_ping_timer",
+        "_pong_due",
         "_pong_timer",
         "_read_paused",
         "_reader",
@@ -168,6 +178,11 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         self._ping_payload = b""
         self._frames_ext: dict[str, Any] | None = None
         self._corked: list[bytes] | None = None
+        self._corked_size = 0
+        #: The payload of the latest ping not answered yet (the transport was full).
+        self._pong_due: bytes | None = None
+        #: Set by the first protocol failure (:meth:`_fail`).
+        self._failed = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -197,6 +212,11 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writable = True
+        pong = self._pong_due
+        if pong is not None:
+            self._pong_due = None
+            if self._state == _OPEN:
+                self._out(build_frame(OP_PONG, pong))
         self._wake_writers()
 
     def data_received(self, data: bytes) -> None:
@@ -255,7 +275,11 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
                 self._messages.deflate = self._deflate
         raw_path, _, query = request.target.partition("?")
         root = self.config.root_path
-        self._frames_ext = {"write": self.write_frame, "send": self.send_frame}
+        self._frames_ext = {
+            "write": self.write_frame,
+            "send": self.send_frame,
+            "buffered": self.buffered,
+        }
         self.scope = {
             "type": "websocket",
             "asgi": {"version": self.config.asgi_version, "spec_version": "2.4"},
@@ -417,20 +441,30 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         """Take a prepared frame for writing if the connection can take it; else ``False``.
 
         Frames taken in one turn of the event loop leave in one write at its end: a burst of
-        publications costs each member one system call, not one per message.
+        publications costs each member one system call, not one per message. Past 256 frames or
+        64 KiB they are written at once, so that the transport pauses (and this refuses more)
+        as soon as its buffer passes its high-water mark: the buffer then holds at most the
+        high-water mark, 64 KiB and one frame.
         """
         if self._state != _OPEN or not self._writable:
             return False
         corked = self._corked
         if corked is None:
-            self._corked = [frame]
+            corked = self._corked = []
+            self._corked_size = 0
             self.loop.call_soon(self._uncork)
-        elif len(corked) < _CORK_LIMIT:
-            corked.append(frame)
-        else:
-            corked.append(frame)
+        corked.append(frame)
+        self._corked_size += len(frame)
+        if len(corked) > _CORK_LIMIT or self._corked_size >= _CORK_BYTES:
             self._uncork()
         return True
+
+    def buffered(self) -> int:
+        """Bytes taken for writing that the kernel has not taken yet."""
+        if self._state == _CLOSED:
+            return 0
+        corked = self._corked_size if self._corked is not None else 0
+        return self.transport.get_write_buffer_size() + corked
 
     async def send_frame(self, frame: bytes) -> None:
         """Write a prepared frame once the transport is under its high-water mark."""
@@ -444,6 +478,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         corked = self._corked
         if corked is not None:
             self._corked = None
+            self._corked_size = 0
             if self._state != _CLOSED:
                 self.transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
 
@@ -492,7 +527,14 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             self.loop.call_soon(self._parse)
 
     def _fail(self, code: CloseCode, reason: str) -> None:
-        """The peer broke the protocol: one log line, then close with ``code`` (section 7.1.7)."""
+        """The peer broke the protocol: one log line, then close with ``code`` (section 7.1.7).
+
+        Only the first failure counts: the data frames that follow it are dropped unread (see
+        :meth:`_frame`), so a flood of broken frames costs one log line, not one per frame.
+        """
+        if self._failed:
+            return
+        self._failed = True
         logger.info("%s WebSocket closed %d: %s", self._peer(), code, reason)
         if self._state == _OPEN:
             self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
@@ -551,7 +593,7 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
                 self._fail(CloseCode.PROTOCOL_ERROR, "control frames must be whole and short")
             elif opcode == OP_PING:
                 if self._state == _OPEN:
-                    self._out(build_frame(OP_PONG, payload))
+                    self._answer_ping(payload)
             elif opcode == OP_PONG:
                 self._pong(payload)
             elif opcode == OP_CLOSE:
@@ -559,6 +601,8 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             else:
                 self._fail(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode}")
             return
+        if self._failed:
+            return  # the stream is broken: only the peer's close frame matters now
         try:
             message = self._messages.frame(first, payload, keep=self._state == _OPEN)
         except WebSocketProtocolError as error:
@@ -570,6 +614,19 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             self._deliver({"type": "websocket.receive", "text": message})
         else:
             self._deliver({"type": "websocket.receive", "bytes": message})
+
+    def _answer_ping(self, payload: bytes) -> None:
+        """Pong now, or once the transport drains if it is full (RFC 6455 section 5.5.3).
+
+        A peer that sends pings and reads nothing would otherwise fill the transport's buffer
+        with pongs without bound. While the buffer is over its high-water mark only the latest
+        ping's payload is kept, and answered when the transport resumes: section 5.5.3 allows
+        answering only the most recently processed ping.
+        """
+        if self._writable:
+            self._out(build_frame(OP_PONG, payload))
+        else:
+            self._pong_due = payload
 
     def _peer_close(self, payload: bytes) -> None:
         try:
