@@ -32,7 +32,7 @@ from roomcast import __version__
 from roomcast.auth import SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX
 from roomcast.channels import HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX
 from roomcast.closecodes import CloseCode
-from roomcast.protocol import CHANNEL_CHARS, MAX_ID_LENGTH, OPS, ErrorCode
+from roomcast.protocol import CHANNEL_CHARS, HISTORY_PAGE_BYTES, MAX_ID_LENGTH, OPS, ErrorCode
 from roomcast.routes.classic import LEAVE_NOTICE, ROOM_NAME
 from roomcast.settings import Settings
 
@@ -552,7 +552,8 @@ def _realtime_endpoint(settings: Settings) -> Endpoint:
         f"origin: HTTP 403. Limits: messages up to {settings.max_message_size} bytes, "
         f"`data` up to {settings.max_publication_size} bytes of JSON, "
         f"{settings.max_subscriptions} subscriptions per connection, "
-        f"{settings.outbox_size} unread frames, history of {settings.history_size} "
+        f"{settings.outbox_size} unread frames or {settings.outbox_bytes} unread bytes, "
+        f"history pages of at most {HISTORY_PAGE_BYTES} bytes, history of {settings.history_size} "
         f"publications per channel.",
         incoming,
         outgoing,
