@@ -1017,7 +1017,12 @@ def cut_lines(srv: RoomcastServer, since: int, client: str) -> list[str]:
 
 async def test_slow_subscriber_is_cut_4008_then_recovers(server_factory: ServerFactory) -> None:
     srv = server_factory(
-        env={"ROOMCAST_OUTBOX_SIZE": str(SLOW_OUTBOX), "ROOMCAST_HISTORY_SIZE": str(SLOW_OUTBOX)}
+        env={
+            "ROOMCAST_OUTBOX_SIZE": str(SLOW_OUTBOX),
+            "ROOMCAST_HISTORY_SIZE": str(SLOW_OUTBOX),
+            # The history must hold the whole outbox's worth of padded publications.
+            "ROOMCAST_HISTORY_BYTES": str(8 << 20),
+        }
     )
     ch = channel("slow")
     log_start = srv.log_offset()
