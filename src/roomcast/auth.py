@@ -54,8 +54,12 @@ TOKEN_SUBPROTOCOL_PREFIX: Final = "roomcast.token."
 
 #: The ``kid`` of guest tokens (``POST /auth/guest``): signed and checked with the guest key.
 GUEST_KID: Final = "roomcast-guest"
-#: A guest's chosen name: what the page shows before the ``#xxxx`` that makes it unique.
+#: A guest's chosen name: what the page shows before the ``#`` and random id of its user.
 GUEST_NAME: Final = re.compile(r"[A-Za-z0-9 _.-]{1,32}")
+#: Random bytes in a guest's user id (``ann#<16 hex digits>``). 64 bits: a million guests of
+#: one name share an id with a probability of about 3e-8; 16 bits gave a shared id (and a
+#: shared per-user connection limit) every few hundred sign-ins.
+GUEST_ID_BYTES: Final = 8
 
 #: The user a generated static token stands for; the guide's name for its one user.
 GENERATED_TOKEN_USER: Final = "authenticated_user"
@@ -217,10 +221,11 @@ class Authenticator:
         return self._guest_key is not None
 
     def issue_guest(self, name: str, user: str | None = None) -> tuple[str, Grant]:
-        """A guest token for ``name`` (a new ``name#xxxx`` user), or renewed for ``user``."""
+        """A guest token for ``name`` (a new user ``name#`` + 16 random hex digits), or
+        renewed for ``user``."""
         assert self._guest_key is not None
         if user is None:
-            user = f"{name}#{secrets.token_hex(2)}"
+            user = f"{name}#{secrets.token_hex(GUEST_ID_BYTES)}"
         expires_at = int(time.time() + self.settings.guest_ttl)
         token = jwt.encode(
             {"sub": user, "exp": expires_at, "iat": int(time.time())},

@@ -390,8 +390,31 @@ class Node:
             )
         client.grant = grant
         self._arm_expiry(client, asyncio.get_running_loop())
+        await self._revoke_unallowed(client)
         expires = None if grant.expires_at is None else int(grant.expires_at)
         return orjson.dumps({"user": user, "expires_at": expires}), None
+
+    async def _revoke_unallowed(self, client: Client) -> None:
+        """End the subscriptions that the client's (new) grant no longer allows.
+
+        A fresh token replaces the old one's channels (docs/protocol.md, ``auth``): keeping a
+        subscription that the grant no longer covers would go on delivering a channel whose
+        ``history`` is already refused. Each one ends with an ``unsubscribed`` push, queued
+        before the reply to ``auth``, and no publication of it reaches the client after that.
+        """
+        patterns = client.grant.subscribe
+        for channel in [name for name in client.subscriptions if not patterns.allows(name)]:
+            reason = f"the connection's new token does not allow subscribing to {channel}"
+            try:
+                # Delivery to the client stops at once, before the first await in there.
+                await self._drop(client, channel, notify=True)
+            except BrokerUnavailable:
+                # The broker forgets the entry by itself (presence entries expire).
+                logger.info("conn=%s /ws broker unavailable while leaving %s", client.id, channel)
+            logger.info("conn=%s /ws unsubscribed from %s: token narrowed", client.id, channel)
+            client.send(
+                orjson.dumps({"type": "unsubscribed", "channel": channel, "reason": reason})
+            )
 
     def cut(self, client: Client) -> None:
         """Close a client that reads too slowly (4008); its subscriptions end with it."""

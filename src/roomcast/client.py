@@ -70,7 +70,8 @@ TokenSource = str | Callable[[], str | Awaitable[str]] | None
 
 
 class ServerError(RoomcastError):
-    """The server answered a request with ``ok: false``."""
+    """The server answered a request with ``ok: false`` (or ended a subscription: code
+    ``unsubscribed``)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -124,6 +125,8 @@ class Subscription:
         self.gaps = 0
         self._queue: asyncio.Queue[Publication | Presence | None] = asyncio.Queue(max_queue)
         self._closed = False
+        #: Why the server ended the subscription (an ``unsubscribed`` push), if it did.
+        self.ended: ServerError | None = None
 
     async def _put(self, item: Publication | Presence) -> None:
         if isinstance(item, Publication):
@@ -132,7 +135,9 @@ class Subscription:
             self.offset = item.offset
         await self._queue.put(item)
 
-    def _end(self) -> None:
+    def _end(self, reason: ServerError | None = None) -> None:
+        if reason is not None and not self._closed:
+            self.ended = reason
         self._closed = True
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(None)
@@ -146,9 +151,12 @@ class Subscription:
         item = await self._queue.get()
         if item is None:
             # Ended: unsubscribed or closed by the application (a normal end), or the client
-            # stopped for good (kicked, refused), which the application must hear about.
+            # stopped for good (kicked, refused), or the server ended this subscription (its
+            # token no longer allows the channel), which the application must hear about.
             if self.client.error is not None:
                 raise self.client.error
+            if self.ended is not None:
+                raise self.ended
             raise StopAsyncIteration
         return item
 
@@ -330,6 +338,11 @@ class Client:
                     subscription = self._subscriptions.get(frame["channel"])
                     if subscription is not None:
                         await subscription._put(Presence(frame["channel"], kind, frame["info"]))
+                elif kind == "unsubscribed":
+                    # The server ended it (a fresh token without this channel): for good.
+                    subscription = self._subscriptions.pop(frame["channel"], None)
+                    if subscription is not None:
+                        subscription._end(ServerError("unsubscribed", frame["reason"]))
                 elif kind == "refresh":
                     if callable(self.token) and (
                         self._refreshing is None or self._refreshing.done()

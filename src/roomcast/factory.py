@@ -14,11 +14,12 @@ from roomcast.asyncapi import ASYNCAPI_PATH, asyncapi_router
 from roomcast.brokers import BrokerUnavailable
 from roomcast.logs import announce_generated_token, install_redaction
 from roomcast.metrics import Metrics, metrics_router
-from roomcast.routes.api import api_router
+from roomcast.routes.api import api_gate, api_router
+from roomcast.routes.bodies import BodyGuard
 from roomcast.routes.classic import classic_routes
 from roomcast.routes.ops import ops_router
 from roomcast.routes.realtime import realtime_routes
-from roomcast.routes.web import mount_web
+from roomcast.routes.web import guest_gate, mount_web
 from roomcast.runtime import Runtime
 from roomcast.settings import Settings
 
@@ -97,4 +98,13 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
         app.include_router(metrics_router(metrics))
     app.include_router(asyncapi_router(runtime.settings))
     mount_web(app, runtime)
+    # FastAPI reads a body before the route's dependencies run: the API key and the guest
+    # sign-in checks go in front of it, and so do the body's size and time bounds.
+    cfg = runtime.settings
+    app.add_middleware(
+        BodyGuard,
+        limit=cfg.body_limit,
+        timeout=cfg.body_timeout,
+        gates=[api_gate(cfg), guest_gate(runtime)],
+    )
     return app

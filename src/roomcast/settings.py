@@ -101,6 +101,17 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="Turns the HTTP API on; requests must carry it as a Bearer token."
     )
+    max_body_size: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Largest HTTP request body (the API, guest sign-in), in bytes (413 over it); unset: "
+            "2 x max_publication_size + 1000 x (channel_max_length + 3) + 64 KiB."
+        ),
+    )
+    body_timeout: float = Field(
+        10.0, gt=0, description="Seconds an HTTP request body may take to arrive (408 after)."
+    )
     jwt_secret: SecretStr | None = Field(
         None, description="Secret for HS256/HS384/HS512 tokens on /ws and /ws/secure."
     )
@@ -140,6 +151,12 @@ class Settings(BaseSettings):
         description="Signs guest tokens; default: ROOMCAST_JWT_SECRET, else made up at start.",
     )
     guest_ttl: float = Field(3600.0, gt=0, description="Seconds a guest token lasts.")
+    guest_rate: float = Field(
+        2.0, ge=0, description="Guest sign-ins per second from one client address; 0: no limit."
+    )
+    guest_burst: int = Field(
+        10, ge=1, description="Guest sign-ins one client address may make at once."
+    )
     allowed_origins: list[str] = Field(
         default_factory=list,
         description="Browser origins allowed besides the server's own (JSON list; * for any).",
@@ -234,6 +251,14 @@ class Settings(BaseSettings):
             return self.guest_channels
         configured = self.tokens or self.jwt_secret or self.jwt_public_key or self.jwt_jwks_file
         return [] if configured else ["room:*"]
+
+    @property
+    def body_limit(self) -> int:
+        """The largest HTTP request body: :attr:`max_body_size`, or enough for the largest
+        publication (written with spaces or escapes) or a broadcast to 1000 channels."""
+        if self.max_body_size is not None:
+            return self.max_body_size
+        return 2 * self.max_publication_size + 1000 * (self.channel_max_length + 3) + 65536
 
     @property
     def broker_display(self) -> str:

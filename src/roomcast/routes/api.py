@@ -1,7 +1,9 @@
 """The server-side HTTP API: publish, broadcast, channels, presence, history, disconnect.
 
 For the application's own backend. Off unless ``ROOMCAST_API_KEY`` is set; every request then
-carries the key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+carries the key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The key is checked
+from the request head by :func:`api_gate` (in :class:`~roomcast.routes.bodies.BodyGuard`)
+before any body is read, and again by the routes' dependency.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from pydantic import BaseModel, Field
+from starlette.types import Scope
 
 from roomcast.protocol import RequestError, encode_info, history_result
+from roomcast.routes.bodies import Gate, Refusal, header, route_path
 from roomcast.runtime import Runtime
+from roomcast.settings import Settings
 
-__all__ = ["api_router"]
+__all__ = ["api_gate", "api_router", "key_refusal"]
 
 #: Publications made through the API name no client and no user.
 API_INFO = encode_info(None, None)
@@ -86,6 +91,36 @@ class DisconnectOut(BaseModel):
     disconnected: int
 
 
+def key_refusal(
+    settings: Settings, authorization: str | None, x_api_key: str | None
+) -> Refusal | None:
+    """Why a request with these headers may not use the API (404: off; 401: no or a wrong
+    key), or ``None``."""
+    if settings.api_key is None:
+        return Refusal(404, "the HTTP API is off: set ROOMCAST_API_KEY to turn it on")
+    given = x_api_key
+    if authorization is not None:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            given = credentials.strip()
+    expected = settings.api_key.get_secret_value().encode()
+    # Bytes as sent (latin-1, as ASGI gives them): no encoding error for any header value.
+    if given is None or not hmac.compare_digest(given.encode("latin-1", "replace"), expected):
+        return Refusal(401, "a valid API key is required", {"WWW-Authenticate": "Bearer"})
+    return None
+
+
+def api_gate(settings: Settings) -> Gate:
+    """The key check of every ``/api/...`` request, from its head (before its body is read)."""
+
+    def gate(scope: Scope) -> Refusal | None:
+        if not route_path(scope).startswith("/api/"):
+            return None
+        return key_refusal(settings, header(scope, b"authorization"), header(scope, b"x-api-key"))
+
+    return gate
+
+
 def api_router(runtime: Runtime) -> APIRouter:
     """The ``/api`` routes of ``runtime``."""
     settings = runtime.settings
@@ -96,18 +131,9 @@ def api_router(runtime: Runtime) -> APIRouter:
         authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
         x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
     ) -> None:
-        if settings.api_key is None:
-            raise HTTPException(404, "the HTTP API is off: set ROOMCAST_API_KEY to turn it on")
-        given = x_api_key
-        if authorization is not None:
-            scheme, _, credentials = authorization.partition(" ")
-            if scheme.lower() == "bearer":
-                given = credentials.strip()
-        expected = settings.api_key.get_secret_value().encode()
-        if given is None or not hmac.compare_digest(given.encode(), expected):
-            raise HTTPException(
-                401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"}
-            )
+        refusal = key_refusal(settings, authorization, x_api_key)
+        if refusal is not None:
+            raise HTTPException(refusal.status, refusal.detail, headers=refusal.headers or None)
 
     router = APIRouter(prefix="/api", tags=["server API"], dependencies=[Depends(require_key)])
 

@@ -2,22 +2,30 @@
 
 Guest sign-in lets the page work on the embedded defaults without any account system: a name
 gets a short-lived token for ``ROOMCAST_GUEST_CHANNELS`` (``room:*`` while no token or JWT key
-is configured; off otherwise, unless set). See docs/security.md.
+is configured; off otherwise, unless set), at most ``ROOMCAST_GUEST_RATE`` per second (bursts
+of ``ROOMCAST_GUEST_BURST``) from one client address. See docs/security.md.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.types import Scope
 
 from roomcast.auth import GUEST_NAME, AuthError
+from roomcast.routes.bodies import Gate, Refusal, route_path
 from roomcast.runtime import Runtime
 
-__all__ = ["STATIC_DIR", "mount_web"]
+__all__ = ["STATIC_DIR", "AddressLimiter", "guest_gate", "mount_web"]
+
+#: The guest sign-in route (its gate and its handler).
+GUEST_PATH = "/auth/guest"
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
@@ -33,9 +41,70 @@ class GuestIn(BaseModel):
 
 class GuestOut(BaseModel):
     token: str = Field(description="Send it to /ws (subprotocol roomcast.token.<token>).")
-    user: str = Field(description="The user the token is for: the name plus #xxxx.")
+    user: str = Field(
+        description="The user the token is for: the name, '#' and 16 random hex digits."
+    )
     expires_at: int = Field(description="Unix time the token expires.")
     channels: list[str] = Field(description="Channel patterns a guest may use.")
+
+
+class AddressLimiter:
+    """A token bucket per client address: ``rate`` per second, ``burst`` at once.
+
+    At most ``max_addresses`` buckets are kept; past that the least recently used one is
+    dropped (it starts full again when its address comes back), so the table stays bounded
+    whatever addresses a flood comes from.
+    """
+
+    def __init__(self, rate: float, burst: int, max_addresses: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_addresses = max_addresses
+        #: address -> (tokens left, when counted); in order of last use.
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, address: str, now: float | None = None) -> float:
+        """Take one token for ``address``: 0 if it had one, else the seconds until it will."""
+        now = time.monotonic() if now is None else now
+        tokens, then = self._buckets.pop(address, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        self._buckets[address] = (tokens, now)
+        if len(self._buckets) > self.max_addresses:
+            del self._buckets[next(iter(self._buckets))]
+        return wait
+
+
+def guest_gate(runtime: Runtime) -> Gate:
+    """The checks of ``POST /auth/guest`` that need only the request head: 404 while guest
+    sign-in is off, 429 (with ``Retry-After``) over the per-address rate."""
+    auth = runtime.auth
+    settings = runtime.settings
+    limiter = AddressLimiter(settings.guest_rate, settings.guest_burst)
+
+    def gate(scope: Scope) -> Refusal | None:
+        if scope["method"] != "POST" or route_path(scope) != GUEST_PATH:
+            return None
+        if not auth.guests_enabled:
+            return Refusal(404, "guest sign-in is off (ROOMCAST_GUEST_CHANNELS)")
+        if not limiter.rate:
+            return None
+        client = scope.get("client")
+        wait = limiter.take(client[0] if client else "")
+        if wait:
+            after = max(1, math.ceil(wait))
+            return Refusal(
+                429,
+                f"too many guest sign-ins from this address; retry in {after} s",
+                {"Retry-After": str(after)},
+            )
+        return None
+
+    return gate
 
 
 def mount_web(app: FastAPI, runtime: Runtime) -> None:
@@ -48,9 +117,13 @@ def mount_web(app: FastAPI, runtime: Runtime) -> None:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     @router.post(
-        "/auth/guest",
+        GUEST_PATH,
         summary="Sign in as a guest (for the page at /)",
-        responses={404: {"description": "Guest sign-in is off"}},
+        responses={
+            404: {"description": "Guest sign-in is off"},
+            413: {"description": "The body is over ROOMCAST_MAX_BODY_SIZE"},
+            429: {"description": "Over ROOMCAST_GUEST_RATE sign-ins from this address"},
+        },
     )
     async def guest(body: GuestIn) -> GuestOut:
         if not auth.guests_enabled:

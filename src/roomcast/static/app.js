@@ -147,7 +147,7 @@ function showPeople() {
   $("presence-count").textContent = `(${users.length})`;
 }
 
-/** "ann#1a2b" shown as "ann" and a muted "#1a2b". */
+/** A guest "ann#1a2b3c4d5e6f7a8b" shown as "ann" and a muted "#1a2b" (the whole id on hover). */
 function appendName(parent, user) {
   const [name, tag] = user ? user.split("#") : ["anonymous"];
   const strong = document.createElement("strong");
@@ -155,7 +155,8 @@ function appendName(parent, user) {
   parent.append(strong);
   if (tag) {
     const small = document.createElement("small");
-    small.textContent = `#${tag}`;
+    small.textContent = `#${tag.slice(0, 4)}`;
+    small.title = user;
     parent.append(small);
   }
 }

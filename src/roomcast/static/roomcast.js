@@ -363,6 +363,13 @@ export class Client extends EventTarget {
       case "leave":
         if (sub) emit(sub, frame.type, { channel: frame.channel, info: frame.info });
         break;
+      case "unsubscribed":
+        // The server ended it (a fresh token without this channel): for good, not resubscribed.
+        if (sub) {
+          this.subscriptions.delete(frame.channel);
+          sub._end(new RoomcastError("unsubscribed", frame.reason));
+        }
+        break;
       case "refresh":
         if (typeof this.token === "function") this._refresh();
         break;
