@@ -175,7 +175,7 @@ def test_every_op_has_a_request_and_replies(document: dict[str, Any]) -> None:
 
 def test_every_push_type(document: dict[str, Any]) -> None:
     schemas = document["components"]["schemas"]
-    assert set(PUSHES) == {"connected", "publication", "join", "leave", "refresh"}
+    assert set(PUSHES) == {"connected", "publication", "join", "leave", "refresh", "unsubscribed"}
     for kind, model in PUSHES.items():
         assert schemas[model.__name__]["properties"]["type"]["const"] == kind
         assert f"{kind}Push" in ws_channel(document)["messages"]

@@ -224,6 +224,14 @@ class RefreshPush(BaseModel):
     expires_at: int = Field(description="Unix seconds.")
 
 
+class UnsubscribedPush(BaseModel):
+    """The server ended a subscription: the connection's new token does not allow it."""
+
+    type: Literal["unsubscribed"]
+    channel: ChannelName
+    reason: str
+
+
 class ErrorBody(BaseModel):
     code: ErrorCode
     message: str
@@ -261,6 +269,7 @@ PUSHES: Final[dict[str, type[BaseModel]]] = {
     "join": JoinPush,
     "leave": LeavePush,
     "refresh": RefreshPush,
+    "unsubscribed": UnsubscribedPush,
 }
 #: ``ErrorCode`` members carry no docs of their own: docs/protocol.md, "Error codes".
 ERROR_CODES: Final[dict[ErrorCode, str]] = {

@@ -51,6 +51,7 @@ from roomcast.protocol import (
     ok_reply,
     parse_request,
     refresh_frame,
+    unsubscribed_frame,
     utc_now,
 )
 from roomcast.settings import Settings
@@ -412,9 +413,7 @@ class Node:
                 # The broker forgets the entry by itself (presence entries expire).
                 logger.info("conn=%s /ws broker unavailable while leaving %s", client.id, channel)
             logger.info("conn=%s /ws unsubscribed from %s: token narrowed", client.id, channel)
-            client.send(
-                orjson.dumps({"type": "unsubscribed", "channel": channel, "reason": reason})
-            )
+            client.send(unsubscribed_frame(channel, reason))
 
     def cut(self, client: Client) -> None:
         """Close a client that reads too slowly (4008); its subscriptions end with it."""

@@ -240,6 +240,11 @@ def refresh_frame(expires_at: float) -> bytes:
     return orjson.dumps({"type": "refresh", "expires_at": int(expires_at)})
 
 
+def unsubscribed_frame(channel: str, reason: str) -> bytes:
+    """The ``unsubscribed`` push: the server ended the subscription to ``channel``."""
+    return orjson.dumps({"type": "unsubscribed", "channel": channel, "reason": reason})
+
+
 def connected_frame(client: str, user: str | None, version: str) -> bytes:
     """The first push of every connection."""
     return orjson.dumps({"type": "connected", "client": client, "user": user, "version": version})
