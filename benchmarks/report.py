@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -312,28 +313,43 @@ def cluster_table(
 
 def cluster_headline(results: Results) -> str | None:
     """Return the cluster ÷ single-node ratios and the correctness verdict (every run 0 lost,
-    0 duplicates, 0 out of order, 0 other errors), or None if the cluster was not run."""
+    0 duplicates, 0 out of order, 0 other errors), or None if the cluster was not run.
+
+    Only counts that every finished run recorded are judged: a count some run lacks reads
+    "not measured" (never 0), and a run that crashed makes the verdict "failed" (its counts
+    were never taken, so the survivors' zeros say nothing about it).
+    """
     dps = {k: results.key_value(k, "cluster.dps") for k in CLUSTER_KINDS}
-    if dps["cluster"] is None:
+    crashed = results.crashed(CLUSTER_KINDS, "cluster")
+    if dps["cluster"] is None and not crashed:
         return None
     parts = []
     for kind, what in (("single-memory", "memory://"), ("single-redis", "redis://")):
-        if dps[kind]:
+        if dps["cluster"] and dps[kind]:
             parts.append(f"{dps['cluster'] / dps[kind]:.2f}× one node on {what}")
-    worst = {
-        key: max(
-            (results.key_value(k, f"cluster.{key}", "max") or 0 for k in CLUSTER_KINDS),
-            default=0,
+    ran = [k for k in CLUSTER_KINDS if results.samples.get((k, "cluster.runs"))]
+    worst: dict[str, float | None] = {}
+    for key in CLUSTER_ZERO:
+        counts = [results.every_run(k, f"cluster.{key}", "cluster.runs") for k in ran]
+        worst[key] = (
+            None if not ran or any(c is None for c in counts) else max(c or 0.0 for c in counts)
         )
-        for key in CLUSTER_ZERO
-    }
-    ok = all(v == 0 for v in worst.values())
-    counts = ", ".join(f"{key.replace('_', ' ')} {v:,.0f}" for key, v in worst.items())
+    shown = ", ".join(
+        f"{key.replace('_', ' ')} {'not measured' if v is None else f'{v:,.0f}'}"
+        for key, v in worst.items()
+    )
+    if crashed:
+        verdict_text = f"**failed**: {len(crashed)} run(s) crashed: {'; '.join(crashed)}"
+    elif any(v for v in worst.values()):
+        verdict_text = "**NOT all 0**"
+    elif any(v is None for v in worst.values()):
+        verdict_text = "**not measured**"
+    else:
+        verdict_text = "**all 0: correct**"
     head = (
-        f"{cluster_nodes(results)} nodes on Redis, median deliveries/s: {dps['cluster']:,.0f}"
+        f"{cluster_nodes(results)} nodes on Redis, median deliveries/s: {fmt(dps['cluster'])}"
         + (f" ({'; '.join(parts)})" if parts else "")
-        + f". Correctness, worst run of every configuration: {counts} "
-        + ("(**all 0: correct**)" if ok else "(**NOT all 0**)")
+        + f". Correctness, worst run of every configuration: {shown} ({verdict_text})"
     )
     return head
 
@@ -393,6 +409,26 @@ class Results:
             return None
         return float(max(vals) if agg == "max" else statistics.median(vals))
 
+    def every_run(self, role: str, key: str, runs_key: str) -> float | None:
+        """Return the worst (largest) value of count ``key`` over ``role``'s runs, or None
+        unless every run (one sample of ``runs_key`` each) recorded it."""
+        runs = len(self.samples.get((role, runs_key), []))
+        vals = self.samples.get((role, key), [])
+        if not runs or len(vals) < runs or any(v is None for v in vals):
+            return None
+        return float(max(v for v in vals if v is not None))
+
+    def crashed(self, roles: Sequence[str], *prefixes: str) -> list[str]:
+        """Return the runs of ``roles`` that failed (crashed, or their server did not start)
+        in the scenarios behind the figures ``prefix.*`` (see :func:`scenario_prefixes`)."""
+        return [
+            f"{r.scenario} on {r.role} (run {r.run})"
+            for r in self.runs
+            if r.summary == "FAILED"
+            and r.role in roles
+            and set(scenario_prefixes(r.scenario)) & set(prefixes)
+        ]
+
     def measured(self, spec: MetricSpec) -> bool:
         """Tell whether ``spec`` was measured for any server."""
         store = self.texts if spec.agg == "text" else self.samples
@@ -402,6 +438,30 @@ class Results:
         """Return the compared servers that have any figure, in column order."""
         seen = {role for role, _ in self.samples} | {role for role, _ in self.texts}
         return [role for role in ROLES if role in seen]
+
+
+def scenario_prefixes(scenario: str) -> tuple[str, ...]:
+    """Return the figure key prefixes (``chat`` for ``chat.dps`` ...) that runs of
+    ``scenario`` (benchmarks/run.py's scenario names) record."""
+    if scenario == "echo":  # its server did not start: both echo figures lack its runs
+        return ("echo1", "echoN")
+    if scenario.startswith("echo "):
+        return ("echo1",) if scenario == "echo 1 conn" else ("echoN",)
+    if scenario.startswith("ceiling"):
+        return ("ceiling",)
+    if scenario.startswith("memory "):
+        return ("mem",)
+    return {
+        "chat": ("chat", "stall"),  # "÷ own unstalled" divides by the plain chat run
+        "chat + stalled member": ("stall",),
+        "chat: cut or stall?": ("cut",),
+        "new connections": ("connect",),
+        "chat (paired with /ws)": ("channel",),
+        "chat (matched to /ws)": ("channel",),
+        "/ws channel fan-out": ("channel",),
+        "/ws recovery": ("recovery",),
+        "/ws cluster fan-out": ("cluster",),
+    }.get(scenario, (scenario,))
 
 
 def ratio(spec: MetricSpec, num: float | None, den: float | None) -> float | None:
@@ -521,12 +581,16 @@ class Target:
 
     ``limited`` names the runs behind the figures whose load generator was at or above
     BUSY_LOADGEN_PCT of its core: those figures may be limited by the client side.
+    ``crashed`` names the runs behind it that failed: the verdict is then "failed".
     """
 
     text: str
     measured: str
     met: bool | None
     limited: str = ""
+    #: The runs behind the figures that crashed: their figures are missing, so the verdict
+    #: is "failed" whatever the surviving runs say.
+    crashed: str = ""
 
 
 def judge_targets(
@@ -554,6 +618,10 @@ def judge_targets(
     def both(a: float | None, b: float | None) -> tuple[float, float] | None:
         return None if a is None or b is None else (a, b)
 
+    def failed(roles: Sequence[str], *prefixes: str) -> str:
+        """Name the runs of ``roles`` behind figures ``prefixes`` that crashed."""
+        return "; ".join(results.crashed(roles, *prefixes))
+
     targets = []
     # The first issue's targets, for roomcast and for its plain-ASGI fallback.
     for role, who in (("roomcast", "roomcast"), ("roomcast-asgi", "roomcast-asgi (fallback)")):
@@ -570,6 +638,7 @@ def judge_targets(
                 f"{fmt(e1)} / {fmt(en)}",
                 met,
                 busy("echoN.loadgen", ("baseline", role)),
+                failed(("baseline", role), "echo1", "echoN"),
             )
         )
         rc, lost = rat("chat.dps", role), val(role, "chat.lost")
@@ -580,6 +649,7 @@ def judge_targets(
                 f"{fmt_ratio(rc)}, lost {fmt(lost)}",
                 None if pair is None else pair[0] >= 1.0 and pair[1] == 0,
                 busy("chat.loadgen", ("baseline", role)),
+                failed(("baseline", role), "chat"),
             )
         )
     rel, slost = val("roomcast", "stall.rel"), val("roomcast", "stall.lost")
@@ -599,6 +669,7 @@ def judge_targets(
                 )
                 if x
             ),
+            failed(("roomcast",), "stall"),
         )
     )
     top = max(idle_counts) if idle_counts else 0
@@ -610,6 +681,7 @@ def judge_targets(
             "/ws/chat and /ws/echo)",
             f"chat {fmt_ratio(mc)}, echo {fmt_ratio(me)}",
             None if pair is None else pair[0] <= 1.15 and pair[1] <= 1.15,
+            crashed=failed(("roomcast", "baseline"), "mem"),
         )
     )
     # This issue's targets.
@@ -634,6 +706,7 @@ def judge_targets(
             f"{fmt(p99['baseline'], 1)} ms; lost {fmt(lost)}",
             met,
             busy("chat.loadgen", ("roomcast", "node", "baseline")),
+            failed(("roomcast", "node", "baseline"), "chat"),
         )
     )
     rn = rat("echoN.rtps")
@@ -643,6 +716,7 @@ def judge_targets(
             fmt_ratio(rn),
             None if rn is None else rn >= 1.1,
             busy("echoN.loadgen", ("roomcast", "baseline")),
+            failed(("roomcast", "baseline"), "echoN"),
         )
     )
     kc, ke = val("roomcast", mem_key("chat", top)), val("roomcast", mem_key("echo", top))
@@ -655,6 +729,7 @@ def judge_targets(
             f"{fmt(val('baseline', mem_key('chat', top)), 1)} / "
             f"{fmt(val('baseline', mem_key('echo', top)), 1)})",
             None if pair is None else pair[0] <= 20.0 and pair[1] <= 20.0,
+            crashed=failed(("roomcast",), "mem"),
         )
     )
     rcps = rat("connect.cps")
@@ -666,6 +741,7 @@ def judge_targets(
             f"{fmt_ratio(rcps)}; failed cycles {fmt(errors)}",
             None if pair is None else pair[0] >= 1.5 and pair[1] == 0,
             busy("connect.loadgen", ("roomcast", "baseline")),
+            failed(("roomcast", "baseline"), "connect"),
         )
     )
     # The /ws channel protocol's targets (roomcast only: the other servers have no /ws).
@@ -692,6 +768,7 @@ def judge_targets(
                 )
                 if x
             ),
+            failed(("roomcast",), "channel"),
         )
     )
     counts = {
@@ -709,6 +786,7 @@ def judge_targets(
             f"lost {fmt(counts['lost'])}, duplicates {fmt(counts['duplicates'])}, errors "
             f"{fmt(counts['errors'])}",
             met,
+            crashed=failed(("roomcast",), "recovery"),
         )
     )
     return targets
@@ -716,6 +794,8 @@ def judge_targets(
 
 def verdict(target: Target) -> str:
     """Render a target verdict, with the load generator caveat when it applies."""
+    if target.crashed:
+        return f"failed (crashed: {target.crashed})"
     text = {True: "met", False: "NOT met", None: "not measured"}[target.met]
     if target.limited and target.met is not None:
         text += f" (limited by the load generator: {target.limited})"
@@ -875,12 +955,16 @@ def print_console(
 
     if rows:  # (nothing for a run of the /ws or cluster scenarios alone)
         show("roomcast, the guide's server and Node's ws", header, rows)
-    if any(t.met is not None for t in targets):
+    if any(t.met is not None or t.crashed for t in targets):
         ttable = Table(title="targets")
         for name, width in zip(TARGET_HEADER, (56, 56, 50), strict=True):
             ttable.add_column(name, min_width=width)
         for t, row in zip(targets, target_rows, strict=True):
-            style = {True: "green", False: "bold red", None: "yellow"}[t.met]
+            style = (
+                "bold red"
+                if t.crashed
+                else {True: "green", False: "bold red", None: "yellow"}[t.met]
+            )
             ttable.add_row(row[0], row[1], f"[{style}]{row[2]}[/{style}]")
         console.print(ttable)
     for title, headline, head, body in sections:
@@ -1037,3 +1121,87 @@ def render_markdown(
     if results.notes:
         parts += ["## Notes", "", *(f"- {n}" for n in results.notes), ""]
     return "\n".join(parts)
+
+
+# -- the README's figures, read back from docs/benchmarks.md ------------------------------------
+
+
+def markdown_rows(markdown: str) -> list[dict[str, str]]:
+    """Return every row of every table in ``markdown`` as {column header: cell}."""
+    rows: list[dict[str, str]] = []
+    header: list[str] | None = None
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if header is None:
+            header = cells
+        elif not all(set(c) <= {"-", ":"} for c in cells):
+            rows.append(dict(zip(header, cells, strict=False)))
+    return rows
+
+
+def _row(rows: Sequence[dict[str, str]], label: str) -> tuple[dict[str, str], re.Match[str]]:
+    """Return the first row whose figure matches ``label`` (a regex), and the match."""
+    for row in rows:
+        found = re.fullmatch(label, row.get("figure", ""))
+        if found:
+            return row, found
+    raise ValueError(f"docs/benchmarks.md has no row {label!r}")
+
+
+def _number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("×"))
+
+
+def _times(value: float) -> str:
+    """A ratio as the README writes it: whole from 2 up, two decimals below."""
+    return f"{value:.0f}×" if value >= 2 else f"{value:.2f}×"
+
+
+def readme_figures(markdown: str) -> str:
+    """Return the README's sentence of benchmark figures, from docs/benchmarks.md's text.
+
+    The README quotes this sentence verbatim; tests/test_pins_benchmarks.py checks that it
+    does, so the README cannot drift from the last run.
+    """
+    rows = markdown_rows(markdown)
+    chat, found = _row(rows, r"chat, ([\d,]+) members: deliveries")
+    members = found.group(1)
+    idle = [
+        (int(m.group(1).replace(",", "")), row)
+        for row in rows
+        if (m := re.fullmatch(r"([\d,]+) idle /ws/chat: RSS per connection", row.get("figure", "")))
+    ]
+    if not idle:
+        raise ValueError("docs/benchmarks.md has no idle /ws/chat row")
+    idle_row = max(idle, key=lambda item: item[0])[1]
+    connect, _ = _row(rows, r"new connections \(\d+ clients\): connections")
+    recovery, found = _row(rows, r"time until all ([\d,]+) clients have all ([\d,]+) missed")
+    clients, missed = found.groups()
+    lost_row, _ = _row(rows, r"missed publications never replayed \(lost\)")
+    lost = int(_number(lost_row["roomcast"]))
+    rel, _ = _row(rows, r"/ws fan-out ÷ chat fan-out, deliveries/s \(medians\)")
+    relm, _ = _row(rows, r"/ws fan-out ÷ matched chat fan-out .*")
+    return (
+        f"chat fan-out to {members} members at "
+        f"{_times(_number(chat['roomcast ÷ baseline']))} the guide's deliveries/s and "
+        f"{_times(_number(chat['roomcast ÷ node']))} Node's, "
+        f"{_number(idle_row['roomcast']):.0f} KiB per idle connection (the guide: "
+        f"{_number(idle_row['baseline (guide)']):.0f} KiB), "
+        f"{_times(_number(connect['roomcast ÷ baseline']))} the guide's new connections per "
+        f"second, {clients} `/ws` clients recovering {missed} missed publications each in "
+        f"{_number(recovery['roomcast']) / 1000:.2f} s with "
+        f"{'none' if lost == 0 else f'{lost:,}'} lost, and `/ws` fan-out at "
+        f"{_number(rel['roomcast']):.2f}× the chat endpoint's deliveries/s "
+        f"({_number(relm['roomcast']):.2f}× against chat lines as long as `/ws` frames"
+    )
+
+
+if __name__ == "__main__":
+    import pathlib
+    import sys
+
+    docs = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+    sys.stdout.write(readme_figures(docs.read_text()) + "\n")

@@ -6,6 +6,7 @@ async API. Playwright drives this browser through ``executable_path``; it downlo
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 from types import ModuleType
@@ -33,5 +34,11 @@ def require_chromium() -> tuple[str, ModuleType]:
         if os.environ.get("CI"):
             pytest.fail("CI needs Chromium for the browser tests (apt-get install chromium)")
         pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
-    api = pytest.importorskip("playwright.async_api", reason="pip install playwright")
+    try:
+        api = importlib.import_module("playwright.async_api")
+    except ImportError as error:
+        reason = f"Playwright is not installed (pip install playwright): {error}"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs it: {reason}", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
     return chromium, api

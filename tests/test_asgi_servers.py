@@ -52,6 +52,8 @@ def test_secure(client: TestClient) -> None:
         pass
     if isinstance(info.value, WebSocketDenialResponse):
         assert info.value.status_code == 403
+    else:
+        assert info.value.code == 1008, info.value.code  # becomes HTTP 403 on a real server
 
 
 def test_health(client: TestClient) -> None:

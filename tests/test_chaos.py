@@ -329,8 +329,16 @@ async def test_redis_killed_and_restarted_under_load(
                 4 * TIMEOUT,
                 f"a subscriber to catch up to {top}",
             )
-        await asyncio.sleep(0.2)  # anything more (a duplicate) would arrive now
+        # A marker published after everything: a subscriber's stream is in order, so once the
+        # marker is in, any duplicate that the nodes sent before it is in too.
+        marker = await api_publish(nodes[0], ch, "end-of-test")
+        assert (marker["epoch"], marker["offset"]) == (final, top + 1), marker
+        for subscriber in subscribers:
+            await async_wait_until(
+                lambda s=subscriber: s.caught_up(top + 1), 4 * TIMEOUT, "the marker"
+            )
         for k, subscriber in enumerate(subscribers):
+            assert subscriber.got.pop() == (top + 1, "end-of-test"), f"subscriber {k}"
             streams = runs(subscriber.got)
             assert streams[-1] == held, (
                 f"subscriber {k}: its last stream {_describe(streams[-1])} is not the history "

@@ -7,6 +7,7 @@ On only while nothing else authenticates anyone (no ``ROOMCAST_TOKENS``, no JWT 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,7 +81,10 @@ async def test_renew_keeps_the_user_and_a_forged_guest_token_is_refused(
     renewed = await sign_in(defaults_server, {"renew": first["token"]})
     assert renewed.status_code == 200
     assert renewed.json()["user"] == first["user"]
-    assert renewed.json()["token"] != first["token"] or renewed.json()["expires_at"]
+    # The renewed token is for the same user and says what the reply says; it is never older.
+    claims = jwt.decode(renewed.json()["token"], options={"verify_signature": False})
+    assert claims["sub"] == first["user"]
+    assert claims["exp"] == renewed.json()["expires_at"] >= first["expires_at"]
     forged = jwt.encode(
         {"sub": "mallory", "exp": first["expires_at"]},
         "not-the-server-key-" + "x" * 40,
@@ -92,6 +96,37 @@ async def test_renew_keeps_the_user_and_a_forged_guest_token_is_refused(
         async with ws_connect(defaults_server, f"/ws?token={forged}"):
             pass
     assert refused.value.response.status_code == 403
+
+
+GUEST_SECRET = "guest-signing-key-" + "g" * 40
+GUEST_TTL = 600
+
+
+async def test_renew_gives_a_full_lifetime_from_now(server_factory: ServerFactory) -> None:
+    """A token about to expire is renewed for ``ROOMCAST_GUEST_TTL`` from now, not kept."""
+    server = server_factory(
+        env={
+            **DEFAULTS,
+            "ROOMCAST_GUEST_SECRET": GUEST_SECRET,
+            "ROOMCAST_GUEST_TTL": str(GUEST_TTL),
+        }
+    )
+    soon = int(time.time()) + 30
+    old = jwt.encode(
+        {"sub": "cat#1234", "exp": soon},
+        GUEST_SECRET,
+        algorithm="HS256",
+        headers={"kid": "roomcast-guest"},
+    )
+    before = time.time()
+    renewed = await sign_in(server, {"renew": old})
+    after = time.time()
+    assert renewed.status_code == 200, renewed.text
+    body = renewed.json()
+    assert body["user"] == "cat#1234"
+    assert int(before) + GUEST_TTL <= body["expires_at"] <= after + GUEST_TTL
+    claims = jwt.decode(body["token"], GUEST_SECRET, algorithms=["HS256"])
+    assert (claims["sub"], claims["exp"]) == ("cat#1234", body["expires_at"])
 
 
 @pytest.mark.parametrize("name", ["", "x" * 33, "<script>", "a\nb"])

@@ -159,11 +159,27 @@ async def test_outbox_never_exceeds_its_bound(size: int) -> None:
     hub = Hub(outbox_size=size)
     stalled, member = member_of(hub)
     stalled.draining.clear()
-    for i in range(size + 1):
+    # The writer takes the first message and blocks sending it; the next `size` fill the
+    # outbox exactly, and the member is still in.
+    hub.broadcast("r", "m0")
+    await settle(hub, lambda: not member._outbox and member._busy)
+    for i in range(1, size + 1):
         hub.broadcast("r", f"m{i}")
-        # the outbox holds at most `size` queued messages before the cut
+        assert len(member._outbox) == i
+        assert member.active
+    assert hub.stats()["chat_members"] == 1
+    # One more than the bound is the cut: out of the room, its outbox dropped, 1013 queued.
+    hub.broadcast("r", "over")
+    assert not member.active
+    assert hub.stats()["chat_members"] == 0
+    assert len(member._outbox) == 1  # only the close marker is left
+    for i in range(20):  # a cut member takes nothing more, however much is broadcast
+        hub.broadcast("r", f"after{i}")
         assert len(member._outbox) <= size
-        await asyncio.sleep(0)
+    stalled.draining.set()
+    await settle(hub, lambda: bool(stalled.close_codes))
+    assert stalled.texts == ["m0"]
+    assert stalled.close_codes == [CloseCode.TRY_AGAIN_LATER]
     await hub.stop()
 
 

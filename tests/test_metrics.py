@@ -61,7 +61,16 @@ async def scrape(server: RoomcastServer) -> Samples:
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    """The sample ``name{labels}``; fails if the server does not expose it (every series
+    exists from the start, at 0, so a missing one is a renamed or lost metric, not a 0)."""
+    key = (name, frozenset(labels.items()))
+    assert key in samples, f"no sample {name}{labels} in /metrics"
+    return samples[key]
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    """The sample ``name{labels}``, or None while a scrape does not show it (yet)."""
+    return samples.get((name, frozenset(labels.items())))
 
 
 # -- several workers, one Redis ------------------------------------------------------------------
@@ -132,9 +141,9 @@ async def test_counters_add_up_across_workers(workers: RoomcastServer) -> None:
 
         def adds_up(samples: Samples) -> bool:
             return (
-                all(value(samples, n, endpoint=e) == v for (n, e), v in expected.items())
-                and value(samples, "roomcast_publications_total") == PUBLICATIONS
-                and value(samples, "roomcast_fanout_deliveries_total", kind="channel")
+                all(sample(samples, n, endpoint=e) == v for (n, e), v in expected.items())
+                and sample(samples, "roomcast_publications_total") == PUBLICATIONS
+                and sample(samples, "roomcast_fanout_deliveries_total", kind="channel")
                 == PUBLICATIONS * WS_CONNS
             )
 
@@ -149,7 +158,7 @@ async def test_counters_add_up_across_workers(workers: RoomcastServer) -> None:
         try:
             await async_wait_until(settled, 4 * TIMEOUT, "the totals")
         except AssertionError:
-            got = {k: value(last[0], k[0], endpoint=k[1]) for k in expected}
+            got = {k: sample(last[0], k[0], endpoint=k[1]) for k in expected}
             raise AssertionError(f"expected {expected}, scraped {got}") from None
         for _ in range(2 * WORKERS):
             samples = await scrape(workers)
@@ -163,7 +172,7 @@ async def test_counters_add_up_across_workers(workers: RoomcastServer) -> None:
     # Every client closed with 1000: the closes add up and nothing is open any more.
     async def all_closed() -> bool:
         samples = await scrape(workers)
-        return value(
+        return sample(
             samples, "roomcast_connections_closed_total", code="1000"
         ) == ECHO_CONNS + WS_CONNS and not any(
             v for (name, _), v in samples.items() if name == "roomcast_connections_open"

@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
 
 from helpers import (
     GOOD_TOKEN,
@@ -49,8 +50,9 @@ async def test_json_logs_name_the_connection_and_never_a_secret(
         await recv(ws)
     async with ws_connect(server, "/ws/methods_bytes") as ws:
         await ws.send("text where bytes are expected")  # closed 1003, logged with its conn id
-        with contextlib.suppress(Exception):
+        with pytest.raises(ConnectionClosed):
             await recv(ws)
+        assert ws.close_code == 1003, (ws.close_code, ws.close_reason)
     async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT) as http:
         reply = await http.get("/api/channels", headers={"Authorization": f"Bearer {API_KEY}"})
         assert reply.status_code == 200

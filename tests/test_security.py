@@ -65,6 +65,9 @@ EC_KEYS = {kid: ec.generate_private_key(ec.SECP256R1()) for kid in ("ec-1", "ec-
 
 REFRESH_AHEAD = 2.0
 AUTH_TIMEOUT = 1.0
+#: How late after a configured deadline a close may come (a loaded machine); less than the
+#: gap to any default, so a deadline that ignores its setting fails.
+SLACK = 2.0
 HANDSHAKE_TIMEOUT = 1.0
 MAX_MESSAGE = 4096
 MAX_SUBSCRIPTIONS = 2
@@ -349,8 +352,10 @@ async def assert_refused(server: RoomcastServer, path: str, **kwargs: Any) -> No
 
 
 async def closed_with(ws: ClientConnection, within: float = TIMEOUT) -> int | None:
-    """Read until the server closes; its close code."""
-    started = time.monotonic()
+    """Read until the server closes (failing after ``within`` seconds); its close code.
+
+    ``within`` only bounds the wait: a test that pins *when* the close comes measures it.
+    """
     try:
         await recv_until_closed(ws, within)
     except TimeoutError:
@@ -358,7 +363,6 @@ async def closed_with(ws: ClientConnection, within: float = TIMEOUT) -> int | No
             f"the connection was not closed within {within:.1f}s "
             f"(close frame received from the server: {ws.protocol.close_rcvd})"
         ) from None
-    assert time.monotonic() - started <= within
     return ws.close_code
 
 
@@ -785,7 +789,9 @@ async def test_auth_timeout_closes_4002(auth_deadline: RoomcastServer) -> None:
     started = time.monotonic()
     async with peer(auth_deadline, "/ws") as p:
         assert await closed_with(p.ws, AUTH_TIMEOUT + TIMEOUT) == 4002, p.ws.close_reason
-        assert time.monotonic() - started >= AUTH_TIMEOUT - 0.2
+        # At the deadline: not before it, and not at some other (default) deadline after it.
+        elapsed = time.monotonic() - started
+        assert AUTH_TIMEOUT - 0.2 <= elapsed <= AUTH_TIMEOUT + SLACK, elapsed
 
 
 async def test_auth_in_time_stays_open(auth_deadline: RoomcastServer) -> None:

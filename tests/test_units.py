@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+import tomllib
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -31,8 +34,25 @@ def test_public_api() -> None:
         "connect",
         "create_app",
     }
-    for name in roomcast.__all__:
-        assert getattr(roomcast, name) is not None
+    # Each name is the object its module defines, not merely something that is not None.
+    homes = {
+        "ClientError": "roomcast.errors",
+        "CloseCode": "roomcast.closecodes",
+        "ConfigurationError": "roomcast.errors",
+        "Hub": "roomcast.hub",
+        "InvalidPayload": "roomcast.errors",
+        "MessageTooBig": "roomcast.errors",
+        "PolicyViolation": "roomcast.errors",
+        "RoomcastError": "roomcast.errors",
+        "Settings": "roomcast.settings",
+        "UnsupportedData": "roomcast.errors",
+        "connect": "roomcast.client",
+        "create_app": "roomcast.factory",
+    }
+    for name, module in homes.items():
+        assert getattr(roomcast, name) is getattr(importlib.import_module(module), name), name
+    with open(Path(__file__).parent.parent / "pyproject.toml", "rb") as f:
+        assert roomcast.__version__ == tomllib.load(f)["project"]["version"]
 
 
 def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

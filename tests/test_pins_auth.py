@@ -1,0 +1,175 @@
+"""roomcast's own guards in auth.py, checked directly (not only through PyJWT's).
+
+PyJWT refuses ``alg: none`` and a key of the wrong type by itself today, so a test that only
+sends such tokens to a server passes with roomcast's guards deleted. These call the guards, so
+they keep holding if the library changes. Also: the origin check's host-and-port rule, and a
+JWK's ``alg`` pinning the key to that one algorithm (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import RSAAlgorithm
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin
+
+from helpers import HOST, ServerFactory, ws_connect
+from roomcast.auth import Authenticator, AuthError, origin_allowed
+from roomcast.settings import Settings
+
+SECRET = "pins-secret-" + "s" * 40
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def payload(user: str = "pat") -> dict[str, Any]:
+    return {"sub": user, "exp": int(time.time()) + 600}
+
+
+# -- origin: the server's own origin is its host AND port ------------------------------------------
+
+
+def scope(host: str | None, origin: str | None) -> dict[str, Any]:
+    headers = []
+    if host is not None:
+        headers.append((b"host", host.encode("latin-1")))
+    if origin is not None:
+        headers.append((b"origin", origin.encode("latin-1")))
+    return {"type": "websocket", "headers": headers}
+
+
+@pytest.mark.parametrize(
+    ("host", "origin", "allowed"),
+    [
+        ("127.0.0.1:8000", "http://127.0.0.1:8000", True),
+        ("127.0.0.1:8000", "http://127.0.0.1:8001", False),  # same host, other port
+        ("127.0.0.1:8000", "http://127.0.0.1", False),  # same host, default port
+        ("example.com", "https://example.com:443", True),  # default port spelt out
+        ("example.com", "https://example.com:8443", False),
+        ("example.com:80", "http://example.com", True),
+        ("example.com", "http://example.com:8080", False),
+        ("EXAMPLE.com:8000", "http://example.COM:8000", True),  # case does not matter
+        ("[::1]:8000", "http://[::1]:8000", True),
+        ("[::1]:8000", "http://[::1]:9000", False),
+        ("127.0.0.1:8000", "http://127.0.0.2:8000", False),  # other host, same port
+        (None, "http://127.0.0.1:8000", False),  # no Host: nothing to compare with
+        ("127.0.0.1:8000", "null", False),
+        ("127.0.0.1:8000", None, True),  # no Origin: not a browser
+    ],
+)
+def test_own_origin_is_host_and_port(host: str | None, origin: str | None, allowed: bool) -> None:
+    assert origin_allowed(scope(host, origin), []) is allowed
+
+
+def test_allowed_origins_list() -> None:
+    listed = ["https://app.example", "http://localhost:3000"]
+    assert origin_allowed(scope("h:1", "https://APP.example"), listed)
+    assert origin_allowed(scope("h:1", "https://app.example/"), listed)  # path ignored
+    assert not origin_allowed(scope("h:1", "https://app.example:444"), listed)
+    assert not origin_allowed(scope("h:1", "http://app.example"), listed)  # scheme counts
+    assert not origin_allowed(scope("h:1", "http://localhost:3001"), listed)
+    assert not origin_allowed(scope("h:1", "null"), listed)
+    assert origin_allowed(scope("h:1", "null"), ["null"])  # listed as written
+    assert origin_allowed(scope("h:1", "https://anything.example"), ["*"])
+
+
+async def test_same_host_other_port_refused_by_a_server(server_factory: ServerFactory) -> None:
+    server = server_factory(env={"ROOMCAST_ALLOWED_ORIGINS": "[]"})
+    async with ws_connect(server, "/ws/echo", origin=Origin(f"http://{HOST}:{server.port}")):
+        pass
+    for other in (server.port + 1, 80):
+        with pytest.raises(InvalidStatus) as refused:
+            async with ws_connect(server, "/ws/echo", origin=Origin(f"http://{HOST}:{other}")):
+                pass
+        assert refused.value.response.status_code == 403
+
+
+# -- JWT: roomcast's guards, called directly ------------------------------------------------------
+
+
+@pytest.fixture
+def jwks_file(tmp_path: Path) -> Path:
+    """A JWKS of one RSA key pinned to RS256 ("alg") and one P-256 EC key."""
+    rsa_jwk = RSAAlgorithm.to_jwk(RSA_KEY.public_key(), as_dict=True)
+    ec_jwk = jwt.algorithms.ECAlgorithm.to_jwk(EC_KEY.public_key(), as_dict=True)
+    keys = [{**rsa_jwk, "kid": "rsa-pinned", "alg": "RS256"}, {**ec_jwk, "kid": "ec-any"}]
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": keys}))
+    return path
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", None, 256])
+def test_key_for_refuses_no_algorithm(alg: object) -> None:
+    auth = Authenticator(Settings(jwt_secret=SECRET, jwt_public_key=pem(RSA_KEY)))
+    # Refused by roomcast's own first guard, before any key is looked for.
+    with pytest.raises(AuthError, match=r"^token algorithm not accepted$"):
+        auth._key_for(alg, None)
+
+
+def test_key_for_matches_the_algorithm_to_the_key(jwks_file: Path) -> None:
+    auth = Authenticator(Settings(jwt_public_key=pem(RSA_KEY), jwt_jwks_file=str(jwks_file)))
+    # No secret: no HMAC algorithm, whatever the key (the HS/RS confusion).
+    for alg in ("HS256", "HS384", "HS512"):
+        with pytest.raises(AuthError, match=f"{alg} not accepted"):
+            auth._key_for(alg, None)
+    # The public key is RSA: RSA algorithms only.
+    assert auth._key_for("RS256", None) is auth._key_for("PS512", None)
+    for alg in ("ES256", "EdDSA", "XS256"):
+        with pytest.raises(AuthError, match="not accepted for this key"):
+            auth._key_for(alg, None)
+    # A kid that names a JWK picks it: its type decides, and a pinned alg is the only one.
+    auth._key_for("RS256", "rsa-pinned")
+    for alg in ("PS256", "RS384", "RS512", "ES256"):
+        with pytest.raises(AuthError, match="not accepted for this key"):
+            auth._key_for(alg, "rsa-pinned")
+    auth._key_for("ES256", "ec-any")  # (PyJWT takes a P-256 JWK's alg from its curve)
+    with pytest.raises(AuthError, match="not accepted for this key"):
+        auth._key_for("RS256", "ec-any")
+    # An unknown kid falls back to the public key.
+    auth._key_for("RS256", "no-such-kid")
+
+
+def test_key_for_without_any_public_key() -> None:
+    auth = Authenticator(Settings(jwt_secret=SECRET))
+    assert auth._key_for("HS256", None) == SECRET
+    with pytest.raises(AuthError, match="no key for this token"):
+        auth._key_for("RS256", None)
+
+
+def test_a_jwk_alg_pins_its_key(jwks_file: Path) -> None:
+    """PS256 signed with the RS256-pinned key's private half: same key, other algorithm."""
+    auth = Authenticator(Settings(jwt_jwks_file=str(jwks_file)))
+    good = jwt.encode(payload(), RSA_KEY, algorithm="RS256", headers={"kid": "rsa-pinned"})
+    assert auth.verify(good).user == "pat"
+    other = jwt.encode(payload(), RSA_KEY, algorithm="PS256", headers={"kid": "rsa-pinned"})
+    with pytest.raises(AuthError, match="PS256 not accepted for this key"):
+        auth.verify(other)
+
+
+def test_verify_refuses_what_the_guards_refuse(jwks_file: Path) -> None:
+    auth = Authenticator(Settings(jwt_secret=SECRET, jwt_jwks_file=str(jwks_file)))
+    header = jwt.utils.base64url_encode(b'{"alg":"none","typ":"JWT"}').decode()
+    body = jwt.utils.base64url_encode(json.dumps(payload()).encode()).decode()
+    with pytest.raises(AuthError, match="algorithm not accepted"):
+        auth.verify(f"{header}.{body}.")
+    hs = jwt.encode(payload(), SECRET, algorithm="HS256")
+    assert auth.verify(hs).kind == "jwt"
+    es = jwt.encode(payload(), EC_KEY, algorithm="ES256", headers={"kid": "rsa-pinned"})
+    with pytest.raises(AuthError, match="ES256 not accepted for this key"):
+        auth.verify(es)
