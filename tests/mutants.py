@@ -261,12 +261,15 @@ AREAS: dict[str, Area] = {
             "Hub._remove",
             "Hub._tell_departures",
         ),
-        (("tests/test_hub.py", "tests/test_pins_outbox.py"),),
+        (("tests/test_hub.py", "tests/test_pins_outbox.py"), ("tests/test_bounds.py",)),
     ),
     "recovery": Area(
         "src/roomcast/channels.py",
-        ("Node._subscribe", "Node._new_epoch", "Node._deliver_catching"),
-        (("tests/test_channels_units.py",), ("tests/test_recovery.py",)),
+        ("Node._subscribe", "Node._learn_stream", "Node._deliver_catching"),
+        (
+            ("tests/test_channels_units.py",),
+            ("tests/test_recovery.py", "tests/test_delivery.py"),
+        ),
     ),
     "origin": Area(
         "src/roomcast/auth.py",
@@ -276,7 +279,10 @@ AREAS: dict[str, Area] = {
     "jwt": Area(
         "src/roomcast/auth.py",
         ("Authenticator.__init__", "Authenticator._verify_jwt", "Authenticator._key_for"),
-        (("tests/test_pins_auth.py", "tests/test_units.py"), ("tests/test_security.py",)),
+        (
+            ("tests/test_pins_auth.py", "tests/test_units.py"),
+            ("tests/test_security.py", "tests/test_guest.py"),
+        ),
     ),
     "size": Area(
         "src/roomcast/transport/frames.py",
@@ -526,10 +532,11 @@ def _pytest(root: Path, tests: Sequence[str], timeout: float) -> str:
     text = out.decode(errors="replace")
     if proc.returncode == 0:
         return "survived"
-    if proc.returncode in (2, 3, 4, 5):  # interrupted, internal or usage error, nothing ran
+    failed = [ln.split(" - ")[0] for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    if proc.returncode != 1 and not failed:  # interrupted, internal or usage error, none ran
         return f"error (pytest exit {proc.returncode}): {text.strip().splitlines()[-1:]}"
-    failed = [ln.split(" - ")[0] for ln in text.splitlines() if ln.startswith("FAILED")]
-    return "killed" + (f" by `{failed[0].removeprefix('FAILED ')}`" if failed else "")
+    first = failed[0].removeprefix("FAILED ").removeprefix("ERROR ") if failed else ""
+    return "killed" + (f" by `{first}`" if first else "")
 
 
 def say(line: str) -> None:
@@ -550,6 +557,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per mutant")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     args = parser.parse_args(argv)
+    sha = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", args.rev],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    args.rev = sha  # one revision for the whole run, whatever is committed meanwhile
+    sys.stderr.write(f"source at {sha}\n")
 
     if args.mode == "demo":
         mutants = list(DEMO)

@@ -8,6 +8,8 @@ JWK's ``alg`` pinning the key to that one algorithm (docs/security.md).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import time
 from pathlib import Path
@@ -22,7 +24,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
 from helpers import HOST, ServerFactory, ws_connect
-from roomcast.auth import Authenticator, AuthError, origin_allowed
+from roomcast.auth import GUEST_KID, MAX_EXP, Authenticator, AuthError, origin_allowed
+from roomcast.errors import ConfigurationError
 from roomcast.settings import Settings
 
 SECRET = "pins-secret-" + "s" * 40
@@ -70,6 +73,8 @@ def scope(host: str | None, origin: str | None) -> dict[str, Any]:
         ("127.0.0.1:8000", "http://127.0.0.2:8000", False),  # other host, same port
         (None, "http://127.0.0.1:8000", False),  # no Host: nothing to compare with
         ("127.0.0.1:8000", "null", False),
+        ("", "http:", False),  # no host on either side is no match
+        ("", "//", False),
         ("127.0.0.1:8000", None, True),  # no Origin: not a browser
     ],
 )
@@ -173,3 +178,162 @@ def test_verify_refuses_what_the_guards_refuse(jwks_file: Path) -> None:
     es = jwt.encode(payload(), EC_KEY, algorithm="ES256", headers={"kid": "rsa-pinned"})
     with pytest.raises(AuthError, match="ES256 not accepted for this key"):
         auth.verify(es)
+
+
+# -- configuration and guest keys -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"keys": "nope"}'])
+def test_a_bad_jwks_file_is_a_configuration_error(tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "jwks.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigurationError, match="ROOMCAST_JWT_JWKS_FILE"):
+        Authenticator(Settings(jwt_jwks_file=str(path)))
+
+
+GUEST_SECRET = "guest-" + "k" * 64
+
+
+@pytest.mark.parametrize(
+    ("settings", "signed_with"),
+    [
+        ({"guest_channels": ["room:*"], "guest_secret": GUEST_SECRET}, GUEST_SECRET),
+        ({"guest_channels": ["room:*"], "jwt_secret": SECRET}, SECRET),
+        (
+            {"guest_channels": ["room:*"], "jwt_secret": SECRET, "guest_secret": GUEST_SECRET},
+            GUEST_SECRET,
+        ),
+    ],
+)
+def test_guest_tokens_are_signed_with_the_guest_key(
+    settings: dict[str, Any], signed_with: str
+) -> None:
+    auth = Authenticator(Settings(**settings))
+    token, grant = auth.issue_guest("ann")
+    claims = jwt.decode(token, signed_with, algorithms=["HS256"])
+    assert claims["sub"] == grant.user
+    assert grant.subscribe.patterns == grant.publish.patterns == ("room:*",)
+    assert auth.verify(token).kind == "guest"
+
+
+def test_guest_key_made_up_when_none_is_configured() -> None:
+    auth = Authenticator(Settings(guest_channels=["room:*"], tokens={"t": "u"}))
+    token, _ = auth.issue_guest("ann")
+    assert auth.verify(token).user.startswith("ann#")  # type: ignore[union-attr]
+    other = Authenticator(Settings(guest_channels=["room:*"], tokens={"t": "u"}))
+    with pytest.raises(AuthError):
+        other.verify(token)  # another server's made-up key
+
+
+def test_guest_tokens_only_hs256_and_only_when_guests_are_on() -> None:
+    auth = Authenticator(Settings(guest_channels=["room:*"], guest_secret=GUEST_SECRET))
+    for alg in ("HS384", "HS512"):
+        token = jwt.encode(payload(), GUEST_SECRET, algorithm=alg, headers={"kid": GUEST_KID})
+        with pytest.raises(AuthError, match="guest tokens are not accepted"):
+            auth.verify(token)
+    off = Authenticator(Settings(guest_channels=[], jwt_secret=GUEST_SECRET))
+    token = jwt.encode(payload(), GUEST_SECRET, algorithm="HS256", headers={"kid": GUEST_KID})
+    with pytest.raises(AuthError, match="guest tokens are not accepted"):
+        off.verify(token)
+
+
+def test_guest_tokens_need_no_audience_nor_issuer() -> None:
+    """``ROOMCAST_JWT_AUDIENCE``/``_ISSUER`` are for the identity provider's tokens; the
+    server's own guest tokens carry neither and are still accepted."""
+    auth = Authenticator(
+        Settings(
+            guest_channels=["room:*"],
+            jwt_secret=SECRET,
+            jwt_audience="roomcast",
+            jwt_issuer="https://idp.example",
+        )
+    )
+    token, grant = auth.issue_guest("ann")
+    assert auth.verify(token).user == grant.user
+    # ... while a JWT of the identity provider needs both.
+    with pytest.raises(AuthError, match="'aud'"):
+        auth.verify(jwt.encode({**payload(), "iss": "https://idp.example"}, SECRET))
+    with pytest.raises(AuthError, match="'iss'"):
+        auth.verify(jwt.encode({**payload(), "aud": "roomcast"}, SECRET))
+    full = {**payload(), "aud": "roomcast", "iss": "https://idp.example"}
+    assert auth.verify(jwt.encode(full, SECRET)).kind == "jwt"
+
+
+def signed(claims_json: str, secret: str = SECRET) -> str:
+    """An HS256 token over ``claims_json`` as written (numbers JSON encoders would refuse)."""
+    b64 = jwt.utils.base64url_encode
+    header = b64(b'{"alg":"HS256","typ":"JWT"}').decode()
+    signing = header + "." + b64(claims_json.encode()).decode()
+    mac = hmac.new(secret.encode(), signing.encode(), hashlib.sha256).digest()
+    return signing + "." + b64(mac).decode()
+
+
+@pytest.mark.parametrize(
+    ("exp", "refusal"),
+    [
+        (str(MAX_EXP - 1), None),
+        (str(MAX_EXP), "'exp' is out of range"),  # the latest exp taken is below 2**40
+        (str(2**64), "'exp' is out of range"),
+        (str(10**400), "'exp' is out of range"),
+        ("1e12", None),  # a float of integral value, within range
+        ("1e300", "'exp' is out of range"),
+        ("1e400", "invalid token"),  # infinity once parsed: PyJWT refuses it itself
+    ],
+)
+def test_exp_out_of_range_is_refused(exp: str, refusal: str | None) -> None:
+    auth = Authenticator(Settings(jwt_secret=SECRET))
+    token = signed(f'{{"sub": "pat", "exp": {exp}}}')
+    if refusal is None:
+        assert auth.verify(token).user == "pat"
+    else:
+        with pytest.raises(AuthError, match=refusal):
+            auth.verify(token)
+
+
+@pytest.mark.parametrize("error", [ValueError, TypeError, OverflowError])
+def test_a_claim_the_library_chokes_on_is_an_auth_error(
+    monkeypatch: pytest.MonkeyPatch, error: type[Exception]
+) -> None:
+    """Older PyJWT raised OverflowError for an absurd number in a claim; roomcast's own guard
+    turns whatever such error into a refusal (not a 500 or a traceback)."""
+    auth = Authenticator(Settings(jwt_secret=SECRET))
+
+    def choke(*args: Any, **kwargs: Any) -> Any:
+        raise error("absurd")
+
+    monkeypatch.setattr(jwt, "decode", choke)
+    with pytest.raises(AuthError, match="a claim is out of range"):
+        auth.verify(signed('{"sub": "pat", "exp": 1}'))
+
+
+def test_other_invalid_tokens_are_auth_errors() -> None:
+    """Whatever PyJWT refuses is an AuthError with its kind, never another exception."""
+    auth = Authenticator(Settings(jwt_secret=SECRET))
+    later = {**payload(), "nbf": int(time.time()) + 600}
+    with pytest.raises(AuthError, match="invalid token: ImmatureSignatureError"):
+        auth.verify(jwt.encode(later, SECRET))
+    with pytest.raises(AuthError, match="invalid token: DecodeError"):
+        auth.verify(signed('{"sub": "pat", "exp": "soon"}'))
+
+
+@pytest.mark.parametrize("sub", ["", "   ", "\t"])
+def test_a_blank_sub_is_refused(sub: str) -> None:
+    auth = Authenticator(Settings(jwt_secret=SECRET))
+    with pytest.raises(AuthError, match="'sub' claim must be a non-empty string"):
+        auth.verify(jwt.encode({**payload(), "sub": sub}, SECRET))
+    assert auth.verify(jwt.encode({**payload(), "sub": " x "}, SECRET)).user == " x "
+
+
+@pytest.mark.parametrize(
+    "claim", [{"subscribe": ["a*b"]}, {"publish": [""]}, {"subscribe": "*"}, {"publish": [1]}]
+)
+def test_a_bad_channel_claim_is_refused(claim: dict[str, Any]) -> None:
+    auth = Authenticator(Settings(jwt_secret=SECRET))
+    with pytest.raises(AuthError, match="bad channel claim"):
+        auth.verify(jwt.encode({**payload(), **claim}, SECRET))
+    good = auth.verify(jwt.encode({**payload(), "subscribe": ["a*"], "publish": ["b"]}, SECRET))
+    assert good.subscribe.allows("a1")
+    assert not good.subscribe.allows("b")
+    assert good.publish.allows("b")
+    assert not good.publish.allows("a1")

@@ -31,6 +31,7 @@ class FastPeer:
         self.draining = asyncio.Event()
         self.draining.set()
         self.asgi: list[dict[str, Any]] = []
+        self.buffered = 0  # bytes the transport holds (its "buffered" callable reports them)
 
     def write(self, frame: bytes) -> bool:
         if not self.writable:
@@ -65,7 +66,13 @@ def fast_member(hub: Hub, room: str = "r") -> tuple[FastPeer, Member]:
     scope = {
         "type": "websocket",
         "path": "/ws/chat",
-        "extensions": {FRAMES_EXTENSION: {"write": peer.write, "send": peer.send_frame}},
+        "extensions": {
+            FRAMES_EXTENSION: {
+                "write": peer.write,
+                "send": peer.send_frame,
+                "buffered": lambda: peer.buffered,
+            }
+        },
     }
     conn = Connection(scope, peer.receive, peer.send, 1024)
     return peer, hub.join(conn, room, LEAVE)
@@ -355,4 +362,75 @@ async def test_a_plain_asgi_send_that_fails_ends_the_member() -> None:
     hub.broadcast("r", "b")
     await settle(lambda: not member.active)
     assert not member._outbox
+    await hub.stop()
+
+
+# -- the bound in bytes (ROOMCAST_OUTBOX_BYTES) ----------------------------------------------------
+
+TEN = "12345678"  # a 10-byte frame (2-byte header)
+
+
+async def test_byte_bound_is_exact_and_its_count_returns_to_zero() -> None:
+    hub = Hub(outbox_size=100, outbox_bytes=30)
+    peer, member = fast_member(hub)
+    assert len(frame(TEN)) == 10
+    # Rounds through the outbox, drained each time: the bytes counted go back to 0, so many
+    # times the bound can pass over time.
+    for _ in range(4):
+        peer.writable = False
+        peer.draining.clear()
+        for _ in range(3):
+            hub.broadcast("r", TEN)
+        assert member.active
+        peer.draining.set()
+        await settle(lambda: not member._outbox and hub.stats()["writer_tasks"] == 0)
+        assert (member._queued, member._sending) == (0, 0)
+    peer.writable = False
+    peer.draining.clear()
+    hub.broadcast("r", TEN)
+    await settle(lambda: member._busy)  # in flight: still counted, 10 bytes
+    assert member._queued == 10
+    hub.broadcast("r", TEN)
+    hub.broadcast("r", TEN)  # 30: exactly the bound
+    assert member.active
+    assert member._queued == 30
+    hub.broadcast("r", "x")  # 33
+    assert not member.active
+    assert member.overflow == "more than 30 bytes unread"
+    assert member._queued == 10  # the outbox dropped; the frame in flight still counted
+    peer.draining.set()
+    await settle(lambda: bool(peer.close_codes))
+    assert peer.asgi[-1]["reason"] == "too slow: more than 30 bytes unread"
+    await hub.stop()
+
+
+async def test_byte_bound_counts_the_transport_buffer() -> None:
+    hub = Hub(outbox_size=100, outbox_bytes=30)
+    peer, member = fast_member(hub)
+    peer.writable = False
+    peer.draining.clear()
+    peer.buffered = 15
+    hub.broadcast("r", TEN)  # an empty outbox takes any one message
+    assert member._queued == 10
+    hub.broadcast("r", "1234")  # 10 + 15 buffered + 6 = 31
+    assert not member.active
+    assert member.overflow == "more than 30 bytes unread"
+    await hub.stop()
+
+
+async def test_count_bound_says_so() -> None:
+    hub = Hub(outbox_size=2, outbox_bytes=10_000)
+    peer, member = fast_member(hub)
+    peer.writable = False
+    peer.draining.clear()
+    hub.broadcast("r", "m")
+    await settle(lambda: member._busy)  # in flight
+    hub.broadcast("r", "m")
+    hub.broadcast("r", "m")
+    assert member.active
+    hub.broadcast("r", "m")  # the 4th: one in flight, two queued
+    assert not member.active
+    peer.draining.set()
+    await settle(lambda: bool(peer.close_codes))
+    assert peer.asgi[-1]["reason"] == "too slow: more than 2 messages unread"
     await hub.stop()

@@ -18,7 +18,15 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate
 from roomcast.closecodes import CloseCode
 from roomcast.connection import Connection
 from roomcast.errors import MessageTooBig
-from roomcast.transport.frames import FIN, OP_BINARY, OP_CONT, OP_TEXT, RSV1, WebSocketProtocolError
+from roomcast.transport.frames import (
+    FIN,
+    OP_BINARY,
+    OP_CONT,
+    OP_TEXT,
+    RSV1,
+    FrameReader,
+    WebSocketProtocolError,
+)
 from roomcast.transport.messages import FRAGMENT_COST, MessageAssembler
 
 LIMIT = 10
@@ -125,3 +133,72 @@ async def test_connection_bytes_by_their_length(size: int, fits: bool) -> None:
     else:
         with pytest.raises(MessageTooBig):
             await conn.receive()
+
+
+# -- the frame reader: the size a frame header declares, before its payload is read ---------------
+
+
+def masked(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """A client frame (masked with a zero key, so the payload reads as is)."""
+    first = (FIN if fin else 0) | opcode
+    n = len(payload)
+    if n < 126:
+        head = bytes([first, 0x80 | n])
+    elif n < 1 << 16:
+        head = bytes([first, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([first, 0x80 | 127]) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def read_one(reader: FrameReader, data: bytes) -> tuple[int, bytes] | None:
+    reader.feed(data)
+    return reader.next_frame()
+
+
+@pytest.mark.parametrize("size", [BOUND, 200, 70_000])
+def test_reader_takes_a_frame_of_exactly_max_size(size: int) -> None:
+    frame = read_one(FrameReader(size), masked(OP_BINARY, b"x" * size))
+    assert frame is not None
+    assert len(frame[1]) == size
+    with pytest.raises(WebSocketProtocolError) as error:
+        read_one(FrameReader(size), masked(OP_BINARY, b"x" * (size + 1)))
+    assert error.value.code == CloseCode.MESSAGE_TOO_BIG
+
+
+@pytest.mark.parametrize("opcode", [0x8, 0x9, 0xA])  # close, ping, pong
+def test_reader_control_frames_at_most_125_bytes(opcode: int) -> None:
+    payload = b"\x03\xe8" + b"x" * 123 if opcode == 0x8 else b"x" * 125
+    frame = read_one(FrameReader(1 << 20), masked(opcode, payload))
+    assert frame is not None
+    assert len(frame[1]) == 125
+    with pytest.raises(WebSocketProtocolError) as error:
+        read_one(FrameReader(1 << 20), masked(opcode, payload + b"x"))
+    assert error.value.code == CloseCode.PROTOCOL_ERROR
+    # Refused from the header alone: the payload need not have arrived.
+    with pytest.raises(WebSocketProtocolError):
+        read_one(FrameReader(1 << 20), masked(opcode, payload + b"x")[:8])
+
+
+class Recording(PerMessageDeflate):
+    """permessage-deflate that records the inflate budget each frame got."""
+
+    budgets: list[int | None]
+
+    def decode(self, frame: Any, *, max_size: int | None = None) -> Any:
+        self.budgets.append(max_size)
+        return super().decode(frame, max_size=max_size)
+
+
+def test_inflate_budget_is_what_the_message_may_still_grow_by() -> None:
+    """A compressed frame is inflated only up to the room the message has left (a bomb stops
+    at the limit instead of after it)."""
+    deflate = Recording(False, False, 15, 15)
+    deflate.budgets = []
+    assembler = MessageAssembler(BOUND, deflate)
+    compressor = zlib.compressobj(wbits=-15)
+    first = compressor.compress(b"q" * 60) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    second = compressor.compress(b"q" * 10) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert assembler.frame(RSV1 | OP_BINARY, first) is None
+    assert assembler.frame(FIN | OP_CONT, second[:-4]) == b"q" * 70
+    assert deflate.budgets == [BOUND, BOUND - 60 - FRAGMENT_COST]
