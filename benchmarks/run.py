@@ -1236,9 +1236,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             cluster_section_text(cfg, pinned),
         )
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
+        text += kept_soak_section(cfg.output)
         cfg.output.write_text(text)
         print(f"wrote {cfg.output}")
     return 0
+
+
+def kept_soak_section(output: Path) -> str:
+    """The soak section of ``output`` (written by benchmarks/soak.py), kept across runs."""
+    if not output.exists():
+        return ""
+    text = output.read_text()
+    start, end = text.find("<!-- soak:start -->"), text.find("<!-- soak:end -->")
+    if start < 0 or end < start:
+        return ""
+    return "\n" + text[start : end + len("<!-- soak:end -->")] + "\n"
 
 
 if __name__ == "__main__":
