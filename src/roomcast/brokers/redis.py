@@ -667,6 +667,7 @@ class RedisBroker:
 
     async def _heartbeat(self) -> None:
         """Keep this node's presence entries alive; a dead node's expire on their own."""
+        task = asyncio.current_task()
         while True:
             await asyncio.sleep(self.presence_ttl / 3)
             if not self.available:
@@ -677,6 +678,11 @@ class RedisBroker:
                 pass  # the listener notices and reconnects; entries are rewritten then
             except Exception as error:
                 logger.warning("broker presence refresh failed: %r", error)
+            if task is not None and task.cancelling():
+                # Cancelled during the refresh, but redis-py (8.1) may finish a pipeline
+                # normally all the same, swallowing the CancelledError: stop anyway, or close()
+                # would wait for this task forever.
+                raise asyncio.CancelledError
 
     async def _refresh_presence(self) -> None:
         """Write this node's presence entries again with a new expiry (heartbeat, reconnection).
