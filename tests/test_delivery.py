@@ -385,3 +385,21 @@ async def test_history_is_bounded_in_bytes(broker: RedisBroker) -> None:
     offsets = [o for o, _ in page.publications]
     assert offsets == list(range(21 - len(offsets), 21))
     assert page.start == offsets[0]
+
+
+async def test_the_index_of_channels_in_use_forgets_expired_ones(fresh_redis: RedisServer) -> None:
+    """``P:channels`` lists channels with presence; one whose entries expired leaves it."""
+    b = RedisBroker(
+        fresh_redis.url_for(unique_prefix("index")), history_size=10, history_ttl=60, presence_ttl=1
+    )
+    await b.start(Node(Settings(), b))
+    try:
+        with fresh_redis.client() as conn:
+            conn.zadd(f"{b.prefix}:channels", {"gone:1": 1000, "live:1": 2**50})
+            await async_wait_until(
+                lambda: conn.zrange(f"{b.prefix}:channels", 0, -1) == [b"live:1"],
+                4 * TIMEOUT,
+                "the expired channel to leave the index",
+            )
+    finally:
+        await b.close()

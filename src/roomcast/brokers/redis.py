@@ -406,7 +406,10 @@ class RedisBroker:
     async def _listen(self) -> None:
         """Read pub/sub forever; on a failure reconnect with backoff and resubscribe."""
         backoff = 0.1
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError  # swallowed by redis-py (see _heartbeat)
             try:
                 if self._pubsub is None:
                     assert self._listener is not None
@@ -674,6 +677,13 @@ class RedisBroker:
                 continue
             try:
                 await self._refresh_presence()
+                # Channels whose entries all expired leave the index of channels in use.
+                await self._call(
+                    "presence_refresh",
+                    self._conn.zremrangebyscore(
+                        f"{self.prefix}:channels", "-inf", int(time.time() * 1000)
+                    ),
+                )
             except (BrokerUnavailable, RedisError):
                 pass  # the listener notices and reconnects; entries are rewritten then
             except Exception as error:
