@@ -267,8 +267,9 @@ AREAS: dict[str, Area] = {
         "src/roomcast/channels.py",
         ("Node._subscribe", "Node._learn_stream", "Node._deliver_catching"),
         (
-            ("tests/test_channels_units.py",),
+            ("tests/test_channels_units.py", "tests/test_pins_recovery.py"),
             ("tests/test_recovery.py", "tests/test_delivery.py"),
+            ("tests/test_protocol.py",),
         ),
     ),
     "origin": Area(

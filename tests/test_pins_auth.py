@@ -337,3 +337,35 @@ def test_a_bad_channel_claim_is_refused(claim: dict[str, Any]) -> None:
     assert not good.subscribe.allows("b")
     assert good.publish.allows("b")
     assert not good.publish.allows("a1")
+
+
+def test_the_claims_roomcast_requires_of_pyjwt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What roomcast asks PyJWT to require and check (PyJWT enforces ``aud``/``iss`` itself
+    today when they are configured; the request keeps it so if that changes)."""
+    asked: list[dict[str, Any]] = []
+    decode = jwt.decode
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", recording)
+    auth = Authenticator(
+        Settings(
+            guest_channels=["room:*"],
+            jwt_secret=SECRET,
+            jwt_audience="roomcast",
+            jwt_issuer="https://idp.example",
+        )
+    )
+    full = {**payload(), "aud": "roomcast", "iss": "https://idp.example"}
+    auth.verify(jwt.encode(full, SECRET))
+    options = asked[-1]["options"]
+    assert sorted(options["require"]) == ["aud", "exp", "iss", "sub"]
+    assert options["verify_sub"] is True
+    assert (asked[-1]["audience"], asked[-1]["issuer"]) == ("roomcast", "https://idp.example")
+    assert asked[-1]["algorithms"] == ["HS256"]
+    token, _ = auth.issue_guest("ann")
+    auth.verify(token)
+    assert sorted(asked[-1]["options"]["require"]) == ["exp", "sub"]
+    assert (asked[-1]["audience"], asked[-1]["issuer"]) == (None, None)

@@ -214,6 +214,7 @@ async def test_a_cancelled_send_leaves_the_member_idle() -> None:
     await member.finish()
     assert not member._busy
     assert member._writer is None
+    assert (member._queued, member._sending) == (0, 0)  # the bytes in flight are let go
     peer.writable = True
     hub.broadcast("r", "next")  # straight to the transport: nothing is in flight any more
     assert peer.texts == ["next"]
