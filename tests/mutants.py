@@ -83,7 +83,7 @@ DEMO: list[Mutant] = [
     Mutant(
         "outbox-bound-deleted",
         HUB,
-        "if len(outbox) >= self.limit and not force:",
+        "if len(outbox) >= self.limit:",
         "if False:",
         ["tests/test_hub.py::test_outbox_never_exceeds_its_bound"],
         "the outbox bound deleted: a stalled member is never cut",
