@@ -288,7 +288,7 @@ AREAS: dict[str, Area] = {
     "size": Area(
         "src/roomcast/transport/frames.py",
         ("FrameReader.next_frame",),
-        (("tests/test_frames.py",), ("tests/test_transport.py",)),
+        (("tests/test_frames.py", "tests/test_pins_size.py"), ("tests/test_transport.py",)),
         ("max_size", "125"),
     ),
     "size-messages": Area(
@@ -534,6 +534,9 @@ def _pytest(root: Path, tests: Sequence[str], timeout: float) -> str:
     if proc.returncode == 0:
         return "survived"
     failed = [ln.split(" - ")[0] for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    last = text.strip().splitlines()[-1] if text.strip() else ""
+    if " failed" in last and not failed:  # e.g. an internal error after a failed test
+        failed = [f"({last.strip('= ')})"]
     if proc.returncode != 1 and not failed:  # interrupted, internal or usage error, none ran
         return f"error (pytest exit {proc.returncode}): {text.strip().splitlines()[-1:]}"
     first = failed[0].removeprefix("FAILED ").removeprefix("ERROR ") if failed else ""
@@ -557,6 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", action="append", help="run only these mutant ids")
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds per mutant")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
+    parser.add_argument("--rounds", type=int, help="sweep: run only the first N rounds of tests")
     args = parser.parse_args(argv)
     sha = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", args.rev],
@@ -571,6 +575,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         mutants = list(DEMO)
     else:
         mutants = [m for area in (args.areas or list(AREAS)) for m in generate(area, args.rev)]
+        if args.rounds:
+            for m in mutants:
+                m.tests = m.tests[: args.rounds]
     if args.only:
         mutants = [m for m in mutants if m.ident in args.only]
     if args.list:

@@ -31,6 +31,7 @@ class Peer:
 
     def __init__(self) -> None:
         self.frames: list[dict[str, Any]] = []
+        self.closes: list[int] = []
 
     def write(self, frame: bytes) -> bool:
         self.frames.append(json.loads(frame[2:] if frame[1] < 126 else frame[4:]))
@@ -44,7 +45,8 @@ class Peer:
         raise AssertionError("unreachable")
 
     async def send(self, message: dict[str, Any]) -> None:
-        pass  # the close
+        if message["type"] == "websocket.close":
+            self.closes.append(message["code"])
 
     def offsets(self) -> list[int]:
         return [f["offset"] for f in self.frames if f.get("type") == "publication"]
@@ -74,6 +76,16 @@ def attach(node: Node) -> tuple[Peer, Client]:
     }
     conn = Connection(scope, peer.receive, peer.send, 1 << 20)
     return peer, node.attach(conn, "u")
+
+
+async def eventually(predicate: Any, seconds: float = 5.0) -> None:
+    """Wait for ``predicate()`` (a catch-up or a close runs as a task), failing after
+    ``seconds``."""
+    for _ in range(int(seconds / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
 
 
 async def request(node: Node, client: Client, rid: int, op: str, **body: Any) -> None:
@@ -190,3 +202,41 @@ async def test_a_replay_ahead_of_what_the_node_delivered(node: Node) -> None:
     await publish(node, 2)
     assert peer.offsets() == [3, 4, 5, 6]
     assert live_peer.offsets() == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_gap_after_a_recovery_is_filled_from_the_history(node: Node) -> None:
+    """A node that knew nothing of the channel learns where it stands from the recovery's
+    history read: a publication it then misses is a gap it fills, not one it skips."""
+    broker: Any = node.broker
+    await publish(node, 3)  # nobody here yet
+    peer, client = attach(node)
+    epoch = (await broker.position(CH)).epoch
+    await request(node, client, 1, "subscribe", channel=CH, recover={"offset": 1, "epoch": epoch})
+    assert peer.offsets() == [2, 3]
+    late = Held()
+    broker._sink = late
+    await publish(node, 1)  # offset 4: lost on the way to the node
+    broker._sink = node
+    await publish(node, 1)  # offset 5: delivered, one past the next
+    await eventually(lambda: len(peer.offsets()) >= 4)
+    assert peer.offsets() == [2, 3, 4, 5]
+
+
+async def test_a_new_epoch_learnt_from_a_subscribe_resets_the_old_subscribers(
+    node: Node,
+) -> None:
+    """The stream began again (a Redis restart or an expired history) before any publication
+    reached the node: the next subscribe reads the new epoch, and the subscribers of the old
+    one are closed 1012 to recover (docs/protocol.md), instead of waiting on a dead stream."""
+    broker: Any = node.broker
+    old_peer, old_client = attach(node)
+    await request(node, old_client, 1, "subscribe", channel=CH)
+    first = old_peer.reply(1)["result"]["epoch"]
+    broker._streams.clear()  # the stream is gone: its next use begins a new epoch
+    peer, client = attach(node)
+    await request(node, client, 1, "subscribe", channel=CH)
+    assert peer.reply(1)["result"]["epoch"] != first
+    assert not old_client.member.active
+    assert client.member.active
+    await eventually(lambda: bool(old_peer.closes))
+    assert old_peer.closes == [CloseCode.SERVICE_RESTART]
