@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
-
 from roomcast.client import connect
 from roomcast.closecodes import CloseCode
+from roomcast.core.hub import Hub
+from roomcast.core.node import Node
 from roomcast.errors import (
     ClientError,
     ConfigurationError,
@@ -16,8 +16,8 @@ from roomcast.errors import (
     UnsupportedData,
 )
 from roomcast.factory import create_app
-from roomcast.hub import Hub
 from roomcast.settings import Settings
+from roomcast.version import __version__
 
 __all__ = [
     "ClientError",
@@ -26,6 +26,7 @@ __all__ = [
     "Hub",
     "InvalidPayload",
     "MessageTooBig",
+    "Node",
     "PolicyViolation",
     "RoomcastError",
     "Settings",

@@ -9,19 +9,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from roomcast import __version__
 from roomcast.asyncapi import ASYNCAPI_PATH, asyncapi_router
 from roomcast.brokers import BrokerUnavailable
+from roomcast.core.node import Node
+from roomcast.http.api import api_gate, api_router
+from roomcast.http.bodies import BodyGuard
+from roomcast.http.channels import ChannelRequests, channels_routes
+from roomcast.http.guide import guide_routes
+from roomcast.http.ops import ops_router
+from roomcast.http.web import guest_gate, mount_web
 from roomcast.logs import announce_generated_token, install_redaction
 from roomcast.metrics import Metrics, metrics_router
-from roomcast.routes.api import api_gate, api_router
-from roomcast.routes.bodies import BodyGuard
-from roomcast.routes.classic import classic_routes
-from roomcast.routes.ops import ops_router
-from roomcast.routes.realtime import realtime_routes
-from roomcast.routes.web import guest_gate, mount_web
-from roomcast.runtime import Runtime
 from roomcast.settings import Settings
+from roomcast.version import __version__
 
 __all__ = ["create_app"]
 
@@ -34,19 +34,20 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
     ``settings`` defaults to :class:`Settings` read from the environment. ``announce`` logs the
     address from the settings at start (``roomcast serve`` sets it; it knows the address).
     """
-    runtime = Runtime(settings if settings is not None else Settings(), announce=announce)
+    node = Node(settings if settings is not None else Settings())
     install_redaction()
-    metrics = Metrics(runtime) if runtime.settings.metrics else None
+    metrics = Metrics(node) if node.settings.metrics else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         install_redaction()
-        cfg = runtime.settings
-        if runtime.tokens.generated is not None:
+        cfg = node.settings
+        generated = node.auth.tokens.generated
+        if generated is not None:
             # Printed once, deliberately: without it nobody could use /ws/secure. It is never
             # stored, and a restart makes a new one.
-            announce_generated_token(runtime.tokens.generated, cfg.log_format)
-        if runtime.announce:
+            announce_generated_token(generated, cfg.log_format)
+        if announce:
             base = f"ws://{cfg.host}:{cfg.port}"
             logger.info(
                 "roomcast %s listening on %s (broker %s); try: python -m websockets %s/ws/echo",
@@ -55,26 +56,25 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
                 cfg.broker_display,
                 base,
             )
-        if runtime.announce:
+        if announce:
             logger.info(
                 "/ws channels on; HTTP API %s",
                 "on at /api (ROOMCAST_API_KEY set)" if cfg.api_key else "off (no ROOMCAST_API_KEY)",
             )
-            if runtime.auth.guests_enabled:
+            if node.auth.guests_enabled:
                 logger.info(
                     "chat page: open http://%s:%d/ in a browser (guest sign-in for %s)",
                     cfg.host,
                     cfg.port,
                     ", ".join(cfg.guests),
                 )
-        await runtime.node.start()
+        await node.start()
         if metrics is not None:
             metrics.start()
         try:
             yield
         finally:
-            await runtime.hub.stop()
-            await runtime.node.stop()
+            await node.stop()
             if metrics is not None:
                 await metrics.stop()
 
@@ -89,22 +89,22 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
         return JSONResponse({"detail": str(error)}, status_code=503, headers={"Retry-After": "1"})
 
     app.add_exception_handler(BrokerUnavailable, broker_unavailable)
-    app.state.roomcast = runtime
-    app.router.routes.extend(classic_routes(runtime))
-    app.router.routes.extend(realtime_routes(runtime))
-    app.include_router(ops_router(runtime))
-    app.include_router(api_router(runtime))
+    app.state.roomcast = node
+    app.router.routes.extend(guide_routes(node))
+    app.router.routes.extend(channels_routes(node, ChannelRequests(node)))
+    app.include_router(ops_router(node))
+    app.include_router(api_router(node))
     if metrics is not None:
         app.include_router(metrics_router(metrics))
-    app.include_router(asyncapi_router(runtime.settings))
-    mount_web(app, runtime)
+    app.include_router(asyncapi_router(node.settings))
+    mount_web(app, node)
     # FastAPI reads a body before the route's dependencies run: the API key and the guest
     # sign-in checks go in front of it, and so do the body's size and time bounds.
-    cfg = runtime.settings
+    cfg = node.settings
     app.add_middleware(
         BodyGuard,
         limit=cfg.body_limit,
         timeout=cfg.body_timeout,
-        gates=[api_gate(cfg), guest_gate(runtime)],
+        gates=[api_gate(cfg), guest_gate(node)],
     )
     return app

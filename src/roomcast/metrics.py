@@ -21,17 +21,27 @@ import logging
 import os
 import shutil
 import tempfile
-from bisect import bisect_left
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from fastapi import APIRouter, Request, Response
 
+from roomcast.counters import (
+    AUTH_REASONS,
+    BROKER_BUCKETS,
+    BROKER_OPS,
+    CLOSE_CODES,
+    FANOUT_BUCKETS,
+    LocalHistogram,
+    Tally,
+    bump,
+    close_code_label,
+)
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Histogram
 
-    from roomcast.connection import Connection
-    from roomcast.runtime import Runtime
+    from roomcast.core.node import Node
 
 __all__ = [
     "AUTH_REASONS",
@@ -43,7 +53,6 @@ __all__ = [
     "LocalHistogram",
     "Metrics",
     "Tally",
-    "auth_reason",
     "close_code_label",
     "metrics_router",
     "prepare_multiprocess_dir",
@@ -67,137 +76,8 @@ ENDPOINTS: Final = (
     "/ws/methods_raw",
 )
 
-#: The ``code`` label of closes: these codes, "other" for any other, "none" for no code.
-CLOSE_CODES: Final = frozenset({*range(1000, 1016), 4001, 4002, 4003, 4008, 4009, 4029} - {1004})
-
-#: The ``reason`` label of auth failures.
-AUTH_REASONS: Final = (
-    "unknown_token",
-    "expired",
-    "bad_signature",
-    "forbidden_channel",
-    "origin",
-    "rate_limited",
-    "other",
-)
-
-#: The ``op`` label of broker round trips (Redis commands), a fixed set.
-BROKER_OPS: Final = (
-    "publish",
-    "position",
-    "history",
-    "presence",
-    "presence_add",
-    "presence_remove",
-    "presence_refresh",
-    "emit",
-    "room_publish",
-    "command",
-    "subscribe",
-    "channels",
-)
-
-#: Fan-out durations: 10 µs .. 1 s.
-FANOUT_BUCKETS: Final = (
-    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-)  # fmt: skip
-#: Broker round trips: 100 µs .. 5 s.
-BROKER_BUCKETS: Final = (
-    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-)  # fmt: skip
-
 #: Seconds between flushes in multiprocess mode.
 FLUSH_INTERVAL: Final = 1.0
-
-
-# -- plain counting, for the hot paths --------------------------------------------------------
-
-
-class LocalHistogram:
-    """A histogram in plain ints: :meth:`observe` is a bisect and two additions."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        #: Observations per bucket (not cumulative); the last one is +Inf.
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-
-def _bump(counts: dict[str, int], key: str, n: int = 1) -> None:
-    counts[key] = counts.get(key, 0) + n
-
-
-class Tally:
-    """Counts of one app that are not on a live connection: ended connections, rare events."""
-
-    __slots__ = (
-        "auth_failures",
-        "closes",
-        "opened",
-        "received",
-        "received_bytes",
-        "sent",
-        "sent_bytes",
-        "slow",
-    )
-
-    def __init__(self) -> None:
-        #: By endpoint, the counts of the connections that ended.
-        self.opened: dict[str, int] = {}
-        self.received: dict[str, int] = {}
-        self.received_bytes: dict[str, int] = {}
-        self.sent: dict[str, int] = {}
-        self.sent_bytes: dict[str, int] = {}
-        #: Accepted connections that ended, by close code label.
-        self.closes: dict[str, int] = {}
-        #: Slow consumers cut (chat 1013, /ws 4008), by endpoint.
-        self.slow: dict[str, int] = {}
-        #: Refused tokens, channels, origins and rates, by reason.
-        self.auth_failures: dict[str, int] = {}
-
-    def ended(self, conn: Connection) -> None:
-        """``conn`` is over: keep its counts (it leaves the runtime's live connections now)."""
-        endpoint = conn.endpoint
-        if conn.opened:
-            _bump(self.opened, endpoint)
-            _bump(self.closes, close_code_label(conn.close_code))
-        if conn.received:
-            _bump(self.received, endpoint, conn.received)
-            _bump(self.received_bytes, endpoint, conn.received_bytes)
-        if conn.sent:
-            _bump(self.sent, endpoint, conn.sent)
-            _bump(self.sent_bytes, endpoint, conn.sent_bytes)
-
-    def auth_failed(self, reason: str) -> None:
-        _bump(self.auth_failures, reason if reason in AUTH_REASONS else "other")
-
-    def cut(self, endpoint: str) -> None:
-        _bump(self.slow, endpoint)
-
-
-def close_code_label(code: int | None) -> str:
-    """The bounded ``code`` label of a close code."""
-    if code is None:
-        return "none"
-    return str(code) if code in CLOSE_CODES else "other"
-
-
-def auth_reason(message: str) -> str:
-    """The ``reason`` label of an :class:`~roomcast.auth.AuthError` (from its message)."""
-    if "expired" in message:
-        return "expired"
-    if "signature" in message:
-        return "bad_signature"
-    if message in ("unknown token", "missing token"):
-        return "unknown_token"
-    return "other"
 
 
 # -- the multiprocess directory ----------------------------------------------------------------
@@ -247,12 +127,12 @@ def _forget_dead_processes(directory: str) -> None:
 
 
 class Metrics:
-    """The metrics of one app, fed from the plain counts of its runtime by :meth:`flush`."""
+    """The metrics of one app, fed from the plain counts of its node by :meth:`flush`."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, node: Node) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-        self.runtime = runtime
+        self.node = node
         self.directory = os.environ.get(MULTIPROC_ENV) or None
         self.multiprocess = self.directory is not None
         if self.directory is not None:
@@ -420,8 +300,8 @@ class Metrics:
 
     def flush(self) -> None:
         """Add what the plain counts gained since the last flush to the metrics."""
-        runtime = self.runtime
-        node, hub, broker = runtime.node, runtime.hub, runtime.broker
+        node = self.node
+        hub, broker = node.hub, node.broker
         tally = node.tally
         opened = dict(tally.opened)
         received = dict(tally.received)
@@ -429,24 +309,22 @@ class Metrics:
         sent = dict(tally.sent)
         sent_bytes = dict(tally.sent_bytes)
         open_now = dict.fromkeys(ENDPOINTS, 0)
-        for conn in runtime.connections:
+        for conn in node.connections:
             endpoint = conn.endpoint
             if conn.opened:
-                _bump(open_now, endpoint)
-                _bump(opened, endpoint)
+                bump(open_now, endpoint)
+                bump(opened, endpoint)
             if conn.received:
-                _bump(received, endpoint, conn.received)
-                _bump(received_bytes, endpoint, conn.received_bytes)
+                bump(received, endpoint, conn.received)
+                bump(received_bytes, endpoint, conn.received_bytes)
             if conn.sent:
-                _bump(sent, endpoint, conn.sent)
-                _bump(sent_bytes, endpoint, conn.sent_bytes)
-        chat_sent, chat_bytes = hub.delivered()
-        for endpoint, n in chat_sent.items():
-            _bump(sent, endpoint, n)
-        for endpoint, n in chat_bytes.items():
-            _bump(sent_bytes, endpoint, n)
-        _bump(sent, "/ws", node.deliveries)
-        _bump(sent_bytes, "/ws", node.delivered_bytes)
+                bump(sent, endpoint, conn.sent)
+                bump(sent_bytes, endpoint, conn.sent_bytes)
+        fanout_sent, fanout_bytes, deliveries = hub.delivered()
+        for endpoint, n in fanout_sent.items():
+            bump(sent, endpoint, n)
+        for endpoint, n in fanout_bytes.items():
+            bump(sent_bytes, endpoint, n)
         for endpoint, n in open_now.items():
             self.connections_open.labels(endpoint).set(n)
         self._add(self.connections_opened, opened)
@@ -455,15 +333,10 @@ class Metrics:
         self._add(self.bytes_received, received_bytes)
         self._add(self.messages_sent, sent)
         self._add(self.bytes_sent, sent_bytes)
-        self._add(
-            self.fanout_deliveries, {"chat": sum(chat_sent.values()), "channel": node.deliveries}
-        )
-        self._observe(self.fanout_seconds, "chat", hub.fanout_time)
-        self._observe(self.fanout_seconds, "channel", node.fanout_time)
-        slow = dict(tally.slow)
-        for endpoint, n in hub.slow.items():
-            _bump(slow, endpoint, n)
-        self._add(self.slow_disconnects, slow)
+        self._add(self.fanout_deliveries, deliveries)
+        for kind, local in hub.fanout_time.items():
+            self._observe(self.fanout_seconds, kind, local)
+        self._add(self.slow_disconnects, dict(tally.slow))
         self._add(self.auth_failures, tally.auth_failures)
         self._add(self.publications, {"": getattr(broker, "publications", 0)})
         self._add(self.broker_reconnects, {"": getattr(broker, "reconnects", 0)})

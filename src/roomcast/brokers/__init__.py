@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from roomcast.brokers.base import Broker, BrokerUnavailable, HistoryPage, Position, Sink
+from roomcast.brokers.base import (
+    Broker,
+    BrokerUnavailable,
+    HistoryPage,
+    Position,
+    Publication,
+    Sink,
+)
 from roomcast.brokers.memory import MemoryBroker
 from roomcast.errors import ConfigurationError
 from roomcast.settings import Settings
@@ -13,6 +20,7 @@ __all__ = [
     "HistoryPage",
     "MemoryBroker",
     "Position",
+    "Publication",
     "Sink",
     "from_settings",
 ]

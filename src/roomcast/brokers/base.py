@@ -5,16 +5,15 @@ A node (one roomcast process) hands its broker a :class:`Sink` at start. The bro
 sink for every publication and presence event of a channel the node subscribed to, wherever it
 was published. ``memory://`` does that synchronously inside ``publish``; a networked broker does
 it when the message comes back from the network, so a node must cope with publications that
-arrive while it is still awaiting the broker (see :mod:`roomcast.channels`).
+arrive while it is still awaiting the broker (see :mod:`roomcast.core.hub`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["Broker", "BrokerUnavailable", "HistoryPage", "Position", "Sink"]
+__all__ = ["Broker", "BrokerUnavailable", "HistoryPage", "Position", "Publication", "Sink"]
 
 
 class BrokerUnavailable(Exception):
@@ -30,6 +29,20 @@ class Position:
 
 
 @dataclass(frozen=True, slots=True)
+class Publication:
+    """One publication as the broker stores and carries it: bytes it does not parse.
+
+    ``offset`` is its place in the channel's stream (0 for a channel without history, such as a
+    chat room); ``data`` and ``info`` are what the publisher gave (the core's encoding, opaque
+    here). Each node's codecs turn it into their own wire frames.
+    """
+
+    offset: int
+    data: bytes
+    info: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryPage:
     """Publications of a channel in increasing offset order, and the stream around them."""
 
@@ -38,23 +51,27 @@ class HistoryPage:
     offset: int
     #: The lowest offset the history still holds (``offset + 1`` when it holds none).
     start: int
-    #: Encoded ``publication`` frames with their offsets, oldest first.
-    publications: list[tuple[int, bytes]]
+    #: The stored publications, oldest first.
+    publications: list[Publication]
 
 
 class Sink(Protocol):
     """The node side: what a broker delivers to."""
 
-    def on_publication(self, channel: str, epoch: str, offset: int, frame: bytes) -> None:
-        """A publication of ``channel`` (its encoded ``publication`` frame), in offset order.
+    def on_publication(self, channel: str, epoch: str, publication: Publication) -> None:
+        """A publication of ``channel``, in offset order.
 
         ``epoch`` names the stream the offset belongs to: a new epoch means the stream began
         again (its history was lost or may have been rolled back), and the sink resets the
         subscribers of the old one. A gap in the offsets is the sink's to fill from the history.
+        A publication without history has offset 0 and epoch ``""``.
         """
 
-    def on_event(self, channel: str, frame: bytes, client: str) -> None:
-        """A ``join``/``leave`` event of ``channel`` about ``client``."""
+    def on_event(self, channel: str, kind: str, client: str, info: bytes) -> None:
+        """A ``join`` or ``leave`` of ``client`` (described by ``info``) on ``channel``."""
+
+    def on_command(self, command: str, argument: str) -> None:
+        """A command to every node (``D``: disconnect the user named by ``argument``)."""
 
     def on_reconnect(self) -> None:
         """The broker was unreachable and is back: publications may have been missed.
@@ -84,10 +101,13 @@ class Broker(Protocol):
     async def unsubscribe(self, channel: str) -> None:
         """Stop delivering ``channel`` to this node (its last local subscriber left)."""
 
-    async def publish(self, channel: str, data: bytes, info: bytes) -> Position:
-        """Give the next offset to a publication, store it in history and deliver it everywhere.
+    async def publish(
+        self, channel: str, data: bytes, info: bytes, *, history: bool = True
+    ) -> Position:
+        """Deliver a publication to every node; returns its position.
 
-        ``data`` and ``info`` are encoded JSON; returns the publication's position.
+        With ``history`` it gets the channel's next offset and is stored; without (a chat
+        room) it is only delivered, with offset 0, and the position is ``("", 0)``.
         """
 
     async def position(self, channel: str) -> Position:
@@ -113,28 +133,11 @@ class Broker(Protocol):
     async def presence(self, channel: str) -> list[dict[str, Any]]:
         """The clients subscribed to ``channel``, in the order they subscribed."""
 
-    async def emit(self, channel: str, frame: bytes, client: str) -> None:
+    async def emit(self, channel: str, kind: str, client: str, info: bytes) -> None:
         """Deliver a ``join``/``leave`` event about ``client`` to every node."""
 
     async def channels(self) -> dict[str, int]:
         """Channels with at least one subscriber, and how many each has."""
-
-    # -- the guide's chat rooms and node commands -------------------------------------------
-
-    def on_room(self, deliver: Callable[[str, str], None]) -> None:
-        """Deliver chat room messages, from every node, to ``deliver(room, text)``."""
-
-    def on_control(self, deliver: Callable[[str, str], None]) -> None:
-        """Deliver node commands, from every node, to ``deliver(command, argument)``."""
-
-    async def join_room(self, room: str) -> None:
-        """Deliver chat room ``room`` to this node (its first local member joined)."""
-
-    async def leave_room(self, room: str) -> None:
-        """Stop delivering ``room`` to this node (its last local member left)."""
-
-    async def room_publish(self, room: str, text: str) -> None:
-        """Send ``text`` to every member of chat room ``room`` on every node."""
 
     async def command(self, command: str, argument: str) -> int:
         """Send a command to every node, this one included; returns how many got it."""

@@ -19,8 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-from roomcast.brokers.base import HistoryPage, Position, Sink
-from roomcast.protocol import publication_frame
+from roomcast.brokers.base import HistoryPage, Position, Publication, Sink
 
 __all__ = ["MemoryBroker"]
 
@@ -36,9 +35,9 @@ class _Stream:
     def __init__(self, now: float) -> None:
         self.epoch = secrets.token_hex(4)
         self.offset = 0
-        #: (offset, time stored, encoded frame), oldest first.
-        self.publications: deque[tuple[int, float, bytes]] = deque()
-        #: The size of the frames in :attr:`publications`.
+        #: (time stored, publication), oldest first.
+        self.publications: deque[tuple[float, Publication]] = deque()
+        #: The size of the data and info in :attr:`publications`.
         self.bytes = 0
         self.touched = now
 
@@ -69,8 +68,6 @@ class MemoryBroker:
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
         self._presence: dict[str, dict[str, dict[str, Any]]] = {}
         self._sink: Sink | None = None
-        self._room_sink: Callable[[str, str], None] | None = None
-        self._control_sink: Callable[[str, str], None] | None = None
         self.available = True
         self._sweeper: asyncio.Task[None] | None = None
         #: Publications made (for roomcast.metrics).
@@ -122,11 +119,12 @@ class MemoryBroker:
     def _expire(self, stream: _Stream, now: float) -> None:
         publications = stream.publications
         oldest = now - self.history_ttl
-        while publications and publications[0][1] < oldest:
+        while publications and publications[0][0] < oldest:
             self._drop_oldest(stream)
 
     def _drop_oldest(self, stream: _Stream) -> None:
-        size = len(stream.publications.popleft()[2])
+        publication = stream.publications.popleft()[1]
+        size = len(publication.data) + len(publication.info)
         stream.bytes -= size
         self.stored_bytes -= size
 
@@ -138,17 +136,24 @@ class MemoryBroker:
             if self.stored_bytes <= self.history_total_bytes:
                 return
 
-    async def publish(self, channel: str, data: bytes, info: bytes) -> Position:
+    async def publish(
+        self, channel: str, data: bytes, info: bytes, *, history: bool = True
+    ) -> Position:
+        if not history:
+            if self._sink is not None:
+                self._sink.on_publication(channel, "", Publication(0, data, info))
+            return Position("", 0)
         stream = self._stream(channel)
         stream.offset += 1
         offset = stream.offset
         self.publications += 1
-        frame = publication_frame(channel, offset, data, info)
+        publication = Publication(offset, data, info)
         if self.history_size:
             publications = stream.publications
-            publications.append((offset, stream.touched, frame))
-            stream.bytes += len(frame)
-            self.stored_bytes += len(frame)
+            publications.append((stream.touched, publication))
+            size = len(data) + len(info)
+            stream.bytes += size
+            self.stored_bytes += size
             while publications and (
                 len(publications) > self.history_size or stream.bytes > self.history_bytes
             ):
@@ -156,7 +161,7 @@ class MemoryBroker:
             if self.stored_bytes > self.history_total_bytes:
                 self._trim_total()
         if self._sink is not None:
-            self._sink.on_publication(channel, stream.epoch, offset, frame)
+            self._sink.on_publication(channel, stream.epoch, publication)
         return Position(stream.epoch, offset)
 
     async def position(self, channel: str) -> Position:
@@ -173,7 +178,7 @@ class MemoryBroker:
     ) -> HistoryPage:
         stream = self._stream(channel)
         stored = stream.publications
-        start = stored[0][0] if stored else stream.offset + 1
+        start = stored[0][1].offset if stored else stream.offset + 1
         if since is not None:
             # Offsets in the deque are consecutive: index arithmetic finds the first one.
             first = max(0, since + 1 - start)
@@ -185,7 +190,7 @@ class MemoryBroker:
             stream.epoch,
             stream.offset,
             start,
-            [(offset, frame) for offset, _, frame in chosen],
+            [publication for _, publication in chosen],
         )
 
     # -- presence -------------------------------------------------------------------------
@@ -203,34 +208,18 @@ class MemoryBroker:
     async def presence(self, channel: str) -> list[dict[str, Any]]:
         return list(self._presence.get(channel, {}).values())
 
-    async def emit(self, channel: str, frame: bytes, client: str) -> None:
+    async def emit(self, channel: str, kind: str, client: str, info: bytes) -> None:
         if self._sink is not None:
-            self._sink.on_event(channel, frame, client)
+            self._sink.on_event(channel, kind, client, info)
 
     async def channels(self) -> dict[str, int]:
         return {channel: len(entries) for channel, entries in self._presence.items()}
 
-    # -- chat rooms and commands: this process is the whole cluster -----------------------
-
-    def on_room(self, deliver: Callable[[str, str], None]) -> None:
-        self._room_sink = deliver
-
-    def on_control(self, deliver: Callable[[str, str], None]) -> None:
-        self._control_sink = deliver
-
-    async def join_room(self, room: str) -> None:
-        return None
-
-    async def leave_room(self, room: str) -> None:
-        return None
-
-    async def room_publish(self, room: str, text: str) -> None:
-        if self._room_sink is not None:
-            self._room_sink(room, text)
+    # -- commands: this process is the whole cluster ----------------------------------------
 
     async def command(self, command: str, argument: str) -> int:
-        if self._control_sink is not None:
-            self._control_sink(command, argument)
+        if self._sink is not None:
+            self._sink.on_command(command, argument)
         return 1
 
     # -- retention ------------------------------------------------------------------------

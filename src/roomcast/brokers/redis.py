@@ -7,24 +7,25 @@ Keys (``P`` is the prefix, ``roomcast`` unless the URL says ``?prefix=...``):
   sequence cluster-wide. It lives ``history_meta_ttl`` after its last use (not the history TTL:
   a quiet channel keeps its offsets).
 - ``P:h:{channel}`` stream: the history, one entry per publication with the explicit id
-  ``{offset}-1``, trimmed to the history size and to ``history_bytes`` bytes of frames (``bytes``
-  in the meta counts them) on every publish, and by age on every read.
+  ``{offset}-1``, trimmed to the history size and to ``history_bytes`` bytes of data and info
+  (``bytes`` in the meta counts them) on every publish, and by age on every read.
 - ``P:generation``: the run id of the Redis process the streams were written in (see
-  ``_BOOT``). A stream whose ``gen`` differs begins again under a new epoch, so a Redis restored
+  ``BOOT``). A stream whose ``gen`` differs begins again under a new epoch, so a Redis restored
   from a snapshot or a promoted replica never hands out an offset twice under one epoch.
 - ``P:p:{channel}`` hash client -> presence entry, and ``P:z:{channel}`` sorted set client ->
   expiry time: each node refreshes the expiry of its own clients' entries, in the channels it
   delivers; the entries of a node that died expire after ``presence_ttl`` seconds (the presence
   script drops them, however many). Commands take ``PRESENCE_BATCH`` entries at most.
 - ``P:channels`` sorted set channel -> expiry: channels with subscribers, refreshed the same way.
-- Pub/sub channel ``P:c:{channel}``: live publications (``P <epoch> <offset> <frame>``) and
-  join/leave events (``E <client> <frame>``); ``P:r:{room}``: the chat rooms; ``P:control``:
-  commands to every node (``D <user>``: disconnect that user).
+- Pub/sub channel ``P:c:{channel}``: live publications (``P <epoch> <offset> <len(info)>
+  <info><data>``; a chat room's have no epoch and offset 0) and join/leave events
+  (``E <kind> <client> <info>``); ``P:control``: commands to every node (``D <user>``:
+  disconnect that user).
 
-A publication is built into its client frame inside the Lua script (the caller passes the frame
-around the offset), stored, and published in one atomic step, so it crosses Redis once and every
-node sends the stored bytes as they are. Each node holds one Redis subscription per channel that
-has local subscribers, whatever their number.
+A publication gets its offset, is stored and published in one atomic step (the scripts are in
+:mod:`roomcast.brokers.redis_scripts`), so it crosses Redis once. The broker stores and carries
+the publisher's bytes as they are; each node encodes them once per wire format. Each node holds
+one Redis subscription per channel that has local subscribers, whatever their number.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -47,8 +48,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from roomcast.brokers.base import BrokerUnavailable, HistoryPage, Position, Sink
-from roomcast.metrics import BROKER_BUCKETS, LocalHistogram
+from roomcast.brokers.base import BrokerUnavailable, HistoryPage, Position, Publication, Sink
+from roomcast.brokers.redis_scripts import (
+    BOOT,
+    HISTORY,
+    POSITION,
+    PRESENCE,
+    PRESENCE_BATCH,
+    PUBLISH,
+)
+from roomcast.counters import BROKER_BUCKETS, LocalHistogram
 
 __all__ = ["RedisBroker"]
 
@@ -62,167 +71,6 @@ STARTUP_WAIT = 5.0
 #: Failures that mean "Redis cannot be reached now" (as opposed to a bug). RuntimeError: redis-py
 #: writing on a transport that closed under it while it reconnected ("the handler is closed").
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError)
-
-# Every stream script begins with this. KEYS[1] meta, KEYS[2] stream, KEYS[3] generation;
-# ARGV[1] a new epoch, ARGV[2] the meta key's TTL (s). A channel's stream begins again (a new
-# epoch, offset 0, no history) when it has no meta key, or when its meta was written under
-# another generation of the Redis data: see _BOOT. Beginning again deletes whatever stream is
-# left, so that offsets and stream ids start together (an orphaned stream whose ids run ahead of
-# a recreated meta would make the next XADD fail).
-_PROLOGUE = """
-local generation = redis.call('GET', KEYS[3]) or ''
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'gen')
-local epoch = meta[1]
-if not epoch or meta[2] ~= generation then
-  epoch = ARGV[1]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'gen', generation, 'offset', 0, 'bytes', 0)
-end
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-"""
-
-# KEYS: generation. Sets the generation to this Redis process's run id, which is new at every
-# start: a restart (with whatever it restored: an RDB snapshot, an AOF, nothing) and a promoted
-# replica each get a new one. Roomcast's scripts are run only by their SHA, which the script
-# cache of a new process does not know; the broker answers that NOSCRIPT by running this first,
-# then loading the scripts. So no stream script runs in a Redis process before the generation
-# names it, and every stream written before it begins again under a new epoch: offsets handed
-# out before a restore can never be handed out again under the same epoch. Idempotent, so any
-# number of nodes may run it.
-_BOOT = """
-local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-if redis.call('GET', KEYS[1]) ~= run then
-  redis.call('SET', KEYS[1], run)
-end
-return run
-"""
-
-# Drops the oldest history entries while there are more than ARGV[size] of them or they hold
-# more than ARGV[bytes] bytes of frames; keeps the meta's byte count. (Expects `count`.)
-_TRIM = """
-local total = tonumber(redis.call('HGET', KEYS[1], 'bytes') or 0)
-while count > 0 and (count > size or total > max_bytes) do
-  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-  if #oldest == 0 then break end
-  redis.call('XDEL', KEYS[2], oldest[1][1])
-  total = total - string.len(oldest[1][2][4])
-  count = count - 1
-end
-redis.call('HSET', KEYS[1], 'bytes', total)
-"""
-
-# KEYS: meta, stream, generation. ARGV: new epoch, meta TTL (s), frame head, frame tail, history
-# size, history TTL (s), pubsub channel, history bytes. The frame is head .. offset .. tail;
-# returns {epoch, offset}. Live message: "P <epoch> <offset> <frame>".
-_PUBLISH = (
-    _PROLOGUE
-    + """
-local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-local frame = ARGV[3] .. offset .. ARGV[4]
-local size = tonumber(ARGV[5])
-if size > 0 then
-  local now = redis.call('TIME')
-  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  local id = offset .. '-1'
-  if not pcall(redis.call, 'XADD', KEYS[2], id, 't', ms, 'f', frame) then
-    -- A stream left from before (its ids ahead of this offset): it cannot be this epoch's.
-    redis.call('DEL', KEYS[2])
-    redis.call('HSET', KEYS[1], 'bytes', 0)
-    redis.call('XADD', KEYS[2], id, 't', ms, 'f', frame)
-  end
-  redis.call('HINCRBY', KEYS[1], 'bytes', string.len(frame))
-  local count = redis.call('XLEN', KEYS[2])
-  local max_bytes = tonumber(ARGV[8])
-"""
-    + _TRIM
-    + """
-  redis.call('EXPIRE', KEYS[2], ARGV[6])
-end
-redis.call('PUBLISH', ARGV[7], 'P ' .. epoch .. ' ' .. offset .. ' ' .. frame)
-return {epoch, offset}
-"""
-)
-
-# KEYS: meta, stream, generation. ARGV: new epoch, meta TTL (s). Returns {epoch, offset}.
-_POSITION = (
-    _PROLOGUE
-    + """
-return {epoch, tonumber(redis.call('HGET', KEYS[1], 'offset'))}
-"""
-)
-
-# KEYS: meta, stream, generation. ARGV: new epoch, meta TTL (s), history TTL (s), mode
-# (since|before|latest), bound, limit. Drops entries older than the history TTL first; returns
-# {epoch, offset, start, f1, f2, ...}.
-_HISTORY = (
-    _PROLOGUE
-    + """
-local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
-local now = redis.call('TIME')
-local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  - tonumber(ARGV[3]) * 1000
-local expired = 0
-while true do
-  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-  if #oldest == 0 then break end
-  local fields = oldest[1][2]
-  if tonumber(fields[2]) >= cutoff then break end
-  redis.call('XDEL', KEYS[2], oldest[1][1])
-  expired = expired + string.len(fields[4])
-end
-if expired > 0 then redis.call('HINCRBY', KEYS[1], 'bytes', -expired) end
-local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-local start = offset + 1
-if #first > 0 then start = tonumber(string.match(first[1][1], '^(%d+)')) end
-local mode = ARGV[4]
-local bound = tonumber(ARGV[5])
-local limit = tonumber(ARGV[6])
-local entries
-if mode == 'since' then
-  entries = redis.call('XRANGE', KEYS[2], '(' .. bound .. '-1', '+', 'COUNT', limit)
-elseif mode == 'before' then
-  if bound <= 1 then
-    entries = {}
-  else
-    entries = redis.call('XREVRANGE', KEYS[2], (bound - 1) .. '-1', '-', 'COUNT', limit)
-  end
-else
-  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', limit)
-end
-local out = {epoch, offset, start}
-if mode == 'since' then
-  for i = 1, #entries do out[#out + 1] = entries[i][2][4] end
-else
-  for i = #entries, 1, -1 do out[#out + 1] = entries[i][2][4] end
-end
-return out
-"""
-)
-
-#: Presence entries per Redis command, at most: Lua's unpack() fails past about 8000 values (its
-#: stack limit), and one command with every entry of a big channel would hold Redis for all of it.
-PRESENCE_BATCH = 1000
-
-# KEYS: presence hash, presence zset. ARGV: now (ms), batch (PRESENCE_BATCH). Drops the expired
-# entries (a dead node's), however many, then returns the others. No command takes more than a
-# batch of members.
-_PRESENCE = """
-local batch = tonumber(ARGV[2])
-while true do
-  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, batch)
-  if #gone == 0 then break end
-  redis.call('HDEL', KEYS[1], unpack(gone))
-  redis.call('ZREM', KEYS[2], unpack(gone))
-end
-local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf')
-local out = {}
-for first = 1, #live, batch do
-  local last = math.min(first + batch - 1, #live)
-  local found = redis.call('HMGET', KEYS[1], unpack(live, first, last))
-  for i = 1, #found do out[#out + 1] = found[i] end
-end
-return out
-"""
 
 
 class RedisBroker:
@@ -267,9 +115,7 @@ class RedisBroker:
         #: Presence entries of this node's clients: channel -> client -> encoded entry.
         self._mine: dict[str, dict[str, bytes]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._room_sink: Callable[[str, str], None] | None = None
-        self._control_sink: Callable[[str, str], None] | None = None
-        #: SHA1 of each stream script (run by EVALSHA only; see _BOOT).
+        #: SHA1 of each stream script (run by EVALSHA only; see BOOT).
         self._shas: dict[str, str] = {}
         self._presence_script: Any = None
         self._down_since: float | None = None
@@ -307,7 +153,7 @@ class RedisBroker:
         r = self._redis
         self._shas = {
             source: hashlib.sha1(source.encode()).hexdigest()
-            for source in (_PUBLISH, _POSITION, _HISTORY)
+            for source in (PUBLISH, POSITION, HISTORY)
         }
         # The pub/sub connection must not reconnect behind the listener's back: redis-py
         # retries a failed read by reconnecting and resubscribing in place, and whatever was
@@ -320,7 +166,7 @@ class RedisBroker:
             health_check_interval=10,
             client_name=f"roomcast-{self.node_id}-pubsub",
         )
-        self._presence_script = r.register_script(_PRESENCE)
+        self._presence_script = r.register_script(PRESENCE)
         self._wanted.add(self._control)
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -336,14 +182,6 @@ class RedisBroker:
             logger.warning(
                 "broker %s not reachable at start; serving, not ready, until it is", self._where
             )
-
-    def on_room(self, deliver: Callable[[str, str], None]) -> None:
-        """Deliver chat room messages (from every node) to ``deliver(room, text)``."""
-        self._room_sink = deliver
-
-    def on_control(self, deliver: Callable[[str, str], None]) -> None:
-        """Deliver node commands to ``deliver(command, argument)``."""
-        self._control_sink = deliver
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -464,18 +302,20 @@ class RedisBroker:
         data: bytes = message["data"]
         kind_, _, name = channel[len(self.prefix) + 1 :].partition(":")
         sink = self._sink
-        if kind_ == "c" and sink is not None:
+        if sink is None:
+            return
+        if kind_ == "c":
             if data.startswith(b"P "):
-                _, epoch, offset, frame = data.split(b" ", 3)
-                sink.on_publication(name, epoch.decode(), int(offset), frame)
+                _, epoch, offset, size, rest = data.split(b" ", 4)
+                cut = int(size)
+                publication = Publication(int(offset), rest[cut:], rest[:cut])
+                sink.on_publication(name, epoch.decode(), publication)
             elif data.startswith(b"E "):
-                _, client, frame = data.split(b" ", 2)
-                sink.on_event(name, frame, client.decode())
-        elif kind_ == "r" and self._room_sink is not None:
-            self._room_sink(name, data.decode())
-        elif channel == self._control and self._control_sink is not None:
+                _, kind, client, info = data.split(b" ", 3)
+                sink.on_event(name, kind.decode(), client.decode(), info)
+        elif channel == self._control:
             command, _, argument = data.decode().partition(" ")
-            self._control_sink(command, argument)
+            sink.on_command(command, argument)
 
     async def _want(self, pubsub_channel: str) -> None:
         if pubsub_channel in self._wanted:
@@ -523,17 +363,6 @@ class RedisBroker:
     async def unsubscribe(self, channel: str) -> None:
         await self._unwant(self._key("c", channel))
 
-    async def join_room(self, room: str) -> None:
-        """Deliver chat room ``room`` to this node (its first local member joined)."""
-        await self._want(self._key("r", room))
-
-    async def leave_room(self, room: str) -> None:
-        await self._unwant(self._key("r", room))
-
-    async def room_publish(self, room: str, text: str) -> None:
-        """Send a chat message to every member of ``room``, on every node."""
-        await self._call("room_publish", self._conn.publish(self._key("r", room), text))
-
     async def command(self, command: str, argument: str) -> int:
         """Send a command to every node (this one included); returns how many nodes got it."""
         received: int = await self._call(
@@ -547,7 +376,7 @@ class RedisBroker:
         """Run a stream script on ``channel`` by its SHA; after a NOSCRIPT, boot first.
 
         NOSCRIPT means this Redis process has not run roomcast's scripts yet: it is new (a
-        restart, a restore, a failover) or its script cache was flushed. _BOOT then moves the
+        restart, a restore, a failover) or its script cache was flushed. BOOT then moves the
         generation to this process's run id before any stream script can run in it.
         """
         keys = (self._key("m", channel), self._key("h", channel), self._generation)
@@ -556,7 +385,7 @@ class RedisBroker:
         try:
             return await conn.evalsha(self._shas[source], len(keys), *keys, *argv)
         except NoScriptError:
-            await conn.eval(_BOOT, 1, self._generation)
+            await conn.eval(BOOT, 1, self._generation)
             for script in self._shas:
                 await conn.script_load(script)
             return await conn.evalsha(self._shas[source], len(keys), *keys, *argv)
@@ -565,16 +394,21 @@ class RedisBroker:
     def _generation(self) -> str:
         return f"{self.prefix}:generation"
 
-    async def publish(self, channel: str, data: bytes, info: bytes) -> Position:
-        head = b'{"type":"publication","channel":' + orjson.dumps(channel) + b',"offset":'
-        tail = b',"data":' + data + b',"info":' + info + b"}"
+    async def publish(
+        self, channel: str, data: bytes, info: bytes, *, history: bool = True
+    ) -> Position:
+        if not history:
+            # No offset and no stream: one PUBLISH, the same live message with offset 0.
+            message = b"P  0 %d %s%s" % (len(info), info, data)
+            await self._call("publish", self._conn.publish(self._key("c", channel), message))
+            return Position("", 0)
         epoch, offset = await self._call(
             "publish",
             self._stream_script(
-                _PUBLISH,
+                PUBLISH,
                 channel,
-                head,
-                tail,
+                data,
+                info,
                 self.history_size,
                 self.history_ttl,
                 self._key("c", channel),
@@ -585,7 +419,7 @@ class RedisBroker:
         return Position(epoch.decode(), int(offset))
 
     async def position(self, channel: str) -> Position:
-        epoch, offset = await self._call("position", self._stream_script(_POSITION, channel))
+        epoch, offset = await self._call("position", self._stream_script(POSITION, channel))
         return Position(epoch.decode(), int(offset))
 
     async def history(
@@ -604,12 +438,16 @@ class RedisBroker:
             mode, bound = "latest", 0
         reply = await self._call(
             "history",
-            self._stream_script(_HISTORY, channel, self.history_ttl, mode, bound, limit),
+            self._stream_script(HISTORY, channel, self.history_ttl, mode, bound, limit),
         )
         epoch = reply[0].decode()
         offset, start = int(reply[1]), int(reply[2])
-        frames: list[bytes] = reply[3:]
-        return HistoryPage(epoch, offset, start, [(_frame_offset(f), f) for f in frames])
+        rest: list[bytes] = reply[3:]
+        publications = [
+            Publication(int(rest[i].partition(b"-")[0]), rest[i + 1], rest[i + 2])
+            for i in range(0, len(rest), 3)
+        ]
+        return HistoryPage(epoch, offset, start, publications)
 
     # -- presence -------------------------------------------------------------------------
 
@@ -648,11 +486,9 @@ class RedisBroker:
         entries.sort(key=lambda entry: entry.pop("at", 0))
         return entries
 
-    async def emit(self, channel: str, frame: bytes, client: str) -> None:
-        await self._call(
-            "emit",
-            self._conn.publish(self._key("c", channel), b"E " + client.encode() + b" " + frame),
-        )
+    async def emit(self, channel: str, kind: str, client: str, info: bytes) -> None:
+        message = b"E %s %s %s" % (kind.encode(), client.encode(), info)
+        await self._call("emit", self._conn.publish(self._key("c", channel), message))
 
     async def channels(self) -> dict[str, int]:
         now = int(time.time() * 1000)
@@ -724,10 +560,3 @@ class RedisBroker:
             batch = clients[first : first + PRESENCE_BATCH]
             pipe.hdel(self._key("p", channel), *batch)
             pipe.zrem(self._key("z", channel), *batch)
-
-
-def _frame_offset(frame: bytes) -> int:
-    """The offset written in a stored publication frame."""
-    marker = frame.index(b',"offset":') + 10
-    end = frame.index(b",", marker)
-    return int(frame[marker:end])

@@ -2,8 +2,8 @@
 
 The spec is ``docs/protocol.md``. Nothing here touches a socket or the event loop, so every
 rule can be tested on plain values. Frames the server sends are built as bytes: a publication
-is encoded once (by whoever gives it its offset) and then stored, replayed and fanned out as
-the same bytes, embedded verbatim in history replies.
+is encoded once per node (by :data:`CODEC`, when it reaches the channel hub) and the same bytes
+go to every subscriber; history replies embed the encoded publications as they are.
 """
 
 from __future__ import annotations
@@ -17,15 +17,22 @@ from typing import Any, Final
 
 import orjson
 
+from roomcast.brokers.base import Publication
+
 __all__ = [
+    "CODEC",
+    "HISTORY_LIMIT_DEFAULT",
+    "HISTORY_LIMIT_MAX",
     "HISTORY_PAGE_BYTES",
     "OPS",
     "ErrorCode",
     "Request",
     "RequestError",
+    "RoomcastJsonCodec",
     "channel_pattern",
     "channel_rule",
     "connected_frame",
+    "encode_data",
     "encode_info",
     "error_reply",
     "event_frame",
@@ -39,6 +46,9 @@ __all__ = [
 
 OPS: Final = ("subscribe", "unsubscribe", "publish", "presence", "history", "ping", "auth")
 MAX_ID_LENGTH: Final = 64
+#: ``history``'s ``limit``: its default, and the most one request may ask for.
+HISTORY_LIMIT_DEFAULT: Final = 100
+HISTORY_LIMIT_MAX: Final = 1000
 #: The characters of a channel name; the part before the first ":" is its namespace.
 CHANNEL_CHARS: Final = "A-Za-z0-9_.:@=-"
 
@@ -230,6 +240,20 @@ def publication_frame(channel: str, offset: int, data: bytes, info: bytes) -> by
     )
 
 
+def encode_data(value: Any, limit: int, request_id: int | str | None = None) -> bytes:
+    """A publication's ``data`` as JSON, checked against the publication size ``limit``."""
+    try:
+        data = orjson.dumps(value)
+    except orjson.JSONEncodeError as error:
+        # Only from the HTTP API, whose JSON parser takes integers of any size.
+        raise RequestError(ErrorCode.BAD_REQUEST, f"data: {error}", request_id) from None
+    if len(data) > limit:
+        raise RequestError(
+            ErrorCode.TOO_LARGE, f"data is {len(data)} bytes; the limit is {limit}", request_id
+        )
+    return data
+
+
 def event_frame(kind: str, channel: str, info: bytes) -> bytes:
     """A ``join`` or ``leave`` push."""
     return b'{"type":"%s","channel":%s,"info":%s}' % (kind.encode(), orjson.dumps(channel), info)
@@ -294,3 +318,25 @@ def history_result(
 def utc_now() -> str:
     """Now as ISO 8601 UTC with milliseconds, e.g. ``2026-11-26T13:00:00.000Z``."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class RoomcastJsonCodec:
+    """The ``/ws`` wire format as the channel hub sees it: publications and events to frames."""
+
+    __slots__ = ()
+
+    name: Final = "roomcast-json"
+    #: Frames are text (JSON).
+    text: Final = True
+
+    def publication(self, channel: str, publication: Publication) -> bytes:
+        """The ``publication`` push of ``publication`` on ``channel``."""
+        return publication_frame(channel, publication.offset, publication.data, publication.info)
+
+    def event(self, channel: str, kind: str, info: bytes) -> bytes:
+        """The ``join`` or ``leave`` push."""
+        return event_frame(kind, channel, info)
+
+
+#: The one instance: the hub groups subscribers by codec, one encoding per group.
+CODEC: Final = RoomcastJsonCodec()

@@ -6,13 +6,13 @@ import asyncio
 
 from fastapi import APIRouter, Response
 
-from roomcast.runtime import Runtime
+from roomcast.core.node import Node
 
 __all__ = ["ops_router"]
 
 
-def ops_router(runtime: Runtime) -> APIRouter:
-    """``GET /health`` and ``GET /stats`` for ``runtime``."""
+def ops_router(node: Node) -> APIRouter:
+    """``GET /health`` and ``GET /stats`` for ``node``."""
     router = APIRouter(tags=["operations"])
 
     @router.get("/healthz", summary="Liveness: the process answers")
@@ -22,18 +22,13 @@ def ops_router(runtime: Runtime) -> APIRouter:
 
     @router.get("/readyz", summary="Readiness: the broker is reachable and we accept clients")
     async def readyz(response: Response) -> dict[str, str]:
-        if not runtime.broker.available:
+        if not node.broker.available:
             response.status_code = 503
             return {"status": "unavailable", "broker": "unreachable"}
         return {"status": "ok", "broker": "ok"}
 
     @router.get("/stats", summary="Live counters of connections, rooms and tasks")
     async def stats() -> dict[str, int]:
-        return {
-            "connections": len(runtime.connections),
-            **runtime.hub.stats(),
-            **runtime.node.stats(),
-            "asyncio_tasks": len(asyncio.all_tasks()),
-        }
+        return {**node.stats(), "asyncio_tasks": len(asyncio.all_tasks())}
 
     return router

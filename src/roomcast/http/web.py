@@ -19,8 +19,8 @@ from pydantic import BaseModel, Field
 from starlette.types import Scope
 
 from roomcast.auth import GUEST_NAME, AuthError
-from roomcast.routes.bodies import Gate, Refusal, route_path
-from roomcast.runtime import Runtime
+from roomcast.core.node import Node
+from roomcast.http.bodies import Gate, Refusal, route_path
 
 __all__ = ["STATIC_DIR", "AddressLimiter", "guest_gate", "mount_web"]
 
@@ -79,11 +79,11 @@ class AddressLimiter:
         return wait
 
 
-def guest_gate(runtime: Runtime) -> Gate:
+def guest_gate(node: Node) -> Gate:
     """The checks of ``POST /auth/guest`` that need only the request head: 404 while guest
     sign-in is off, 429 (with ``Retry-After``) over the per-address rate."""
-    auth = runtime.auth
-    settings = runtime.settings
+    auth = node.auth
+    settings = node.settings
     limiter = AddressLimiter(settings.guest_rate, settings.guest_burst)
 
     def gate(scope: Scope) -> Refusal | None:
@@ -107,9 +107,9 @@ def guest_gate(runtime: Runtime) -> Gate:
     return gate
 
 
-def mount_web(app: FastAPI, runtime: Runtime) -> None:
+def mount_web(app: FastAPI, node: Node) -> None:
     """Add the page, its static files and the guest sign-in route to ``app``."""
-    auth = runtime.auth
+    auth = node.auth
     router = APIRouter(tags=["browser"])
 
     @router.get("/", include_in_schema=False)

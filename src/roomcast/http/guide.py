@@ -2,7 +2,8 @@
 
 Each endpoint is a raw ASGI app (see :mod:`roomcast.connection` for why). What the guide leaves
 out is added here: frame-type and size checks with close codes, a stream that stops when its
-client leaves, rooms on the hub, and clean removal on every path out.
+client leaves, chat rooms that are channels of the node (without history, on every node), and
+clean removal on every path out.
 """
 
 from __future__ import annotations
@@ -20,28 +21,41 @@ from starlette.routing import WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from roomcast.auth import AuthError, origin_allowed, token_from_scope
-from roomcast.brokers import BrokerUnavailable
 from roomcast.closecodes import CloseCode
+from roomcast.codecs.guide import CODEC
 from roomcast.connection import Connection
+from roomcast.core.node import Node
 from roomcast.errors import ClientError, InvalidPayload, PolicyViolation, RateLimited
-from roomcast.metrics import auth_reason
-from roomcast.runtime import Runtime
 from roomcast.settings import Settings
 
-__all__ = ["DEFAULT_ROOM", "LEAVE_NOTICE", "ROOM_NAME", "classic_routes"]
+__all__ = [
+    "DEFAULT_ROOM",
+    "LEAVE_NOTICE",
+    "ROOM_NAME",
+    "GuardedEndpoint",
+    "chat_channel",
+    "guide_routes",
+]
 
-#: The room of ``/ws/chat``; named rooms cannot collide with it (``/`` is not a room character).
-DEFAULT_ROOM = "/"
+#: The room of ``/ws/chat``: the empty name, which no named room can have.
+DEFAULT_ROOM = ""
 #: What the remaining members hear when one leaves (the guide's text).
 LEAVE_NOTICE = "A client left the chat"
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def chat_channel(room: str) -> str:
+    """The channel of a chat room: ``chat/`` + its name. ``/`` is in no ``/ws`` channel name,
+    so ``/ws`` clients can neither subscribe nor publish to a chat room."""
+    return "chat/" + room
+
 
 Handler = Callable[[Connection], Awaitable[None]]
 
 logger = logging.getLogger("roomcast.chat")
 
 
-class ClassicEndpoint:
+class GuardedEndpoint:
     """Runs a handler on a :class:`Connection`; client errors end it with their close code.
 
 
@@ -52,20 +66,20 @@ class ClassicEndpoint:
 
     def __init__(
         self,
-        runtime: Runtime,
+        node: Node,
         handler: Handler,
         limit_code: CloseCode = CloseCode.POLICY_VIOLATION,
         endpoint: str = "",
     ) -> None:
-        self.runtime = runtime
+        self.node = node
         self.handler = handler
         self.limit_code = limit_code
         #: The route's path template: the metrics' endpoint label.
         self.endpoint = endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        runtime = self.runtime
-        settings = runtime.settings
+        node = self.node
+        settings = node.settings
         conn = Connection(
             scope,
             receive,
@@ -75,17 +89,17 @@ class ClassicEndpoint:
             settings.rate_burst,
             self.endpoint,
         )
-        tally = runtime.node.tally
+        tally = node.tally
         if not origin_allowed(scope, settings.allowed_origins):
             tally.auth_failed("origin")
             await conn.deny("origin not allowed (ROOMCAST_ALLOWED_ORIGINS)")
             return
         client = scope.get("client")
         ip: str = client[0] if client else ""
-        per_ip = runtime.per_ip
+        per_ip = node.per_ip
         held = per_ip.get(ip, 0)
         per_ip[ip] = held + 1
-        connections = runtime.connections
+        connections = node.connections
         connections.add(conn)
         try:
             limit = settings.max_connections_per_ip
@@ -109,38 +123,40 @@ class ClassicEndpoint:
                 del per_ip[ip]
 
 
-def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
-    """The guide's endpoints, bound to ``runtime``."""
-    settings = runtime.settings
-    hub = runtime.hub
+def guide_routes(node: Node) -> list[WebSocketRoute]:
+    """The guide's endpoints, bound to ``node``."""
+    settings = node.settings
+    farewell = LEAVE_NOTICE.encode()
 
     async def echo(conn: Connection) -> None:
         if await conn.accept():
             await _reply_to_text(conn, "Echo: ")
 
     async def chat(conn: Connection, room: str = DEFAULT_ROOM) -> None:
-        # Hear the room on every node *before* the handshake completes: once a client is in,
-        # it gets every message sent after that, whichever node the sender is on.
+        channel = chat_channel(room)
+        session = node.open(
+            conn, CODEC, node.auth.anonymous, slow_code=CloseCode.TRY_AGAIN_LATER, farewell=farewell
+        )
+        accepted = False
         try:
-            await runtime.join_room(room)
-        except BrokerUnavailable:
-            # The broker subscribes the room when it is back; until then, local only.
-            logger.warning("conn=%s chat room %r local only: broker unreachable", conn.id, room)
-        if not await conn.accept():
-            await runtime.left_room(room)
-            return
-        member = hub.join(conn, room, LEAVE_NOTICE)
-        try:
+            # Hear the room on every node *before* the handshake completes: once a client is
+            # in, it gets every message sent after that, whichever node the sender is on.
+            subscriber = await node.join(session, channel)
+            if not await conn.accept():
+                return
+            accepted = True
+            node.go_live(subscriber)
             while (text := await conn.receive_text()) is not None:
                 # A member cut for being slow keeps being read (so its close handshake can
                 # finish) but speaks no more.
-                if member.active:
-                    await runtime.chat_publish(room, f"Client says: {text}")
+                if session.active:
+                    message = f"Client says: {text}".encode()
+                    await node.publish(channel, message, b"", history=False)
         finally:
             # When the server restarts everyone leaves at once: n leave notices to n members
             # would be n² messages that nobody will read.
-            await hub.leave(member, notify=conn.close_code != CloseCode.SERVICE_RESTART)
-            await runtime.left_room(room)
+            notify = accepted and conn.close_code != CloseCode.SERVICE_RESTART
+            await node.detach(session, notify=notify)
 
     async def named_chat(conn: Connection) -> None:
         room: str = conn.scope.get("path_params", {}).get("room", "")
@@ -155,18 +171,18 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
     async def secure(conn: Connection) -> None:
         token, subprotocol = token_from_scope(conn.scope, conn.query())
         if token is None:
-            runtime.node.tally.auth_failed("unknown_token")
+            node.tally.auth_failed("unknown_token")
             await conn.deny("missing token")
             return
         try:
-            grant = runtime.auth.verify(token)
+            grant = node.auth.verify(token)
         except AuthError as error:
-            runtime.node.tally.auth_failed(auth_reason(str(error)))
+            node.tally.auth_failed(error.kind)
             await conn.deny(str(error))
             return
         user = grant.user
         assert user is not None
-        if not runtime.claim_user(user):
+        if not node.claim_user(user):
             limit = settings.max_connections_per_user
             await conn.accept_and_close(
                 CloseCode.POLICY_VIOLATION, f"too many connections for this user (limit {limit})"
@@ -183,7 +199,7 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
         finally:
             if expiry is not None:
                 expiry.cancel()
-            runtime.release_user(user)
+            node.release_user(user)
 
     async def stream(conn: Connection) -> None:
         if not await conn.accept():
@@ -264,7 +280,7 @@ def classic_routes(runtime: Runtime) -> list[WebSocketRoute]:
         "/ws/methods_raw": methods_raw,
     }
     return [
-        WebSocketRoute(path, ClassicEndpoint(runtime, handler, endpoint=path), name=path.strip("/"))
+        WebSocketRoute(path, GuardedEndpoint(node, handler, endpoint=path), name=path.strip("/"))
         for path, handler in endpoints.items()
     ]
 

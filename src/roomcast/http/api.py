@@ -2,7 +2,7 @@
 
 For the application's own backend. Off unless ``ROOMCAST_API_KEY`` is set; every request then
 carries the key as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The key is checked
-from the request head by :func:`api_gate` (in :class:`~roomcast.routes.bodies.BodyGuard`)
+from the request head by :func:`api_gate` (in :class:`~roomcast.http.bodies.BodyGuard`)
 before any body is read, and again by the routes' dependency.
 """
 
@@ -15,9 +15,17 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
 from pydantic import BaseModel, Field
 from starlette.types import Scope
 
-from roomcast.protocol import RequestError, encode_info, history_result
-from roomcast.routes.bodies import Gate, Refusal, header, route_path
-from roomcast.runtime import Runtime
+from roomcast.codecs.roomcast_json import (
+    CODEC,
+    RequestError,
+    channel_pattern,
+    channel_rule,
+    encode_data,
+    encode_info,
+    history_result,
+)
+from roomcast.core.node import Node
+from roomcast.http.bodies import Gate, Refusal, header, route_path
 from roomcast.settings import Settings
 
 __all__ = ["api_gate", "api_router", "key_refusal"]
@@ -121,11 +129,11 @@ def api_gate(settings: Settings) -> Gate:
     return gate
 
 
-def api_router(runtime: Runtime) -> APIRouter:
-    """The ``/api`` routes of ``runtime``."""
-    settings = runtime.settings
-    node = runtime.node
-    broker = runtime.broker
+def api_router(node: Node) -> APIRouter:
+    """The ``/api`` routes of ``node``: every call goes through the node, as ``/ws``'s do."""
+    settings = node.settings
+    name_pattern = channel_pattern(settings.channel_max_length)
+    name_rule = channel_rule(settings.channel_max_length)
 
     def require_key(
         authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
@@ -138,20 +146,20 @@ def api_router(runtime: Runtime) -> APIRouter:
     router = APIRouter(prefix="/api", tags=["server API"], dependencies=[Depends(require_key)])
 
     def channel_ok(channel: str) -> str:
-        if node.channel_name.fullmatch(channel) is None:
-            raise HTTPException(422, node.channel_rule)
+        if name_pattern.fullmatch(channel) is None:
+            raise HTTPException(422, name_rule)
         return channel
 
     def data_ok(data: Any) -> bytes:
         try:
-            return node.encode_data({"data": data})
+            return encode_data(data, settings.max_publication_size)
         except RequestError as error:
             raise HTTPException(422, error.message) from None
 
     @router.post("/publish", summary="Publish to a channel")
     async def publish(body: PublishBody) -> PositionOut:
         channel = channel_ok(body.channel)
-        position = await broker.publish(channel, data_ok(body.data), API_INFO)
+        position = await node.publish(channel, data_ok(body.data), API_INFO)
         return PositionOut(epoch=position.epoch, offset=position.offset)
 
     @router.post("/broadcast", summary="Publish the same data to many channels")
@@ -160,7 +168,7 @@ def api_router(runtime: Runtime) -> APIRouter:
         data = data_ok(body.data)
         results = []
         for channel in channels:
-            position = await broker.publish(channel, data, API_INFO)
+            position = await node.publish(channel, data, API_INFO)
             results.append(
                 ChannelPositionOut(channel=channel, epoch=position.epoch, offset=position.offset)
             )
@@ -168,14 +176,14 @@ def api_router(runtime: Runtime) -> APIRouter:
 
     @router.get("/channels", summary="Channels with at least one subscriber")
     async def channels() -> ChannelsOut:
-        counts = await broker.channels()
+        counts = await node.channels()
         return ChannelsOut(
             channels=[ChannelOut(channel=name, subscribers=n) for name, n in sorted(counts.items())]
         )
 
     @router.get("/presence/{channel}", summary="Who is subscribed to a channel")
     async def presence(channel: str) -> PresenceOut:
-        clients = await broker.presence(channel_ok(channel))
+        clients = await node.presence(channel_ok(channel))
         return PresenceOut.model_validate({"clients": clients})
 
     @router.get(
@@ -191,10 +199,11 @@ def api_router(runtime: Runtime) -> APIRouter:
     ) -> Response:
         if since is not None and before is not None:
             raise HTTPException(422, "give 'since' or 'before', not both")
-        page = await broker.history(channel_ok(channel), since=since, before=before, limit=limit)
-        frames = [frame for _, frame in page.publications]
-        # The stored frames go out as they are: no decoding and re-encoding of each one. A page
-        # is bounded in bytes as on /ws (HISTORY_PAGE_BYTES): it may hold fewer than `limit`.
+        channel = channel_ok(channel)
+        page = await node.history(channel, since=since, before=before, limit=limit)
+        # Encoded as /ws sends them, without a model per publication. A page is bounded in
+        # bytes as on /ws (HISTORY_PAGE_BYTES): it may hold fewer than `limit`.
+        frames = [CODEC.publication(channel, publication) for publication in page.publications]
         body = history_result(
             page.epoch, page.offset, page.start, frames, keep_newest=since is None
         )

@@ -1,1 +1,0 @@
-"""roomcast's routes: the guide's endpoints (classic) and operational HTTP endpoints (ops)."""
