@@ -9,8 +9,8 @@ Two modes, both stdlib only, each mutant in a throwaway copy of the tree (never 
     ``survived``) and against the work tree's tests (expect ``killed``).
 
 ``python tests/mutants.py sweep [AREA ...]``
-    Mutants generated from the AST of the named functions (areas: hub, recovery, origin, jwt,
-    size): comparison operators swapped at their boundary or negated, ``and``/``or`` swapped,
+    Mutants generated from the AST of the named functions (areas: hub, fanout, recovery, origin,
+    jwt, size): comparison operators swapped at their boundary or negated, ``and``/``or`` swapped,
     ``not`` dropped, integer and boolean constants changed, ``+``/``-`` swapped, and calls,
     assignments and ``raise`` statements deleted. Each mutant runs only its area's test files,
     ``-x``, with a per-mutant timeout; a timeout counts as killed (the suite noticed: it hung).
@@ -46,7 +46,7 @@ class Mutant:
     """One change to one source file, and the tests that must notice it."""
 
     ident: str
-    path: str  # relative to the repository, e.g. src/roomcast/hub.py
+    path: str  # relative to the repository, e.g. src/roomcast/core/outbox.py
     old: str  # exact text to replace (must occur once), or "" for a span mutant
     new: str
     tests: Sequence[str] | Sequence[Sequence[str]]  # files or node ids; or rounds of them
@@ -72,7 +72,7 @@ class Mutant:
 
 # -- the hand-written mutants of the mended tests -------------------------------------------------
 
-HUB = "src/roomcast/hub.py"
+OUTBOX = "src/roomcast/core/outbox.py"
 AUTH = "src/roomcast/auth.py"
 CONNECTION = "src/roomcast/connection.py"
 #: A handler that ends with a traceback half a second after its last reply.
@@ -82,7 +82,7 @@ LATE_TRACEBACK = (
 DEMO: list[Mutant] = [
     Mutant(
         "outbox-bound-deleted",
-        HUB,
+        OUTBOX,
         "if len(outbox) >= self.limit:",
         "if False:",
         ["tests/test_hub.py::test_outbox_never_exceeds_its_bound"],
@@ -90,7 +90,7 @@ DEMO: list[Mutant] = [
     ),
     Mutant(
         "public-api-version",
-        "src/roomcast/__init__.py",
+        "src/roomcast/version.py",
         '__version__ = "0.2.0"',
         '__version__ = "0.0.0"',
         ["tests/test_units.py::test_public_api"],
@@ -99,14 +99,14 @@ DEMO: list[Mutant] = [
     Mutant(
         "public-api-wrong-object",
         "src/roomcast/__init__.py",
-        "from roomcast.hub import Hub\n",
-        "from roomcast.channels import Node as Hub\n",
+        "from roomcast.core.hub import Hub\n",
+        "from roomcast.core.node import Node as Hub\n",
         ["tests/test_units.py::test_public_api"],
         "a public name bound to the wrong object",
     ),
     Mutant(
         "guest-renew-keeps-token",
-        "src/roomcast/routes/web.py",
+        "src/roomcast/http/web.py",
         'token, grant = auth.issue_guest("", grant.user)',
         "token = body.renew",
         ["tests/test_guest.py"],
@@ -114,9 +114,9 @@ DEMO: list[Mutant] = [
     ),
     Mutant(
         "auth-deadline-late",
-        "src/roomcast/channels.py",
-        "loop.call_later(self.settings.auth_timeout, self._auth_deadline, client)",
-        "loop.call_later(self.settings.auth_timeout + 3, self._auth_deadline, client)",
+        "src/roomcast/http/channels.py",
+        "loop.call_later(self.settings.auth_timeout, self._auth_deadline, session)",
+        "loop.call_later(self.settings.auth_timeout + 3, self._auth_deadline, session)",
         ["tests/test_security.py::test_auth_timeout_closes_4002"],
         "the auth deadline 3 s later than ROOMCAST_AUTH_TIMEOUT",
     ),
@@ -180,7 +180,7 @@ DEMO: list[Mutant] = [
     ),
     Mutant(
         "stream-notices-at-next-send",
-        "src/roomcast/routes/classic.py",
+        "src/roomcast/http/guide.py",
         "await asyncio.wait((left,), timeout=interval)",
         "await asyncio.sleep(interval)",
         ["tests/test_chat_robustness.py::test_stream_stops_at_once"],
@@ -250,24 +250,30 @@ class Area:
 
 AREAS: dict[str, Area] = {
     "hub": Area(
-        HUB,
+        OUTBOX,
         (
-            "Member.offer",
-            "Member.push",
-            "Member.close_after_current",
-            "Member._write",
-            "Hub._fan_out",
-            "Hub._cut",
-            "Hub._remove",
-            "Hub._tell_departures",
+            "Outbox.offer",
+            "Outbox.push",
+            "Outbox.close_after_current",
+            "Outbox._write",
+            "broadcast",
         ),
         (("tests/test_hub.py", "tests/test_pins_outbox.py"), ("tests/test_bounds.py",)),
     ),
+    "fanout": Area(
+        "src/roomcast/core/hub.py",
+        ("Hub.fan_out", "Hub.remove", "Channel.go_live", "Channel.forget"),
+        (
+            ("tests/test_hub.py", "tests/test_pins_outbox.py", "tests/test_core_races.py"),
+            ("tests/test_bounds.py",),
+        ),
+    ),
     "recovery": Area(
-        "src/roomcast/channels.py",
-        ("Node._subscribe", "Node._learn_stream", "Node._deliver_catching"),
+        "src/roomcast/core/hub.py",
+        ("Hub.learn_stream", "Hub.start_live", "Hub._deliver_catching", "Hub.on_publication"),
         (
             ("tests/test_channels_units.py", "tests/test_pins_recovery.py"),
+            ("tests/test_core_races.py",),
             ("tests/test_recovery.py", "tests/test_delivery.py"),
             ("tests/test_protocol.py",),
         ),

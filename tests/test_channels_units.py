@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from roomcast.brokers import Publication
 from roomcast.brokers.memory import MemoryBroker
-from roomcast.protocol import (
+from roomcast.codecs.roomcast_json import (
+    CODEC,
     ErrorCode,
     RequestError,
     channel_pattern,
@@ -34,13 +36,20 @@ class Clock:
 class Recorder:
     def __init__(self) -> None:
         self.publications: list[tuple[str, int, bytes]] = []
-        self.events: list[tuple[str, bytes, str]] = []
+        self.events: list[tuple[str, str, str, bytes]] = []
+        self.commands: list[tuple[str, str]] = []
 
-    def on_publication(self, channel: str, epoch: str, offset: int, frame: bytes) -> None:
-        self.publications.append((channel, offset, frame))
+    def on_publication(self, channel: str, epoch: str, publication: Publication) -> None:
+        self.publications.append((channel, publication.offset, publication.data))
 
-    def on_event(self, channel: str, frame: bytes, client: str) -> None:
-        self.events.append((channel, frame, client))
+    def on_event(self, channel: str, kind: str, client: str, info: bytes) -> None:
+        self.events.append((channel, kind, client, info))
+
+    def on_command(self, command: str, argument: str) -> None:
+        self.commands.append((command, argument))
+
+    def on_reconnect(self) -> None:
+        raise AssertionError("the memory broker never disconnects")
 
 
 @pytest.mark.parametrize(
@@ -95,6 +104,7 @@ def test_channel_names(name: str) -> None:
 def test_frames_are_the_json_they_claim(channel: str, offset: int, data: object) -> None:
     info = orjson.dumps({"client": "c1", "user": None})
     frame = publication_frame(channel, offset, orjson.dumps(data), info)
+    assert CODEC.publication(channel, Publication(offset, orjson.dumps(data), info)) == frame
     assert orjson.loads(frame) == {
         "type": "publication",
         "channel": channel,
@@ -136,13 +146,13 @@ def test_history_size_and_paging() -> None:
             assert [offset for _, offset, _ in sink.publications] == list(range(1, 9))
             page = await broker.history("c", limit=100)
             assert (page.offset, page.start) == (8, 4)
-            assert [offset for offset, _ in page.publications] == [4, 5, 6, 7, 8]
+            assert [p.offset for p in page.publications] == [4, 5, 6, 7, 8]
             page = await broker.history("c", since=5, limit=100)
-            assert [offset for offset, _ in page.publications] == [6, 7, 8]
+            assert [p.offset for p in page.publications] == [6, 7, 8]
             page = await broker.history("c", since=0, limit=2)
-            assert [offset for offset, _ in page.publications] == [4, 5]
+            assert [p.offset for p in page.publications] == [4, 5]
             page = await broker.history("c", before=7, limit=2)
-            assert [offset for offset, _ in page.publications] == [5, 6]
+            assert [p.offset for p in page.publications] == [5, 6]
             page = await broker.history("c", before=4, limit=2)
             assert page.publications == []
             page = await broker.history("c", since=8, limit=2)
@@ -161,7 +171,7 @@ def test_ttl_and_idle_streams() -> None:
         await broker.publish("c", b"2", b"null")
         clock.now += 6
         page = await broker.history("c", limit=10)
-        assert [offset for offset, _ in page.publications] == [2]
+        assert [p.offset for p in page.publications] == [2]
         clock.now += 20
         broker.sweep()
         # Idle past the TTL with nothing left and nobody subscribed: a new epoch begins.
@@ -205,9 +215,9 @@ def test_history_bytes_per_channel_and_in_all() -> None:
         for _ in range(10):
             await broker.publish("a:1", payload, b"{}")
         page = await broker.history("a:1", since=0, limit=100)
-        sizes = [len(frame) for _, frame in page.publications]
+        sizes = [len(p.data) + len(p.info) for p in page.publications]
         assert sum(sizes) <= 1000 < sum(sizes) + sizes[0]
-        assert page.start == page.publications[0][0] == 11 - len(sizes)
+        assert page.start == page.publications[0].offset == 11 - len(sizes)
         for channel in ("a:2", "a:3"):
             for _ in range(10):
                 await broker.publish(channel, payload, b"{}")
@@ -217,5 +227,28 @@ def test_history_bytes_per_channel_and_in_all() -> None:
         assert len(oldest.publications) < len(sizes)  # a:1 gave way first
         assert len(newest.publications) == len(sizes)
         assert oldest.offset == 10  # its stream goes on; only publications were dropped
+
+    asyncio.run(run())
+
+
+def test_history_less_publications_carry_no_offset_and_are_not_stored() -> None:
+    """A chat room's publications: delivered with offset 0, no stream, no history."""
+
+    async def run() -> None:
+        broker, _ = _broker()
+        sink = Recorder()
+        await broker.start(sink)
+        try:
+            position = await broker.publish("chat/r", b"hi", b"", history=False)
+            assert (position.epoch, position.offset) == ("", 0)
+            assert sink.publications == [("chat/r", 0, b"hi")]
+            assert broker.stored_bytes == 0
+            assert (await broker.history("chat/r", limit=10)).publications == []
+            await broker.emit("c", "join", "c1", b"{}")
+            assert sink.events == [("c", "join", "c1", b"{}")]
+            assert await broker.command("D", "u") == 1
+            assert sink.commands == [("D", "u")]
+        finally:
+            await broker.close()
 
     asyncio.run(run())

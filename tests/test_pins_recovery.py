@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 
-from roomcast.brokers import from_settings
-from roomcast.channels import Client, Node
+from roomcast.brokers import Publication, from_settings
 from roomcast.closecodes import CloseCode
 from roomcast.connection import Connection
+from roomcast.core.node import Node
+from roomcast.core.session import Session
+from roomcast.http.channels import ChannelRequests
 from roomcast.settings import Settings
 from roomcast.transport.frames import FRAMES_EXTENSION
 
@@ -67,7 +69,7 @@ async def node() -> AsyncIterator[Node]:
         await node.stop()
 
 
-def attach(node: Node) -> tuple[Peer, Client]:
+def attach(node: Node) -> tuple[Peer, Session]:
     peer = Peer()
     scope = {
         "type": "websocket",
@@ -75,7 +77,7 @@ def attach(node: Node) -> tuple[Peer, Client]:
         "extensions": {FRAMES_EXTENSION: {"write": peer.write, "send": peer.send_frame}},
     }
     conn = Connection(scope, peer.receive, peer.send, 1 << 20)
-    return peer, node.attach(conn, "u")
+    return peer, ChannelRequests(node).attach(conn, "u")
 
 
 async def eventually(predicate: Any, seconds: float = 5.0) -> None:
@@ -88,8 +90,8 @@ async def eventually(predicate: Any, seconds: float = 5.0) -> None:
     raise AssertionError("condition not reached")
 
 
-async def request(node: Node, client: Client, rid: int, op: str, **body: Any) -> None:
-    await node.handle(client, json.dumps({"id": rid, "op": op, **body}))
+async def request(node: Node, client: Session, rid: int, op: str, **body: Any) -> None:
+    await ChannelRequests(node).handle(client, json.dumps({"id": rid, "op": op, **body}))
 
 
 async def publish(node: Node, count: int) -> None:
@@ -165,10 +167,10 @@ class Held:
     """A sink that keeps publications back (a broker connection that is late to deliver)."""
 
     def __init__(self) -> None:
-        self.held: list[tuple[str, str, int, bytes]] = []
+        self.held: list[tuple[str, str, Publication]] = []
 
-    def on_publication(self, channel: str, epoch: str, offset: int, frame: bytes) -> None:
-        self.held.append((channel, epoch, offset, frame))
+    def on_publication(self, channel: str, epoch: str, publication: Publication) -> None:
+        self.held.append((channel, epoch, publication))
 
 
 async def test_a_replay_ahead_of_what_the_node_delivered(node: Node) -> None:
@@ -195,8 +197,8 @@ async def test_a_replay_ahead_of_what_the_node_delivered(node: Node) -> None:
     broker.history = original
     assert peer.reply(1)["result"]["replayed"] == 2
     assert peer.offsets() == [3, 4]
-    ((channel, epoch, offset, frame),) = late.held
-    node.on_publication(channel, epoch, offset, frame)  # delivered at last
+    ((channel, epoch, publication),) = late.held
+    node.on_publication(channel, epoch, publication)  # delivered at last
     assert peer.offsets() == [3, 4]
     assert live_peer.offsets() == [1, 2, 3, 4]
     await publish(node, 2)
@@ -236,7 +238,7 @@ async def test_a_new_epoch_learnt_from_a_subscribe_resets_the_old_subscribers(
     peer, client = attach(node)
     await request(node, client, 1, "subscribe", channel=CH)
     assert peer.reply(1)["result"]["epoch"] != first
-    assert not old_client.member.active
-    assert client.member.active
+    assert not old_client.active
+    assert client.active
     await eventually(lambda: bool(old_peer.closes))
     assert old_peer.closes == [CloseCode.SERVICE_RESTART]
