@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     history_bytes: int = Field(
         1024 * 1024,
         ge=0,
-        description="Bytes of publication frames kept per channel (the oldest go first).",
+        description="Bytes of publication data kept per channel (the oldest go first).",
     )
     history_total_bytes: int = Field(
         256 * 1024 * 1024,
