@@ -59,7 +59,15 @@ PRESENCE_TTL = 3.0
 
 
 def start_nodes(tmp_path: Path, redis: RedisServer, n: int = 3, **env: str) -> list[RoomcastServer]:
-    base = {"ROOMCAST_BROKER_URL": redis.url, "ROOMCAST_API_KEY": KEY, **env}
+    # Publishers never subscribe: under a loaded machine a run may outlast the deadline of an
+    # anonymous connection that has not subscribed (ROOMCAST_AUTH_TIMEOUT, 10 s), which is not
+    # what these tests are about.
+    base = {
+        "ROOMCAST_BROKER_URL": redis.url,
+        "ROOMCAST_API_KEY": KEY,
+        "ROOMCAST_AUTH_TIMEOUT": "600",
+        **env,
+    }
     nodes = []
     try:
         for i in range(n):
