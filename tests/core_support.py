@@ -8,6 +8,7 @@ whose transport buffer is full.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +20,7 @@ from roomcast.connection import Connection
 from roomcast.core.node import Node
 from roomcast.core.outbox import Outbox
 from roomcast.core.session import Session
+from roomcast.http.channels import ChannelRequests
 from roomcast.http.guide import chat_channel
 from roomcast.settings import Settings
 from roomcast.transport.frames import FRAMES_EXTENSION
@@ -111,6 +113,49 @@ class FastPeer:
             },
         }
         return Connection(scope, self.receive, self.send, 1024, endpoint=path)
+
+
+class WsPeer:
+    """A ``/ws`` client's side on roomcast's transport: every frame the node sends, parsed."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.closes: list[int] = []
+
+    def write(self, frame: bytes) -> bool:
+        self.frames.append(json.loads(frame[2:] if frame[1] < 126 else frame[4:]))
+        return True
+
+    async def send_frame(self, frame: bytes) -> None:
+        self.write(frame)
+
+    async def receive(self) -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "websocket.close":
+            self.closes.append(message["code"])
+
+    def offsets(self) -> list[int]:
+        return [f["offset"] for f in self.frames if f.get("type") == "publication"]
+
+    def reply(self, request_id: int) -> dict[str, Any]:
+        (found,) = [f for f in self.frames if f.get("id") == request_id]
+        return found
+
+
+def attach_ws(node: Node, user: str = "u") -> tuple[WsPeer, Session, ChannelRequests]:
+    """A ``/ws`` session of ``user`` on ``node``, as the endpoint makes one (accepted)."""
+    peer = WsPeer()
+    scope = {
+        "type": "websocket",
+        "path": "/ws",
+        "extensions": {FRAMES_EXTENSION: {"write": peer.write, "send": peer.send_frame}},
+    }
+    requests = ChannelRequests(node)
+    conn = Connection(scope, peer.receive, peer.send, 1 << 20, endpoint="/ws")
+    return peer, requests.attach(conn, user), requests
 
 
 class SharedMemoryBroker(MemoryBroker):

@@ -12,56 +12,27 @@ import asyncio
 import json
 from typing import Any
 
-from core_support import AsgiPeer, GatedBroker, chat_member, running_node, say, settle
+from core_support import (
+    AsgiPeer,
+    GatedBroker,
+    WsPeer,
+    attach_ws,
+    chat_member,
+    running_node,
+    say,
+    settle,
+)
 from roomcast.brokers import Publication
-from roomcast.connection import Connection
 from roomcast.core.node import Node
 from roomcast.core.session import Session
 from roomcast.http.channels import ChannelRequests
 from roomcast.http.guide import chat_channel
-from roomcast.transport.frames import FRAMES_EXTENSION
 
 CH = "race:c"
 
 
-class WsPeer:
-    """A ``/ws`` client's side: every frame the node sends, parsed."""
-
-    def __init__(self) -> None:
-        self.frames: list[dict[str, Any]] = []
-
-    def write(self, frame: bytes) -> bool:
-        self.frames.append(json.loads(frame[2:] if frame[1] < 126 else frame[4:]))
-        return True
-
-    async def send_frame(self, frame: bytes) -> None:
-        self.write(frame)
-
-    async def receive(self) -> dict[str, Any]:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def send(self, message: dict[str, Any]) -> None:
-        return None
-
-    def offsets(self) -> list[int]:
-        return [f["offset"] for f in self.frames if f.get("type") == "publication"]
-
-    def reply(self, request_id: int) -> dict[str, Any]:
-        (found,) = [f for f in self.frames if f.get("id") == request_id]
-        return found
-
-
 def attach(node: Node) -> tuple[WsPeer, Session, ChannelRequests]:
-    peer = WsPeer()
-    scope = {
-        "type": "websocket",
-        "path": "/ws",
-        "extensions": {FRAMES_EXTENSION: {"write": peer.write, "send": peer.send_frame}},
-    }
-    requests = ChannelRequests(node)
-    conn = Connection(scope, peer.receive, peer.send, 1 << 20, endpoint="/ws")
-    return peer, requests.attach(conn, "u"), requests
+    return attach_ws(node)
 
 
 async def subscribe(

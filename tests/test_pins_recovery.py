@@ -16,46 +16,15 @@ from typing import Any
 
 import pytest
 
+from core_support import WsPeer, attach_ws
 from roomcast.brokers import Publication, from_settings
 from roomcast.closecodes import CloseCode
-from roomcast.connection import Connection
 from roomcast.core.node import Node
 from roomcast.core.session import Session
 from roomcast.http.channels import ChannelRequests
 from roomcast.settings import Settings
-from roomcast.transport.frames import FRAMES_EXTENSION
 
 CH = "race:c"
-
-
-class Peer:
-    """The client side: every frame the node sends, parsed."""
-
-    def __init__(self) -> None:
-        self.frames: list[dict[str, Any]] = []
-        self.closes: list[int] = []
-
-    def write(self, frame: bytes) -> bool:
-        self.frames.append(json.loads(frame[2:] if frame[1] < 126 else frame[4:]))
-        return True
-
-    async def send_frame(self, frame: bytes) -> None:
-        self.write(frame)
-
-    async def receive(self) -> dict[str, Any]:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def send(self, message: dict[str, Any]) -> None:
-        if message["type"] == "websocket.close":
-            self.closes.append(message["code"])
-
-    def offsets(self) -> list[int]:
-        return [f["offset"] for f in self.frames if f.get("type") == "publication"]
-
-    def reply(self, request_id: int) -> dict[str, Any]:
-        (found,) = [f for f in self.frames if f.get("id") == request_id]
-        return found
 
 
 @pytest.fixture
@@ -69,15 +38,9 @@ async def node() -> AsyncIterator[Node]:
         await node.stop()
 
 
-def attach(node: Node) -> tuple[Peer, Session]:
-    peer = Peer()
-    scope = {
-        "type": "websocket",
-        "path": "/ws",
-        "extensions": {FRAMES_EXTENSION: {"write": peer.write, "send": peer.send_frame}},
-    }
-    conn = Connection(scope, peer.receive, peer.send, 1 << 20)
-    return peer, ChannelRequests(node).attach(conn, "u")
+def attach(node: Node) -> tuple[WsPeer, Session]:
+    peer, session, _ = attach_ws(node)
+    return peer, session
 
 
 async def eventually(predicate: Any, seconds: float = 5.0) -> None:
