@@ -1,7 +1,8 @@
-"""Shared helpers for the real-server test suite.
+"""Shared helpers for the real-socket tests: waits, clients, and ``roomcast serve`` processes.
 
-Everything here talks to a real ``python -m roomcast serve`` subprocess over loopback.
-All waits derive from ``TIMEOUT`` and every loop is bounded by a deadline.
+The clients here talk over loopback to any server with an address (:class:`Addressed`): a
+``python -m roomcast serve`` subprocess (:class:`RoomcastServer`) or an in-process server
+(tests/servers.py). All waits derive from ``TIMEOUT`` and every loop is bounded by a deadline.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
@@ -29,8 +30,6 @@ from websockets.exceptions import ConnectionClosed
 from websockets.speedups import apply_mask
 
 TIMEOUT = float(os.environ.get("ROOMCAST_TEST_TIMEOUT", "5"))
-#: The WebSocket implementation the servers under test use ("" = roomcast serve's default).
-TEST_WS = os.environ.get("ROOMCAST_TEST_WS", "")
 
 HOST = "127.0.0.1"
 TOKENS_JSON = '{"secret-token": "authenticated_user"}'
@@ -41,6 +40,16 @@ LEFT = "A client left the chat"
 _POLL = 0.02
 
 ServerFactory = Callable[..., "RoomcastServer"]
+
+
+class Addressed(Protocol):
+    """A server the clients here can reach: a subprocess or an in-process one."""
+
+    port: int
+
+    def url(self, path: str) -> str:
+        """``ws://host:port`` + ``path``."""
+        ...
 
 
 def free_port() -> int:
@@ -62,10 +71,6 @@ def base_env(overrides: Mapping[str, str | None] | None = None) -> dict[str, str
     env["ROOMCAST_ANONYMOUS_SUBSCRIBE"] = '["*"]'
     env["ROOMCAST_ANONYMOUS_PUBLISH"] = '["*"]'
     env["ROOMCAST_RATE_LIMIT"] = "0"
-    # The whole suite runs once per WebSocket implementation (see .ci/run): roomcast's own
-    # transport (the pre-framed fast path) and uvicorn's (the plain-ASGI fallback).
-    if TEST_WS:
-        env["ROOMCAST_WS"] = TEST_WS
     # Uvicorn's access log goes to stdout, which is block-buffered when redirected to a file.
     env["PYTHONUNBUFFERED"] = "1"
     for key, value in (overrides or {}).items():
@@ -303,7 +308,7 @@ async def async_wait_until(
         await asyncio.sleep(_POLL)
 
 
-def ws_connect(server: RoomcastServer, path: str, **kwargs: Any) -> connect:
+def ws_connect(server: Addressed, path: str, **kwargs: Any) -> connect:
     """``websockets`` client connect with test-friendly timeouts."""
     kwargs.setdefault("open_timeout", TIMEOUT)
     kwargs.setdefault("close_timeout", TIMEOUT)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -21,26 +22,25 @@ from helpers import (
     GOOD_TOKEN,
     LEFT,
     TIMEOUT,
-    RoomcastServer,
     async_wait_until,
     close_code_lines,
     recv,
     recv_until_closed,
     ws_connect,
 )
+from servers import AppServer, serve
+
+# In-process servers serve in the module's event loop (tests/servers.py).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SMALL_LIMIT = 65536
 DEFAULT_LIMIT = 1048576
 
 
-@pytest.fixture(scope="module")
-def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
-    srv = RoomcastServer(
-        tmp_path_factory.mktemp("small"), env={"ROOMCAST_MAX_MESSAGE_SIZE": str(SMALL_LIMIT)}
-    )
-    with srv:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def small_server(ws_impl: str) -> AsyncIterator[AppServer]:
+    async with serve(ws_impl, max_message_size=SMALL_LIMIT) as srv:
         yield srv
-    srv.assert_no_traceback()
 
 
 def unique_room() -> str:
@@ -60,7 +60,7 @@ class Bystanders:
 
 
 @asynccontextmanager
-async def bystanders(server: RoomcastServer, chat_path: str) -> AsyncIterator[Bystanders]:
+async def bystanders(server: AppServer, chat_path: str) -> AsyncIterator[Bystanders]:
     await server.await_stats(lambda s: s["connections"] == 0, what="an idle server")
     async with (
         ws_connect(server, "/ws/echo") as echo,
@@ -71,7 +71,7 @@ async def bystanders(server: RoomcastServer, chat_path: str) -> AsyncIterator[By
 
 
 async def provoke(
-    server: RoomcastServer,
+    server: AppServer,
     path: str,
     payload: str | bytes,
     code: int,
@@ -123,7 +123,7 @@ async def provoke(
     "path",
     ["/ws/echo", "/ws/methods_text", "/ws/methods_json", "/ws/chat", "chat-room"],
 )
-async def test_bytes_on_text_endpoint(server: RoomcastServer, path: str) -> None:
+async def test_bytes_on_text_endpoint(server: AppServer, path: str) -> None:
     if path == "chat-room":
         path = unique_room()
     reason = await provoke(
@@ -132,12 +132,12 @@ async def test_bytes_on_text_endpoint(server: RoomcastServer, path: str) -> None
     assert "text" in reason.lower(), reason
 
 
-async def test_bytes_on_secure(server: RoomcastServer) -> None:
+async def test_bytes_on_secure(server: AppServer) -> None:
     reason = await provoke(server, f"/ws/secure?token={GOOD_TOKEN}", b"binary", 1003, greeting=True)
     assert "text" in reason.lower(), reason
 
 
-async def test_text_on_methods_bytes(server: RoomcastServer) -> None:
+async def test_text_on_methods_bytes(server: AppServer) -> None:
     reason = await provoke(server, "/ws/methods_bytes", "some text", 1003)
     assert "binary" in reason.lower() or "bytes" in reason.lower(), reason
 
@@ -146,7 +146,7 @@ async def test_text_on_methods_bytes(server: RoomcastServer) -> None:
 
 
 @pytest.mark.parametrize("payload", ["{not json", "[1, 2", "", "{'single': 1}"])
-async def test_invalid_json(server: RoomcastServer, payload: str) -> None:
+async def test_invalid_json(server: AppServer, payload: str) -> None:
     reason = await provoke(server, "/ws/methods_json", payload, 1007)
     assert reason.strip(), "1007 must carry the parser's reason"
 
@@ -178,7 +178,7 @@ def expected_reply(path: str, payload: str | bytes) -> str | bytes:
 
 
 @pytest.mark.parametrize(("path", "kind"), BIG_CASES)
-async def test_one_byte_over_limit(small_server: RoomcastServer, path: str, kind: str) -> None:
+async def test_one_byte_over_limit(small_server: AppServer, path: str, kind: str) -> None:
     await provoke(
         small_server,
         path,
@@ -189,15 +189,13 @@ async def test_one_byte_over_limit(small_server: RoomcastServer, path: str, kind
     )
 
 
-async def test_over_limit_compressed(small_server: RoomcastServer) -> None:
+async def test_over_limit_compressed(small_server: AppServer) -> None:
     """The limit applies to the message, not to its compressed size on the wire."""
     await provoke(small_server, "/ws/echo", "z" * (SMALL_LIMIT + 1), 1009)
 
 
 @pytest.mark.parametrize(("path", "kind"), BIG_CASES)
-async def test_exactly_at_limit_accepted(
-    small_server: RoomcastServer, path: str, kind: str
-) -> None:
+async def test_exactly_at_limit_accepted(small_server: AppServer, path: str, kind: str) -> None:
     payload = sized(kind, SMALL_LIMIT)
     async with ws_connect(small_server, path, max_size=None, compression=None) as ws:
         await ws.send(payload)
@@ -206,11 +204,11 @@ async def test_exactly_at_limit_accepted(
         assert await recv(ws) == expected_reply(path, payload[:10])
 
 
-async def test_default_limit_one_byte_over(server: RoomcastServer) -> None:
+async def test_default_limit_one_byte_over(server: AppServer) -> None:
     await provoke(server, "/ws/echo", "d" * (DEFAULT_LIMIT + 1), 1009, compression=None)
 
 
-async def test_default_limit_exactly_accepted(server: RoomcastServer) -> None:
+async def test_default_limit_exactly_accepted(server: AppServer) -> None:
     payload = "d" * DEFAULT_LIMIT
     async with ws_connect(server, "/ws/echo", max_size=None, compression=None) as ws:
         await ws.send(payload)

@@ -7,15 +7,28 @@ can read. These tests hold the docs to that.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from chromium import CHROMIUM_ARGS, require_chromium
 from helpers import TIMEOUT, RoomcastServer
+from servers import TRANSPORTS
 
 CHROMIUM, playwright_api = require_chromium()
+
+
+@pytest.fixture(scope="module", params=list(TRANSPORTS.values()), ids=list(TRANSPORTS))
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RoomcastServer]:
+    """A ``roomcast serve`` process on each WebSocket implementation: what a browser sees of
+    a refusal is the implementation's handshake and close."""
+    srv = RoomcastServer(tmp_path_factory.mktemp("browser"), env={"ROOMCAST_WS": request.param})
+    with srv:
+        yield srv
+    srv.assert_no_traceback()
 
 
 # Opens a WebSocket and reports every event until it closes (bounded by a timer).

@@ -16,13 +16,15 @@ from helpers import (
     LEFT,
     TIMEOUT,
     RawFrameReader,
-    RoomcastServer,
-    ServerFactory,
     kernel_send_buffer_max,
     raw_ws_handshake,
     recv,
     ws_connect,
 )
+from servers import AppServer, ServerStarter
+
+# In-process servers serve in the module's event loop (tests/servers.py).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 # -- a) a member that stops reading is dropped, the others get everything ----------------------
 
@@ -48,8 +50,8 @@ def index_of(text: str) -> int:
     return int(text[len("Client says: ") :].split(":", 1)[0])
 
 
-async def test_stalled_member_is_dropped(server_factory: ServerFactory) -> None:
-    server = server_factory(env={"ROOMCAST_OUTBOX_SIZE": str(OUTBOX)})
+async def test_stalled_member_is_dropped(start_server: ServerStarter) -> None:
+    server = await start_server(outbox_size=OUTBOX)
     path = f"/ws/chat/stall-{uuid.uuid4().hex[:8]}"
     staller, initial = await asyncio.to_thread(raw_ws_handshake, server.port, path, rcvbuf=4096)
     with staller:
@@ -131,7 +133,7 @@ MEMBERS = 50
 LEAVERS = 25
 
 
-async def test_mass_leave(server: RoomcastServer) -> None:
+async def test_mass_leave(server: AppServer) -> None:
     await server.await_stats(lambda s: s["connections"] == 0, what="an idle server")
     async with AsyncExitStack() as stack:
         members: list[ClientConnection] = list(
@@ -179,7 +181,7 @@ CYCLES = 1000
 CONCURRENCY = 20
 
 
-async def test_connect_disconnect_cycles(server: RoomcastServer) -> None:
+async def test_connect_disconnect_cycles(server: AppServer) -> None:
     await server.await_stats(
         lambda s: s["connections"] == 0 and s["chat_members"] == 0, what="an idle server"
     )
@@ -245,7 +247,7 @@ STREAM_STOPS_WITHIN = max(1.0, TIMEOUT / 5)
 # Both intervals are well over the window: a stream that noticed only at its next send (as
 # the guide's code does) would still be there when the window ends.
 @pytest.mark.parametrize("interval", [3 * STREAM_STOPS_WITHIN, 4 * TIMEOUT])
-async def test_stream_stops_at_once(server: RoomcastServer, how: str, interval: float) -> None:
+async def test_stream_stops_at_once(server: AppServer, how: str, interval: float) -> None:
     await server.await_stats(lambda s: s["connections"] == 0, what="an idle server")
     async with ws_connect(server, f"/ws/stream?count=1000&interval={interval}") as ws:
         assert await recv(ws) == "Streaming message 1"
@@ -262,7 +264,7 @@ async def test_stream_stops_at_once(server: RoomcastServer, how: str, interval: 
     )
 
 
-async def test_abort_without_close_frame_on_every_endpoint(server: RoomcastServer) -> None:
+async def test_abort_without_close_frame_on_every_endpoint(server: AppServer) -> None:
     """Clients that vanish (no close frame) are cleaned up on every endpoint."""
     await server.await_stats(lambda s: s["connections"] == 0, what="an idle server")
     paths = [
@@ -293,7 +295,7 @@ async def test_abort_without_close_frame_on_every_endpoint(server: RoomcastServe
     server.assert_no_traceback()
 
 
-async def test_abrupt_chat_leave_is_announced(server: RoomcastServer) -> None:
+async def test_abrupt_chat_leave_is_announced(server: AppServer) -> None:
     await server.await_stats(lambda s: s["chat_members"] == 0, what="an empty chat")
     async with ws_connect(server, "/ws/chat") as stay, ws_connect(server, "/ws/chat") as go:
         await server.await_stats(lambda s: s["chat_members"] == 2, what="both joined")

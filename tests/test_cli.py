@@ -132,6 +132,12 @@ def terminal() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
+def server(process_server: RoomcastServer) -> RoomcastServer:
+    """A ``roomcast serve`` process with default settings (the CLI is tested end to end)."""
+    return process_server
+
+
+@pytest.fixture(scope="module")
 def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
     """A server with the HTTP API on (the conftest ``server`` has it off)."""
     srv = RoomcastServer(tmp_path_factory.mktemp("api"), env={"ROOMCAST_API_KEY": KEY})

@@ -1,4 +1,5 @@
-"""Every row of the contract table in docs/endpoints.md, against a real server."""
+"""Every row of the contract table in docs/endpoints.md, against in-process servers on both
+WebSocket implementations."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ from helpers import (
     LEFT,
     TIMEOUT,
     USER,
-    RoomcastServer,
     recv,
     recv_until_closed,
     ws_connect,
 )
+from servers import AppServer
+
+# In-process servers serve in the module's event loop (tests/servers.py).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 def room_name() -> str:
@@ -36,14 +40,15 @@ def json_reply(data: Any) -> str:
     )
 
 
-def test_health(server: RoomcastServer) -> None:
-    resp = httpx.get(f"{server.http_url}/health", timeout=TIMEOUT)
+async def test_health(server: AppServer) -> None:
+    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+        resp = await client.get(f"{server.http_url}/health")
     assert resp.status_code == 200
     assert resp.json() == {"status": "ok"}
 
 
-def test_stats_shape(server: RoomcastServer) -> None:
-    stats = server.stats()
+async def test_stats_shape(server: AppServer) -> None:
+    stats = await server.astats()
     for key in ("connections", "rooms", "chat_members", "writer_tasks", "asyncio_tasks"):
         assert isinstance(stats[key], int), stats
     assert stats["asyncio_tasks"] >= 1
@@ -52,14 +57,14 @@ def test_stats_shape(server: RoomcastServer) -> None:
 # -- echo --------------------------------------------------------------------------------------
 
 
-async def test_echo(server: RoomcastServer) -> None:
+async def test_echo(server: AppServer) -> None:
     async with ws_connect(server, "/ws/echo") as ws:
         for text in ("Hello, FastAPI!", "", "ünïcødé 🎉", "x" * 10_000):
             await ws.send(text)
             assert await recv(ws) == f"Echo: {text}"
 
 
-async def test_echo_counts_as_connection(server: RoomcastServer) -> None:
+async def test_echo_counts_as_connection(server: AppServer) -> None:
     await server.await_stats(lambda s: s["connections"] == 0, what="no connections")
     async with ws_connect(server, "/ws/echo") as ws:
         await ws.send("hi")
@@ -71,7 +76,7 @@ async def test_echo_counts_as_connection(server: RoomcastServer) -> None:
 # -- chat --------------------------------------------------------------------------------------
 
 
-async def _chat_three(server: RoomcastServer, path: str) -> None:
+async def _chat_three(server: AppServer, path: str) -> None:
     async with AsyncExitStack() as stack:
         members: list[ClientConnection] = [
             await stack.enter_async_context(ws_connect(server, path)) for _ in range(3)
@@ -91,17 +96,17 @@ async def _chat_three(server: RoomcastServer, path: str) -> None:
             assert await recv(ws) == "Client says: after leave"
 
 
-async def test_chat_three_members(server: RoomcastServer) -> None:
+async def test_chat_three_members(server: AppServer) -> None:
     await server.await_stats(lambda s: s["chat_members"] == 0, what="empty chat")
     await _chat_three(server, "/ws/chat")
 
 
-async def test_named_room_three_members(server: RoomcastServer) -> None:
+async def test_named_room_three_members(server: AppServer) -> None:
     await server.await_stats(lambda s: s["chat_members"] == 0, what="empty chat")
     await _chat_three(server, f"/ws/chat/{room_name()}")
 
 
-async def test_rooms_are_isolated(server: RoomcastServer) -> None:
+async def test_rooms_are_isolated(server: AppServer) -> None:
     await server.await_stats(lambda s: s["chat_members"] == 0, what="empty chat")
     room_a, room_b = room_name(), room_name()
     async with AsyncExitStack() as stack:
@@ -144,7 +149,7 @@ async def test_rooms_are_isolated(server: RoomcastServer) -> None:
     ["a" * 65, "bad!name", "bad%20name", "b%C3%A4d"],
     ids=["too-long", "bang", "space", "umlaut"],
 )
-async def test_invalid_room_name_rejected(server: RoomcastServer, room: str) -> None:
+async def test_invalid_room_name_rejected(server: AppServer, room: str) -> None:
     """Accepted, then closed 1008 with a reason a browser can read (docs/endpoints.md)."""
     async with ws_connect(server, f"/ws/chat/{room}") as ws:
         with pytest.raises(ConnectionClosed) as info:
@@ -154,7 +159,7 @@ async def test_invalid_room_name_rejected(server: RoomcastServer, room: str) -> 
     assert "room names" in info.value.rcvd.reason
 
 
-async def test_longest_valid_room_name(server: RoomcastServer) -> None:
+async def test_longest_valid_room_name(server: AppServer) -> None:
     room = "A-z_0.9:" + "x" * 56
     assert len(room) == 64
     async with ws_connect(server, f"/ws/chat/{room}") as ws:
@@ -165,7 +170,7 @@ async def test_longest_valid_room_name(server: RoomcastServer) -> None:
 # -- secure ------------------------------------------------------------------------------------
 
 
-async def test_secure_good_token(server: RoomcastServer) -> None:
+async def test_secure_good_token(server: AppServer) -> None:
     async with ws_connect(server, f"/ws/secure?token={GOOD_TOKEN}") as ws:
         assert await recv(ws) == f"Hello, {USER}! Welcome to the secure WebSocket."
         await ws.send("x")
@@ -175,7 +180,7 @@ async def test_secure_good_token(server: RoomcastServer) -> None:
 
 
 @pytest.mark.parametrize("query", ["", "?token=", "?token=wrong-token", "?tok=secret-token"])
-async def test_secure_bad_or_missing_token(server: RoomcastServer, query: str) -> None:
+async def test_secure_bad_or_missing_token(server: AppServer, query: str) -> None:
     with pytest.raises(InvalidStatus) as info:
         async with ws_connect(server, f"/ws/secure{query}"):
             pass
@@ -185,7 +190,7 @@ async def test_secure_bad_or_missing_token(server: RoomcastServer, query: str) -
 # -- stream ------------------------------------------------------------------------------------
 
 
-async def test_stream_count_interval(server: RoomcastServer) -> None:
+async def test_stream_count_interval(server: AppServer) -> None:
     async with ws_connect(server, "/ws/stream?count=3&interval=0.05") as ws:
         got = [await recv(ws) for _ in range(3)]
         assert got == [f"Streaming message {i}" for i in (1, 2, 3)]
@@ -195,7 +200,7 @@ async def test_stream_count_interval(server: RoomcastServer) -> None:
     assert info.value.rcvd.code == 1000
 
 
-async def test_stream_ignores_client_messages(server: RoomcastServer) -> None:
+async def test_stream_ignores_client_messages(server: AppServer) -> None:
     async with ws_connect(server, "/ws/stream?count=2&interval=0.05") as ws:
         await ws.send("ignored")
         await ws.send(b"ignored too")
@@ -217,7 +222,7 @@ async def test_stream_ignores_client_messages(server: RoomcastServer) -> None:
         ("count=ten", "count"),
     ],
 )
-async def test_stream_out_of_range(server: RoomcastServer, query: str, bound: str) -> None:
+async def test_stream_out_of_range(server: AppServer, query: str, bound: str) -> None:
     """Accepted, then closed 1008 with a reason naming the bound; nothing is streamed."""
     async with ws_connect(server, f"/ws/stream?{query}") as ws:
         with pytest.raises(ConnectionClosed) as info:
@@ -227,7 +232,7 @@ async def test_stream_out_of_range(server: RoomcastServer, query: str, bound: st
     assert bound in info.value.rcvd.reason.lower()
 
 
-async def test_stream_bounds_inclusive(server: RoomcastServer) -> None:
+async def test_stream_bounds_inclusive(server: AppServer) -> None:
     async with ws_connect(server, "/ws/stream?count=1&interval=0") as ws:
         assert await recv_until_closed(ws) == ["Streaming message 1"]
     assert ws.close_code == 1000
@@ -240,7 +245,7 @@ async def test_stream_bounds_inclusive(server: RoomcastServer) -> None:
 # -- methods -----------------------------------------------------------------------------------
 
 
-async def test_methods_text(server: RoomcastServer) -> None:
+async def test_methods_text(server: AppServer) -> None:
     async with ws_connect(server, "/ws/methods_text") as ws:
         for text in ("Hello, text endpoint!", "ü 🎉", ""):
             await ws.send(text)
@@ -249,7 +254,7 @@ async def test_methods_text(server: RoomcastServer) -> None:
             assert reply == f"Server received: {text}"
 
 
-async def test_methods_bytes(server: RoomcastServer) -> None:
+async def test_methods_bytes(server: AppServer) -> None:
     async with ws_connect(server, "/ws/methods_bytes") as ws:
         for data in (b"Hello, bytes endpoint!", bytes(range(256)), b""):
             await ws.send(data)
@@ -270,7 +275,7 @@ async def test_methods_bytes(server: RoomcastServer) -> None:
         None,
     ],
 )
-async def test_methods_json(server: RoomcastServer, data: Any) -> None:
+async def test_methods_json(server: AppServer, data: Any) -> None:
     async with ws_connect(server, "/ws/methods_json") as ws:
         await ws.send(json.dumps(data))
         reply = await recv(ws)
@@ -281,7 +286,7 @@ async def test_methods_json(server: RoomcastServer, data: Any) -> None:
         assert await recv(ws) == json_reply(data)
 
 
-async def test_methods_raw(server: RoomcastServer) -> None:
+async def test_methods_raw(server: AppServer) -> None:
     async with ws_connect(server, "/ws/methods_raw") as ws:
         await ws.send("hello raw")
         reply = await recv(ws)
@@ -295,7 +300,7 @@ async def test_methods_raw(server: RoomcastServer) -> None:
         assert await recv(ws) == "Raw echo: ü"
 
 
-async def test_clean_close_everywhere(server: RoomcastServer) -> None:
+async def test_clean_close_everywhere(server: AppServer) -> None:
     """A client closing normally is not an error: the server answers the close handshake."""
     paths = [
         "/ws/echo",

@@ -1,19 +1,23 @@
-"""The guide's five client scripts, run unchanged against roomcast on port 8000."""
+"""The guide's five client scripts, run unchanged (as processes) against roomcast on port 8000:
+an in-process server on each WebSocket implementation."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
-from helpers import HOST, TIMEOUT, RoomcastServer
+from helpers import HOST, TIMEOUT
+from servers import AppServer, serve
 
 GUIDE_PORT = 8000  # hard-coded in the guide's scripts
 CLIENTS = Path(__file__).parent / "guide_clients"
@@ -53,18 +57,16 @@ def _port_busy(port: int) -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def guide_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def guide_server(ws_impl: str) -> AsyncIterator[AppServer]:
     busy = _port_busy(GUIDE_PORT)
     if busy:
         message = f"the guide's client scripts hard-code port {GUIDE_PORT}, but {busy}"
         if os.environ.get("CI"):
             pytest.fail(message + "; free the port for CI")
         pytest.skip(message)
-    srv = RoomcastServer(tmp_path_factory.mktemp("guide"), port=GUIDE_PORT)
-    with srv:
+    async with serve(ws_impl, port=GUIDE_PORT) as srv:
         yield srv
-    srv.assert_no_traceback()
 
 
 @pytest.mark.parametrize("script", sorted(EXPECTED))
@@ -73,9 +75,12 @@ def test_guide_client_is_verbatim(script: str) -> None:
     assert digest == SHA256[script], f"{script} differs from the guide's script"
 
 
+# The server serves in the module's event loop (tests/servers.py), the script in a thread.
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("script", sorted(EXPECTED))
-def test_guide_client_script(guide_server: RoomcastServer, script: str) -> None:
-    result = subprocess.run(
+async def test_guide_client_script(guide_server: AppServer, script: str) -> None:
+    result = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, str(CLIENTS / script)],
         capture_output=True,
         text=True,

@@ -15,17 +15,19 @@ from websockets.exceptions import ConnectionClosed
 from helpers import (
     GOOD_TOKEN,
     TIMEOUT,
-    RoomcastServer,
-    ServerFactory,
     async_wait_until,
     recv,
     ws_connect,
 )
+from servers import AppServer, ServerStarter
+
+# In-process servers serve in the module's event loop (tests/servers.py).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 API_KEY = "ops-test-api-key-0123456789"
 
 
-async def test_healthz_and_readyz(server: RoomcastServer) -> None:
+async def test_healthz_and_readyz(server: AppServer) -> None:
     async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT) as http:
         for path in ("/healthz", "/health"):
             reply = await http.get(path)
@@ -36,15 +38,9 @@ async def test_healthz_and_readyz(server: RoomcastServer) -> None:
 
 
 async def test_json_logs_name_the_connection_and_never_a_secret(
-    server_factory: ServerFactory,
+    start_server: ServerStarter,
 ) -> None:
-    server = server_factory(
-        env={
-            "ROOMCAST_LOG_FORMAT": "json",
-            "ROOMCAST_API_KEY": API_KEY,
-            "ROOMCAST_ACCESS_LOG": "true",
-        }
-    )
+    server = await start_server(log_format="json", api_key=API_KEY, access_log=True)
     offset = server.log_offset()
     async with ws_connect(server, f"/ws/secure?token={GOOD_TOKEN}") as ws:
         await recv(ws)

@@ -1,4 +1,5 @@
-"""The `/ws` channel protocol of docs/protocol.md, against a real server.
+"""The `/ws` channel protocol of docs/protocol.md, against in-process servers on both
+WebSocket implementations (the SIGTERM restart: against ``roomcast serve`` processes).
 
 The example session of the document is replayed literally (parsed out of docs/protocol.md), then
 every operation, every documented error and close code, presence, and the two ways a client that
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import re
 import signal
@@ -17,15 +17,13 @@ import socket
 import struct
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection
+import pytest_asyncio
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import roomcast
@@ -34,7 +32,6 @@ from helpers import (
     TIMEOUT,
     USER,
     RawFrameReader,
-    RoomcastServer,
     ServerFactory,
     async_wait_until,
     client_frame,
@@ -42,10 +39,26 @@ from helpers import (
     closing_socket,
     kernel_send_buffer_max,
     raw_ws_handshake,
-    recv,
     recv_until_closed,
     ws_connect,
 )
+from servers import (
+    TRANSPORTS,
+    AppServer,
+    Frame,
+    Peer,
+    ServerStarter,
+    channel,
+    dumps,
+    error_code,
+    peer,
+    publication,
+    serve,
+)
+
+# In-process servers serve in the module's event loop (tests/servers.py); every test here is a
+# coroutine (pytest-asyncio refuses the mark on a plain function).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -60,147 +73,23 @@ OPS = ("subscribe", "unsubscribe", "publish", "presence", "history", "ping")
 CHANNEL_OPS = ("subscribe", "unsubscribe", "publish", "presence", "history")
 CLIENT_ID = re.compile(r"[0-9a-f]{12}")
 
-Frame = dict[str, Any]
 
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def channel(prefix: str = "t") -> str:
-    return f"{prefix}:{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(ws_impl: str) -> AsyncIterator[AppServer]:
     """Default settings, plus the tokens of alice and bob (the example session's users)."""
-    srv = RoomcastServer(
-        tmp_path_factory.mktemp("server"), env={"ROOMCAST_TOKENS": json.dumps(TOKENS)}
-    )
-    with srv:
+    async with serve(ws_impl, tokens=TOKENS) as srv:
         yield srv
-    srv.assert_no_traceback()
 
 
-@pytest.fixture(scope="module")
-def limits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
-    srv = RoomcastServer(
-        tmp_path_factory.mktemp("limits"),
-        env={
-            "ROOMCAST_MAX_PUBLICATION_SIZE": str(MAX_PUBLICATION),
-            "ROOMCAST_MAX_MESSAGE_SIZE": str(MAX_MESSAGE),
-            "ROOMCAST_MAX_SUBSCRIPTIONS": str(MAX_SUBSCRIPTIONS),
-        },
-    )
-    with srv:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def limits(ws_impl: str) -> AsyncIterator[AppServer]:
+    async with serve(
+        ws_impl,
+        max_publication_size=MAX_PUBLICATION,
+        max_message_size=MAX_MESSAGE,
+        max_subscriptions=MAX_SUBSCRIPTIONS,
+    ) as srv:
         yield srv
-    srv.assert_no_traceback()
-
-
-# -- a /ws client --------------------------------------------------------------------------------
-
-
-class Peer:
-    """One `/ws` connection: requests get fresh ids; pushes met on the way are kept in order."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.hello: Frame = {}
-        self.pushes: deque[Frame] = deque()
-        self._ids = itertools.count(1)
-
-    @property
-    def client(self) -> str:
-        return str(self.hello["client"])
-
-    @property
-    def info(self) -> Frame:
-        return {"client": self.hello["client"], "user": self.hello["user"]}
-
-    async def frame(self, within: float = TIMEOUT) -> Frame:
-        raw = await recv(self.ws, within)
-        assert isinstance(raw, str), f"the server sent a binary frame: {raw!r}"
-        frame = json.loads(raw)
-        assert isinstance(frame, dict), raw
-        return frame
-
-    async def send(self, value: Any) -> None:
-        await self.ws.send(value if isinstance(value, str | bytes) else dumps(value))
-
-    async def reply(self, rid: Any) -> Frame:
-        """Read up to the reply to ``rid``; pushes before it are kept, other replies fail."""
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                frame = await self.frame()
-                if "id" not in frame:
-                    assert "type" in frame, frame
-                    self.pushes.append(frame)
-                    continue
-                assert frame["id"] == rid, f"expected the reply to {rid!r}, got {frame}"
-                return frame
-
-    async def request(self, op: str, **fields: Any) -> Frame:
-        rid = next(self._ids)
-        await self.send({"id": rid, "op": op, **fields})
-        return await self.reply(rid)
-
-    async def ok(self, op: str, **fields: Any) -> Frame:
-        reply = await self.request(op, **fields)
-        assert reply.get("ok") is True, reply
-        assert set(reply) == {"id", "ok", "result"}, reply
-        assert isinstance(reply["result"], dict), reply
-        return dict(reply["result"])
-
-    async def fail(self, op: str, **fields: Any) -> str:
-        reply = await self.request(op, **fields)
-        return error_code(reply, reply["id"])
-
-    async def push(self, within: float = TIMEOUT) -> Frame:
-        if self.pushes:
-            return self.pushes.popleft()
-        frame = await self.frame(within)
-        assert "id" not in frame, f"expected a push, got {frame}"
-        assert "type" in frame, frame
-        return frame
-
-    async def publications(self, n: int) -> list[Frame]:
-        got = []
-        for _ in range(n):
-            frame = await self.push()
-            assert frame["type"] == "publication", frame
-            got.append(frame)
-        return got
-
-    async def still_works(self) -> None:
-        """A ping round trip on this connection, with nothing else in between."""
-        assert not self.pushes, self.pushes
-        await self.send({"id": "still-works", "op": "ping"})
-        assert await self.frame() == {"id": "still-works", "ok": True, "result": {}}
-
-
-def error_code(reply: Frame, rid: Any) -> str:
-    assert set(reply) == {"id", "ok", "error"}, reply
-    assert reply["id"] == rid, reply
-    assert type(reply["id"]) is type(rid), reply
-    assert reply["ok"] is False, reply
-    error = reply["error"]
-    assert set(error) == {"code", "message"}, reply
-    assert isinstance(error["message"], str), reply
-    assert error["message"], reply
-    return str(error["code"])
-
-
-@asynccontextmanager
-async def peer(server: RoomcastServer, path: str = "/ws", **kwargs: Any) -> AsyncIterator[Peer]:
-    async with ws_connect(server, path, **kwargs) as ws:
-        p = Peer(ws)
-        p.hello = await p.frame()
-        assert p.hello.get("type") == "connected", p.hello
-        yield p
-
-
-def publication(ch: str, offset: int, data: Any, info: Frame) -> Frame:
-    return {"type": "publication", "channel": ch, "offset": offset, "data": data, "info": info}
 
 
 def parse_utc(text: str) -> datetime:
@@ -291,7 +180,7 @@ class Binder:
             assert actual == expected, f"{path}: {actual!r} != {expected!r}"
 
 
-async def test_example_session(server: RoomcastServer) -> None:
+async def test_example_session(server: AppServer) -> None:
     """The example session of docs/protocol.md, frame by frame, in the document's order."""
     session, reconnect = example_blocks()
     assert len(session) >= 15, "the example session was not parsed"
@@ -360,7 +249,7 @@ async def test_example_session(server: RoomcastServer) -> None:
 # -- connecting ----------------------------------------------------------------------------------
 
 
-async def test_connected_push(server: RoomcastServer) -> None:
+async def test_connected_push(server: AppServer) -> None:
     async with peer(server) as anon:
         assert set(anon.hello) == {"type", "client", "user", "version"}
         assert anon.hello["user"] is None
@@ -369,7 +258,7 @@ async def test_connected_push(server: RoomcastServer) -> None:
         await anon.still_works()
 
 
-async def test_token_in_query_or_header(server: RoomcastServer) -> None:
+async def test_token_in_query_or_header(server: AppServer) -> None:
     async with (
         peer(server, f"/ws?token={GOOD_TOKEN}") as by_query,
         peer(server, "/ws", additional_headers={"Authorization": f"Bearer {GOOD_TOKEN}"}) as hdr,
@@ -389,16 +278,14 @@ async def test_token_in_query_or_header(server: RoomcastServer) -> None:
     ],
     ids=["query", "header"],
 )
-async def test_unknown_token_refused(
-    server: RoomcastServer, path: str, headers: dict[str, str]
-) -> None:
+async def test_unknown_token_refused(server: AppServer, path: str, headers: dict[str, str]) -> None:
     with pytest.raises(InvalidStatus) as info:
         async with ws_connect(server, path, additional_headers=headers):
             pass
     assert info.value.response.status_code == 403
 
 
-async def test_client_ids_are_unique(server: RoomcastServer) -> None:
+async def test_client_ids_are_unique(server: AppServer) -> None:
     ids = []
     for _ in range(20):
         async with peer(server) as p:
@@ -409,7 +296,7 @@ async def test_client_ids_are_unique(server: RoomcastServer) -> None:
 # -- operations ----------------------------------------------------------------------------------
 
 
-async def test_subscribe_and_publish(server: RoomcastServer) -> None:
+async def test_subscribe_and_publish(server: AppServer) -> None:
     ch = channel()
     async with peer(server) as sub, peer(server) as pub:
         first = await sub.ok("subscribe", channel=ch)
@@ -438,7 +325,7 @@ async def test_subscribe_and_publish(server: RoomcastServer) -> None:
 
 
 async def test_publisher_gets_its_own_publication_before_the_reply(
-    server: RoomcastServer,
+    server: AppServer,
 ) -> None:
     ch = channel()
     async with peer(server, f"/ws?token={GOOD_TOKEN}") as p, peer(server) as other:
@@ -472,7 +359,7 @@ async def test_publisher_gets_its_own_publication_before_the_reply(
     ],
     ids=lambda d: type(d).__name__,
 )
-async def test_data_delivered_as_sent(server: RoomcastServer, data: Any) -> None:
+async def test_data_delivered_as_sent(server: AppServer, data: Any) -> None:
     ch = channel()
     async with peer(server) as p:
         await p.ok("subscribe", channel=ch)
@@ -485,7 +372,7 @@ async def test_data_delivered_as_sent(server: RoomcastServer, data: Any) -> None
 
 
 @pytest.mark.parametrize("number", [2**64, -(2**63) - 1, 10**30], ids=["2**64", "-2**63-1", "1e30"])
-async def test_integers_beyond_64_bits_are_not_altered(server: RoomcastServer, number: int) -> None:
+async def test_integers_beyond_64_bits_are_not_altered(server: AppServer, number: int) -> None:
     """``data`` is delivered as sent, or refused: never silently turned into another number."""
     ch = channel()
     async with peer(server) as p:
@@ -500,7 +387,7 @@ async def test_integers_beyond_64_bits_are_not_altered(server: RoomcastServer, n
         await p.still_works()
 
 
-async def test_unsubscribe_stops_the_pushes(server: RoomcastServer) -> None:
+async def test_unsubscribe_stops_the_pushes(server: AppServer) -> None:
     ch = channel()
     async with peer(server) as p:
         epoch = (await p.ok("subscribe", channel=ch))["epoch"]
@@ -514,7 +401,7 @@ async def test_unsubscribe_stops_the_pushes(server: RoomcastServer) -> None:
         await p.still_works()
 
 
-async def test_presence_and_history_shapes(server: RoomcastServer) -> None:
+async def test_presence_and_history_shapes(server: AppServer) -> None:
     ch = channel()
     async with peer(server) as p:
         assert await p.ok("presence", channel=ch) == {"clients": []}
@@ -550,13 +437,13 @@ async def test_presence_and_history_shapes(server: RoomcastServer) -> None:
     [0, 1, -7, 2**53, "a", "x" * 64, "é-ü 🎉", " "],
     ids=["zero", "one", "negative", "2**53", "a", "64-chars", "unicode", "space"],
 )
-async def test_ping_echoes_any_valid_id(server: RoomcastServer, rid: Any) -> None:
+async def test_ping_echoes_any_valid_id(server: AppServer, rid: Any) -> None:
     async with peer(server) as p:
         await p.send({"id": rid, "op": "ping"})
         assert await p.frame() == {"id": rid, "ok": True, "result": {}}
 
 
-async def test_pipelined_requests_are_answered_in_order(server: RoomcastServer) -> None:
+async def test_pipelined_requests_are_answered_in_order(server: AppServer) -> None:
     ch = channel()
     async with peer(server) as p:
         requests: list[Frame] = [{"id": 0, "op": "subscribe", "channel": ch}]
@@ -578,7 +465,7 @@ async def test_pipelined_requests_are_answered_in_order(server: RoomcastServer) 
         assert offsets == list(range(1, 13))
 
 
-async def test_unknown_fields_are_ignored(server: RoomcastServer) -> None:
+async def test_unknown_fields_are_ignored(server: AppServer) -> None:
     ch = channel()
     async with peer(server) as p:
         extra = {"future": {"field": [1, 2]}, "x": None}
@@ -655,7 +542,7 @@ BAD_FRAMES: list[tuple[str, str, Any, str]] = [
 @pytest.mark.parametrize(
     ("frame", "rid", "code"), [case[1:] for case in BAD_FRAMES], ids=[c[0] for c in BAD_FRAMES]
 )
-async def test_bad_frame(server: RoomcastServer, frame: str, rid: Any, code: str) -> None:
+async def test_bad_frame(server: AppServer, frame: str, rid: Any, code: str) -> None:
     async with peer(server) as p:
         await p.send(frame)
         assert error_code(await p.frame(), rid) == code
@@ -682,21 +569,21 @@ def bad_channel_cases() -> list[Any]:
 
 
 @pytest.mark.parametrize(("op", "name", "code"), bad_channel_cases())
-async def test_bad_channel(server: RoomcastServer, op: str, name: Any, code: str) -> None:
+async def test_bad_channel(server: AppServer, op: str, name: Any, code: str) -> None:
     async with peer(server) as p:
         assert await p.fail(op, channel=name, data=1) == code
         await p.still_works()
 
 
 @pytest.mark.parametrize("op", CHANNEL_OPS)
-async def test_missing_channel(server: RoomcastServer, op: str) -> None:
+async def test_missing_channel(server: AppServer, op: str) -> None:
     # The document allows both readings: "a field is missing" and "the name breaks the rules".
     async with peer(server) as p:
         assert await p.fail(op, data=1) in ("bad_request", "bad_channel")
         await p.still_works()
 
 
-async def test_every_allowed_character_and_the_longest_name(server: RoomcastServer) -> None:
+async def test_every_allowed_character_and_the_longest_name(server: AppServer) -> None:
     tail = uuid.uuid4().hex[:8]
     names = ["ABCXYZabcxyz0189_-.:@=" + tail, ("L" + tail).ljust(128, "z"), "x"]
     async with peer(server) as p:
@@ -707,21 +594,21 @@ async def test_every_allowed_character_and_the_longest_name(server: RoomcastServ
             assert await p.ok("unsubscribe", channel=name) == {}
 
 
-async def test_binary_frame(server: RoomcastServer) -> None:
+async def test_binary_frame(server: AppServer) -> None:
     async with peer(server) as p:
         await p.send(dumps({"id": 1, "op": "ping"}).encode())
         assert error_code(await p.frame(), None) == "bad_request"
         await p.still_works()
 
 
-async def test_publish_data_null_is_data(server: RoomcastServer) -> None:
+async def test_publish_data_null_is_data(server: AppServer) -> None:
     """``data`` may be any JSON value, ``null`` included; only a missing one is refused."""
     ch = channel()
     async with peer(server) as p:
         assert (await p.ok("publish", channel=ch, data=None))["offset"] == 1
 
 
-async def test_already_and_not_subscribed(server: RoomcastServer) -> None:
+async def test_already_and_not_subscribed(server: AppServer) -> None:
     ch = channel()
     async with peer(server) as p:
         assert await p.fail("unsubscribe", channel=ch) == "not_subscribed"
@@ -739,7 +626,7 @@ async def test_already_and_not_subscribed(server: RoomcastServer) -> None:
         await p.still_works()
 
 
-async def test_too_many_subscriptions(limits: RoomcastServer) -> None:
+async def test_too_many_subscriptions(limits: AppServer) -> None:
     names = [channel() for _ in range(MAX_SUBSCRIPTIONS + 1)]
     async with peer(limits) as p, peer(limits) as other:
         for name in names[:MAX_SUBSCRIPTIONS]:
@@ -754,7 +641,7 @@ async def test_too_many_subscriptions(limits: RoomcastServer) -> None:
         await p.still_works()
 
 
-async def test_too_large(limits: RoomcastServer) -> None:
+async def test_too_large(limits: AppServer) -> None:
     ch = channel()
     async with peer(limits) as p:
         await p.ok("subscribe", channel=ch)
@@ -769,7 +656,7 @@ async def test_too_large(limits: RoomcastServer) -> None:
         assert (await p.ok("publish", channel=ch, data="small"))["offset"] == 2
 
 
-async def test_message_at_the_size_limit_is_accepted(limits: RoomcastServer) -> None:
+async def test_message_at_the_size_limit_is_accepted(limits: AppServer) -> None:
     async with peer(limits, compression=None) as p:
         head = dumps({"id": 1, "op": "ping", "pad": ""})
         frame = head[:-2] + "p" * (MAX_MESSAGE - len(head)) + '"}'
@@ -779,7 +666,7 @@ async def test_message_at_the_size_limit_is_accepted(limits: RoomcastServer) -> 
 
 
 @pytest.mark.parametrize("kind", ["text", "binary"])
-async def test_message_over_the_size_limit_closes_1009(limits: RoomcastServer, kind: str) -> None:
+async def test_message_over_the_size_limit_closes_1009(limits: AppServer, kind: str) -> None:
     async with peer(limits, compression=None) as p, peer(limits) as bystander:
         head = dumps({"id": 1, "op": "ping", "pad": ""})
         frame = head[:-2] + "p" * (MAX_MESSAGE + 1 - len(head)) + '"}'
@@ -807,7 +694,7 @@ async def presence_of(p: Peer, ch: str) -> list[str]:
     return [c["client"] for c in clients]
 
 
-async def test_presence_joins_and_leaves(server: RoomcastServer) -> None:
+async def test_presence_joins_and_leaves(server: AppServer) -> None:
     ch = channel()
     async with (
         peer(server) as watcher,
@@ -856,7 +743,7 @@ async def test_presence_joins_and_leaves(server: RoomcastServer) -> None:
         await quiet.still_works()
 
 
-async def test_abrupt_disconnect_of_a_raw_client_leaves_presence(server: RoomcastServer) -> None:
+async def test_abrupt_disconnect_of_a_raw_client_leaves_presence(server: AppServer) -> None:
     """A client that vanishes with a TCP reset (a crashed process) leaves presence at once."""
     ch = channel()
     async with peer(server) as watcher:
@@ -884,12 +771,10 @@ PING = 0.5
 
 
 async def test_silent_client_leaves_presence_after_ping_timeout(
-    server_factory: ServerFactory,
+    start_server: ServerStarter,
 ) -> None:
     """A client that answers no ping is closed 1011 and leaves within interval + timeout."""
-    srv = server_factory(
-        env={"ROOMCAST_PING_INTERVAL": str(PING), "ROOMCAST_PING_TIMEOUT": str(PING)}
-    )
+    srv = await start_server(ping_interval=PING, ping_timeout=PING)
     ch = channel()
     async with peer(srv) as watcher:
         await watcher.ok("subscribe", channel=ch, join_leave=True)
@@ -915,8 +800,10 @@ async def test_silent_client_leaves_presence_after_ping_timeout(
         assert await presence_of(watcher, ch) == [watcher.client]
 
 
-async def test_server_restart_closes_1012(server_factory: ServerFactory) -> None:
-    srv = server_factory(env={"ROOMCAST_DRAIN_TIMEOUT": "2"})
+# A restart is a signal to a process; how the transport closes its connections on it differs.
+@pytest.mark.parametrize("ws", list(TRANSPORTS.values()), ids=list(TRANSPORTS))
+async def test_server_restart_closes_1012(server_factory: ServerFactory, ws: str) -> None:
+    srv = server_factory(env={"ROOMCAST_DRAIN_TIMEOUT": "2", "ROOMCAST_WS": ws})
     ch = channel()
     async with peer(srv) as a, peer(srv) as b:
         await a.ok("subscribe", channel=ch, join_leave=True)
@@ -945,14 +832,9 @@ FLOOD_PAD = 32 * 1024  # one publication's data; a history reply carries FLOOD_O
 REPLY_BYTES = FLOOD_OUTBOX * FLOOD_PAD
 
 
-async def test_flooding_client_is_closed_4008(server_factory: ServerFactory) -> None:
+async def test_flooding_client_is_closed_4008(start_server: ServerStarter) -> None:
     """Requests sent faster than their replies are read fill the outbox: 4008, others unharmed."""
-    srv = server_factory(
-        env={
-            "ROOMCAST_OUTBOX_SIZE": str(FLOOD_OUTBOX),
-            "ROOMCAST_HISTORY_SIZE": str(FLOOD_OUTBOX),
-        }
-    )
+    srv = await start_server(outbox_size=FLOOD_OUTBOX, history_size=FLOOD_OUTBOX)
     ch = channel("flood")
     async with peer(srv) as filler, peer(srv) as bystander:
         for k in range(FLOOD_OUTBOX):
@@ -992,7 +874,7 @@ SLOW_PAD = 16 * 1024
 AFTER_CUT = 10
 
 
-async def stalled_subscriber(srv: RoomcastServer, ch: str) -> tuple[RawFrameReader, Frame, str]:
+async def stalled_subscriber(srv: AppServer, ch: str) -> tuple[RawFrameReader, Frame, str]:
     """A raw client with a tiny receive buffer, subscribed to ``ch``, that reads no more.
 
     Returns its frame reader (its socket is ``reader.sock``), its ``connected`` push and the
@@ -1011,18 +893,16 @@ async def stalled_subscriber(srv: RoomcastServer, ch: str) -> tuple[RawFrameRead
     return reader, hello, subscribed["result"]["epoch"]
 
 
-def cut_lines(srv: RoomcastServer, since: int, client: str) -> list[str]:
+def cut_lines(srv: AppServer, since: int, client: str) -> list[str]:
     return [line for line in close_code_lines(srv.log_since(since), 4008) if client in line]
 
 
-async def test_slow_subscriber_is_cut_4008_then_recovers(server_factory: ServerFactory) -> None:
-    srv = server_factory(
-        env={
-            "ROOMCAST_OUTBOX_SIZE": str(SLOW_OUTBOX),
-            "ROOMCAST_HISTORY_SIZE": str(SLOW_OUTBOX),
-            # The history must hold the whole outbox's worth of padded publications.
-            "ROOMCAST_HISTORY_BYTES": str(8 << 20),
-        }
+async def test_slow_subscriber_is_cut_4008_then_recovers(start_server: ServerStarter) -> None:
+    srv = await start_server(
+        outbox_size=SLOW_OUTBOX,
+        history_size=SLOW_OUTBOX,
+        # The history must hold the whole outbox's worth of padded publications.
+        history_bytes=8 << 20,
     )
     ch = channel("slow")
     log_start = srv.log_offset()
@@ -1100,10 +980,10 @@ async def test_slow_subscriber_is_cut_4008_then_recovers(server_factory: ServerF
                 assert await healthy.push() == publication(ch, total + 1, "live", pub.info)
 
 
-async def test_cut_subscriber_leaves_presence_at_once(server_factory: ServerFactory) -> None:
+async def test_cut_subscriber_leaves_presence_at_once(start_server: ServerStarter) -> None:
     """A subscriber cut with 4008 gets no more publications: it leaves presence at the cut,
     even while it still reads nothing (so its close handshake cannot complete)."""
-    srv = server_factory(env={"ROOMCAST_OUTBOX_SIZE": "16", "ROOMCAST_HISTORY_SIZE": "16"})
+    srv = await start_server(outbox_size=16, history_size=16)
     ch = channel("cut")
     log_start = srv.log_offset()
     reader, hello, _epoch = await stalled_subscriber(srv, ch)
@@ -1134,7 +1014,7 @@ def doc_table_codes(heading: str) -> list[str]:
     return re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.MULTILINE)
 
 
-def test_error_codes_table_is_what_the_tests_expect() -> None:
+async def test_error_codes_table_is_what_the_tests_expect() -> None:
     expected = {code for *_, code in BAD_FRAMES} | {
         "bad_channel",
         "too_large",
@@ -1151,7 +1031,7 @@ def test_error_codes_table_is_what_the_tests_expect() -> None:
     assert set(OPS) <= set(re.findall(r"^### `(\w+)`", DOC.read_text(), flags=re.MULTILINE))
 
 
-def test_the_server_sends_only_documented_error_codes() -> None:
-    from roomcast.protocol import ErrorCode
+async def test_the_server_sends_only_documented_error_codes() -> None:
+    from roomcast.codecs.roomcast_json import ErrorCode
 
     assert {code.value for code in ErrorCode} == set(doc_table_codes("Error codes"))

@@ -1,4 +1,9 @@
-"""The server process: CLI, workers, tokens, redaction, shutdown, liveness, startup log."""
+"""The server process: CLI, workers, tokens, redaction, shutdown, liveness, startup log.
+
+Each of these runs ``roomcast serve`` (or another ASGI server) as a process. Where the WebSocket
+implementation does the work (the handshake's log line, the close on a signal, the pings) a test
+runs on both of them, as the in-process endpoint tests do.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from helpers import (
     recv,
     ws_connect,
 )
+from servers import TRANSPORTS
 
 SERVE = [sys.executable, "-m", "roomcast", "serve"]
 
@@ -111,8 +117,14 @@ async def test_generated_token(server_factory: ServerFactory) -> None:
 # -- c) tokens never reach the log -------------------------------------------------------------
 
 
-async def test_token_redacted_from_logs(server_factory: ServerFactory) -> None:
-    server = server_factory(env={"ROOMCAST_ACCESS_LOG": "true", "ROOMCAST_LOG_LEVEL": "info"})
+on_both_transports = pytest.mark.parametrize("ws", list(TRANSPORTS.values()), ids=list(TRANSPORTS))
+
+
+@on_both_transports
+async def test_token_redacted_from_logs(server_factory: ServerFactory, ws: str) -> None:
+    server = server_factory(
+        env={"ROOMCAST_ACCESS_LOG": "true", "ROOMCAST_LOG_LEVEL": "info", "ROOMCAST_WS": ws}
+    )
     bad = "wrong-token-4711"
     async with ws_connect(server, f"/ws/secure?token={GOOD_TOKEN}") as ws:
         assert (await recv(ws)).startswith("Hello, ")
@@ -146,9 +158,12 @@ async def test_token_redacted_from_logs(server_factory: ServerFactory) -> None:
 DRAIN = 2.0
 
 
+@on_both_transports
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_graceful_shutdown(server_factory: ServerFactory, sig: signal.Signals) -> None:
-    server = server_factory(env={"ROOMCAST_DRAIN_TIMEOUT": str(DRAIN)})
+async def test_graceful_shutdown(
+    server_factory: ServerFactory, sig: signal.Signals, ws: str
+) -> None:
+    server = server_factory(env={"ROOMCAST_DRAIN_TIMEOUT": str(DRAIN), "ROOMCAST_WS": ws})
     async with (
         ws_connect(server, "/ws/echo") as echo,
         ws_connect(server, "/ws/chat") as member,
@@ -195,9 +210,14 @@ async def test_shutdown_when_idle_is_quick(server_factory: ServerFactory) -> Non
 PING = 0.5
 
 
-async def test_peer_that_never_pongs_is_dropped(server_factory: ServerFactory) -> None:
+@on_both_transports
+async def test_peer_that_never_pongs_is_dropped(server_factory: ServerFactory, ws: str) -> None:
     server = server_factory(
-        env={"ROOMCAST_PING_INTERVAL": str(PING), "ROOMCAST_PING_TIMEOUT": str(PING)}
+        env={
+            "ROOMCAST_PING_INTERVAL": str(PING),
+            "ROOMCAST_PING_TIMEOUT": str(PING),
+            "ROOMCAST_WS": ws,
+        }
     )
     async with ws_connect(server, "/ws/echo") as healthy:
         sock, initial = await asyncio.to_thread(raw_ws_handshake, server.port, "/ws/echo")
@@ -295,5 +315,5 @@ async def test_plain_asgi_servers_serve_the_app(server_factory: ServerFactory, n
 # -- g) the startup log says where to connect --------------------------------------------------
 
 
-def test_startup_log_says_where(server: RoomcastServer) -> None:
-    assert f"ws://{HOST}:{server.port}" in server.log()
+def test_startup_log_says_where(process_server: RoomcastServer) -> None:
+    assert f"ws://{HOST}:{process_server.port}" in process_server.log()
