@@ -17,7 +17,6 @@ slow path, where an offset not above the last one seen counts as an error.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from collections import Counter
@@ -28,17 +27,10 @@ from typing import Any
 from picows import WSFrame, WSMsgType, WSTransport
 
 from chat import PREFIX, TAG_MEASURED, TAG_WARM, WARMUP_TIMEOUT_S, WARMUP_TRIES, make_payload
-from loadgen import (
-    Client,
-    CpuProbe,
-    Receipts,
-    Usage,
-    UsageMeter,
-    close_all,
-    connect_many,
-    percentile_ms,
-    wait_until,
-)
+from clients import Client, close_all, connect_many
+from cpu import CpuProbe, measuring
+from fanout import BurstResult, Receipts, Receiver
+from roomcast.tools.loadgen import wait_until
 
 perf_counter = time.perf_counter
 TEXT = WSMsgType.TEXT
@@ -267,21 +259,17 @@ class FanoutState(FanoutCounters):
         return len(self.frames) > 1
 
 
-class FanoutSubscriber(Client):
+class FanoutSubscriber(Receiver):
     """A ``/ws`` client that subscribes on connect; what the fan-out subscribers share.
 
-    Subclasses keep the hot path (``on_ws_frame``); off it, :meth:`control` and
-    :meth:`publication` handle what every fan-out subscriber sees alike.
+    The hot path is the fan-out receivers' (:class:`fanout.Receiver`); off it, :meth:`control`
+    and :meth:`publication` handle what every fan-out subscriber sees alike.
     """
 
     def __init__(self, state: FanoutCounters) -> None:
         """Bind the subscriber to the run's shared counters."""
-        super().__init__()
+        super().__init__(state, state.frames)
         self.state = state
-        self.frames = state.frames
-        self.count = state.count
-        self.last = state.last
-        self.next = 0  # the index in ``frames`` of the frame due next
         self.offset = -1  # the last offset seen on the slow path (or the subscribe reply's)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -337,16 +325,6 @@ class Subscriber(FanoutSubscriber):
     """
 
     state: FanoutState
-
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        """Count the measured publication due next (fast path) or classify any other frame."""
-        seq = self.next
-        if frame.get_payload_as_bytes() == self.frames[seq]:
-            self.last[seq] = perf_counter()
-            self.count[seq] += 1
-            self.next = seq + 1
-            return
-        self.slow_path(transport, frame)
 
     def last_offset(self) -> int:
         """Return the highest offset this subscriber has received."""
@@ -417,32 +395,15 @@ class ChannelConfig(FanoutConfig):
 
 
 @dataclass
-class FanoutResult:
-    """Figures of one fan-out run (measured burst) that every kind of fan-out reports."""
+class FanoutResult(BurstResult):
+    """Figures of one fan-out run over ``/ws`` (one node or a cluster)."""
 
-    messages: int
     window: int
-    expected: int
-    delivered: int
-    dps: float
-    p50_ms: float | None
-    p99_ms: float | None
-    complete_messages: int
-    outcome: str
     wrong_channel: int
-    mismatched: int
-    unexpected: int
     subscribe_errors: int
     publish_errors: int
     slow_hits: int
     frame_bytes: int
-    connect_s: float
-    usage: Usage
-
-    @property
-    def lost(self) -> int:
-        """Return how many expected deliveries never arrived."""
-        return self.expected - self.delivered
 
     @property
     def wrong(self) -> int:
@@ -523,21 +484,10 @@ async def run_channel(
         state.expect(warm_offset + 1, publisher.client_id)
         requests = [publish_request(i, cfg.channel, data) for i, data in enumerate(state.data)]
         expected = cfg.messages * cfg.members
-        gc.collect()
-        gc.disable()
-        try:
-            meter = UsageMeter(server_cpu)
+        with measuring(server_cpu) as meter:
             publisher.start(requests, cfg.window)
-            outcome = await wait_until(
-                lambda: state.measured >= expected,
-                cfg.drain_timeout_s,
-                cfg.idle_timeout_s,
-                state.progress,
-            )
-            usage = meter.stop()
-            delivered, counts, lasts = state.measured, list(state.count), list(state.last)
-        finally:
-            gc.enable()
+            outcome = await state.drain(expected, cfg.drain_timeout_s, cfg.idle_timeout_s)
+            burst = state.burst(expected, outcome, meter.stop())
         # The replies may trail the last delivery a little (the server answers a publish
         # after delivering it): wait for them, bounded, to check every offset.
         await wait_until(lambda: publisher.replies >= cfg.messages, REPLY_TIMEOUT_S)
@@ -546,23 +496,15 @@ async def run_channel(
         await close_all(clients)
 
     send_times = publisher.send_times
-    span = max(lasts, default=0.0) - send_times[0]
-    complete = [lasts[i] - send_times[i] for i in range(cfg.messages) if counts[i] >= cfg.members]
     wrong_offsets = sum(
         1 for i, off in enumerate(publisher.offsets) if off is not None and off != state.base + i
     )
     publish_errors = (cfg.messages - publisher.replies) + publisher.errors + wrong_offsets
     return ChannelResult(
+        **burst.figures(send_times, send_times[0], cfg.members),
         members=cfg.members,
         messages=cfg.messages,
         window=cfg.window,
-        expected=expected,
-        delivered=delivered,
-        dps=delivered / span if delivered and span > 0 else 0.0,
-        p50_ms=percentile_ms(complete, 50),
-        p99_ms=percentile_ms(complete, 99),
-        complete_messages=len(complete),
-        outcome=outcome,
         order_errors=state.order_errors,
         wrong_channel=state.wrong_channel,
         mismatched=state.mismatched,
@@ -573,5 +515,4 @@ async def run_channel(
         # The mean over the measured frames (their length grows with the offset's digits).
         frame_bytes=round(sum(len(f or b"") for f in state.frames[:-1]) / max(1, cfg.messages)),
         connect_s=connect_s,
-        usage=usage,
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -19,17 +18,10 @@ from dataclasses import dataclass
 
 from picows import WSFrame, WSMsgType, WSTransport
 
-from loadgen import (
-    Client,
-    CpuProbe,
-    Receipts,
-    Usage,
-    UsageMeter,
-    close_all,
-    connect_many,
-    percentile_ms,
-    wait_until,
-)
+from clients import close_all, connect_many
+from cpu import CpuProbe, measuring
+from fanout import BurstResult, Receipts, Receiver
+from roomcast.tools.loadgen import wait_until
 from staller import StalledMember
 
 perf_counter = time.perf_counter
@@ -68,36 +60,18 @@ class ChatState(Receipts):
         self.close_codes: Counter[int] = Counter()
 
 
-class ChatMember(Client):
+class ChatMember(Receiver):
     """A chat member that counts every broadcast it receives and stamps the time.
 
-    The hot path (a measured message) is kept to what the figures need, and is the same as
-    the /ws fan-out subscriber's (channel.Subscriber), so that the two endpoints are measured
-    with the same client work per delivery: the received bytes compared with the exact message
-    due next (which checks content and order at once), a time stamp and a count. The time
-    stamp is stored without comparing: callbacks run one at a time and perf_counter() is
-    monotonic, so the latest call is the latest receipt. Anything else (control frames, warm-up,
-    fill, leave notices, a measured message not due next) takes the slow path.
+    The hot path is the fan-out receivers' (:class:`fanout.Receiver`): the same as the ``/ws``
+    subscriber's. Anything else (control frames, warm-up, fill, leave notices, a measured
+    message not due next) takes the slow path.
     """
 
     def __init__(self, state: ChatState) -> None:
         """Bind the member to the run's shared counters."""
-        super().__init__()
+        super().__init__(state, [*state.expected, None])
         self.state = state
-        self.frames: list[bytes | None] = [*state.expected, None]
-        self.count = state.count
-        self.last = state.last
-        self.next = 0  # the index in ``frames`` of the message due next
-
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        """Count the measured message due next (fast path) or classify any other frame."""
-        seq = self.next
-        if frame.get_payload_as_bytes() == self.frames[seq]:
-            self.last[seq] = perf_counter()
-            self.count[seq] += 1
-            self.next = seq + 1
-            return
-        self.slow_path(transport, frame)
 
     def slow_path(self, transport: WSTransport, frame: WSFrame) -> None:
         """Classify a frame that is not an expected measured message."""
@@ -133,34 +107,17 @@ class ChatMember(Client):
 
 
 @dataclass
-class ChatResult:
+class ChatResult(BurstResult):
     """Figures of one chat fan-out run (measured phase unless named otherwise)."""
 
     members: int
-    messages: int
     with_staller: bool
-    expected: int
-    delivered: int
-    dps: float
-    p50_ms: float | None
-    p99_ms: float | None
-    complete_messages: int
-    outcome: str
     fill_expected: int
     fill_delivered: int
     fill_outcome: str
     left_notices: int
     staller: str
     staller_detail: str
-    mismatched: int
-    unexpected: int
-    connect_s: float
-    usage: Usage
-
-    @property
-    def lost(self) -> int:
-        """Return how many expected deliveries never arrived."""
-        return self.expected - self.delivered
 
     @property
     def stalled(self) -> bool:
@@ -244,26 +201,15 @@ async def run_chat(
 
         expected = cfg.messages * cfg.members
         send_times = [0.0] * cfg.messages
-        gc.collect()
-        gc.disable()
-        try:
-            meter = UsageMeter(server_cpu)
+        with measuring(server_cpu) as meter:
             send = sender.transport.send
             for i, payload in enumerate(state.payloads):
                 send_times[i] = time.perf_counter()
                 send(WSMsgType.TEXT, payload)
-            outcome = await wait_until(
-                lambda: state.measured >= expected,
-                cfg.drain_timeout_s,
-                cfg.idle_timeout_s,
-                state.progress,
-            )
-            usage = meter.stop()
+            outcome = await state.drain(expected, cfg.drain_timeout_s, cfg.idle_timeout_s)
             # Snapshot now: draining the stalled member below may unblock a stopped room.
-            delivered, counts, lasts = state.measured, list(state.count), list(state.last)
+            burst = state.burst(expected, outcome, meter.stop())
             left_notices = state.left
-        finally:
-            gc.enable()
         staller_text = staller_detail = "none"
         if staller is not None:
             staller_text, staller_detail = await asyncio.to_thread(staller.drain_for_close)
@@ -273,19 +219,11 @@ async def run_chat(
         if staller is not None:
             staller.close()
 
-    span = max(lasts, default=0.0) - send_times[0]
-    complete = [lasts[i] - send_times[i] for i in range(cfg.messages) if counts[i] >= cfg.members]
     return ChatResult(
+        **burst.figures(send_times, send_times[0], cfg.members),
         members=cfg.members,
         messages=cfg.messages,
         with_staller=cfg.with_staller,
-        expected=expected,
-        delivered=delivered,
-        dps=delivered / span if delivered and span > 0 else 0.0,
-        p50_ms=percentile_ms(complete, 50),
-        p99_ms=percentile_ms(complete, 99),
-        complete_messages=len(complete),
-        outcome=outcome,
         fill_expected=fill_expected,
         fill_delivered=fill_delivered,
         fill_outcome=fill_outcome,
@@ -295,7 +233,6 @@ async def run_chat(
         mismatched=state.mismatched,
         unexpected=state.unexpected,
         connect_s=connect_s,
-        usage=usage,
     )
 
 

@@ -1,32 +1,31 @@
-"""Load generator building blocks on picows + uvloop: connecting, echo loops, idle clients.
+"""The harness's WebSocket clients, on picows + uvloop: connecting, echo loops, idle clients.
 
 picows parses frames in Cython and calls back ``on_ws_frame`` synchronously, so one core can
 drive far more messages than a uvicorn server can produce; the chat fan-out lives in
-``chat.py`` on top of the helpers here.
+``chat.py`` on top of the helpers here. What does not depend on the client library (opening
+many connections at once, waiting with time and idle limits, percentiles) is
+:mod:`roomcast.tools.loadgen`, which ``roomcast bench`` uses too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
-import statistics
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
-import psutil
 from picows import WSCloseCode, WSError, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from cpu import CpuProbe, Usage, measuring
+from roomcast.tools.loadgen import OpenFailed, open_all, percentile, wait_until
 
 CONNECT_CONCURRENCY = 50
 HANDSHAKE_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 120.0
 CLOSE_TIMEOUT_S = 5.0
-POLL_INTERVAL_S = 0.005
-
-CpuProbe = Callable[[], float]
 
 
 class Client(WSListener):
@@ -67,45 +66,21 @@ async def connect_many(
     Raises RuntimeError naming the first failure if any connection could not be opened; the
     ones that did open are closed first.
     """
-    sem = asyncio.Semaphore(concurrency)
 
     async def one() -> L:
-        async with sem:
-            _, listener = await ws_connect(
-                factory, url, websocket_handshake_timeout=HANDSHAKE_TIMEOUT_S
-            )
-            return cast(L, listener)
-
-    async with asyncio.timeout(CONNECT_TIMEOUT_S):
-        results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
-    clients = [r for r in results if isinstance(r, Client)]
-    failures = [r for r in results if isinstance(r, BaseException)]
-    if failures:
-        await close_all(clients)
-        raise RuntimeError(
-            f"{len(failures)} of {count} connections to {url} failed; first: {failures[0]!r}"
+        _, listener = await ws_connect(
+            factory, url, websocket_handshake_timeout=HANDSHAKE_TIMEOUT_S
         )
-    return clients
+        return cast(L, listener)
 
-
-class Receipts:
-    """What the shared receipt counters of a fan-out run (chat or ``/ws``) have in common.
-
-    ``count[i]``: deliveries of measured message i, all receivers together; ``others``: every
-    other frame received.
-    """
-
-    count: list[int]
-    others: int
-
-    @property
-    def measured(self) -> int:
-        """Return how many measured messages arrived so far, all receivers together."""
-        return sum(self.count)
-
-    def progress(self) -> int:
-        """Return a counter of every frame received so far (for the idle timeouts)."""
-        return sum(self.count) + self.others
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            return await open_all(one, count, concurrency=concurrency, close=close_all)
+    except OpenFailed as error:
+        raise RuntimeError(
+            f"{len(error.failures)} of {count} connections to {url} failed; "
+            f"first: {error.failures[0]!r}"
+        ) from None
 
 
 async def close_all(clients: Sequence[Client], limit_s: float = CLOSE_TIMEOUT_S) -> None:
@@ -131,110 +106,6 @@ async def wait_closed(clients: Sequence[Client], limit_s: float = CLOSE_TIMEOUT_
             with contextlib.suppress(WSError, OSError):
                 task.result()
     return not pending
-
-
-async def wait_until(
-    done: Callable[[], bool],
-    limit_s: float,
-    idle: float | None = None,
-    progress: Callable[[], float] | None = None,
-) -> str:
-    """Poll until ``done()``; return "done", "timeout" (after ``limit_s``) or "idle".
-
-    "idle" means that ``progress()`` (a counter of useful events) did not change for ``idle``
-    seconds; without ``progress`` a run is never idle.
-    """
-    start = last_change = time.perf_counter()
-    seen = progress() if progress is not None else 0.0
-    while True:
-        if done():
-            return "done"
-        now = time.perf_counter()
-        if now - start > limit_s:
-            return "timeout"
-        if progress is not None:
-            value = progress()
-            if value != seen:
-                seen, last_change = value, now
-            elif idle is not None and now - last_change > idle:
-                return "idle"
-        await asyncio.sleep(POLL_INTERVAL_S)
-
-
-def percentile(values: Sequence[float], pct: float) -> float | None:
-    """Return the ``pct`` percentile (nearest-rank on sorted data), or None if empty."""
-    if not values:
-        return None
-    if len(values) == 1:
-        return float(values[0])
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
-    return float(ordered[rank])
-
-
-def percentile_ms(values: Sequence[float], pct: float) -> float | None:
-    """Return the ``pct`` percentile of ``values`` (seconds) in milliseconds, or None if empty."""
-    p = percentile(values, pct)
-    return None if p is None else p * 1e3
-
-
-@dataclass
-class Usage:
-    """CPU use of both sides over a measurement window, as a fraction of one core."""
-
-    loadgen: float
-    server: float
-    wall_s: float
-    other: float
-
-    @property
-    def loadgen_cpu_s(self) -> float:
-        """Return the load generator's CPU seconds over the window."""
-        return self.loadgen * self.wall_s
-
-
-class UsageMeter:
-    """Measure load generator and server CPU over a window of wall-clock time."""
-
-    def __init__(self, server_cpu: CpuProbe) -> None:
-        """Take the starting readings."""
-        self._server_cpu = server_cpu
-        self._wall = time.perf_counter()
-        self._proc = time.process_time()
-        self._srv = server_cpu()
-        self._busy = _machine_busy_seconds()
-
-    def stop(self) -> Usage:
-        """Return the CPU fractions since construction.
-
-        ``other`` is the CPU the rest of the machine used meanwhile (other processes and
-        hypervisor steal; interrupt time, which the kernel charges to no process, is left out):
-        a noise indicator.
-        """
-        wall = max(time.perf_counter() - self._wall, 1e-9)
-        loadgen = (time.process_time() - self._proc) / wall
-        server = (self._server_cpu() - self._srv) / wall
-        busy = (_machine_busy_seconds() - self._busy) / wall
-        return Usage(loadgen, server, wall, max(0.0, busy - loadgen - server))
-
-
-async def background_load(window_s: float = 0.5) -> float:
-    """Return the CPU (in cores) the machine used over ``window_s``, this process excluded.
-
-    Call it while the servers under test are idle: then it is other people's work.
-    """
-    busy0, own0, t0 = _machine_busy_seconds(), time.process_time(), time.perf_counter()
-    await asyncio.sleep(window_s)
-    wall = time.perf_counter() - t0
-    own = time.process_time() - own0
-    return max(0.0, (_machine_busy_seconds() - busy0 - own) / wall)
-
-
-def _machine_busy_seconds() -> float:
-    """Return the CPU seconds all cores spent running processes (or stolen) since boot."""
-    t = psutil.cpu_times()
-    fields = ("user", "nice", "system", "steal")
-    return float(sum(getattr(t, name, 0.0) for name in fields))
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,10 +204,7 @@ async def run_echo(
         for client in clients:
             client.send_next()
         await asyncio.sleep(warmup_s)
-        gc.collect()
-        gc.disable()
-        try:
-            meter = UsageMeter(server_cpu)
+        with measuring(server_cpu) as meter:
             state.measuring = True
             start = time.perf_counter()
             await asyncio.sleep(duration_s)
@@ -344,8 +212,6 @@ async def run_echo(
             window = time.perf_counter() - start
             usage = meter.stop()
             state.stopping = True
-        finally:
-            gc.enable()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await state.all_done.wait()
@@ -448,8 +314,3 @@ async def run_idle(
         await stop_server()
         await close_all(clients)
     return MemoryResult(before, points)
-
-
-def median(values: Sequence[float]) -> float:
-    """Return the median of a non-empty sequence."""
-    return float(statistics.median(values))

@@ -24,7 +24,6 @@ publish reply acknowledged, and those must be exactly the offsets that follow th
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -46,15 +45,9 @@ from channel import (
     publish_request,
 )
 from chat import TAG_MEASURED, TAG_WARM, WARMUP_TIMEOUT_S, WARMUP_TRIES, make_payload
-from loadgen import (
-    Client,
-    CpuProbe,
-    UsageMeter,
-    close_all,
-    connect_many,
-    percentile_ms,
-    wait_until,
-)
+from clients import Client, close_all, connect_many
+from cpu import CpuProbe, measuring
+from roomcast.tools.loadgen import percentile_ms, wait_until
 
 perf_counter = time.perf_counter
 TEXT = WSMsgType.TEXT
@@ -338,24 +331,14 @@ async def run_cluster(
             for first, share in zip(starts, shares, strict=True)
         ]
         expected = cfg.messages * members
-        gc.collect()
-        gc.disable()
-        try:
-            meter = UsageMeter(server_cpu)
+        with measuring(server_cpu) as meter:
             broker0 = broker_cpu() if broker_cpu else 0.0
             for publisher, reqs in zip(publishers, requests, strict=True):
                 publisher.start(reqs, cfg.window)
-            outcome = await wait_until(
-                lambda: state.measured >= expected,
-                cfg.drain_timeout_s,
-                cfg.idle_timeout_s,
-                state.progress,
-            )
+            outcome = await state.drain(expected, cfg.drain_timeout_s, cfg.idle_timeout_s)
             usage = meter.stop()
             broker_s = (broker_cpu() - broker0) if broker_cpu else 0.0
-            delivered, counts, lasts = state.measured, list(state.count), list(state.last)
-        finally:
-            gc.enable()
+            burst = state.burst(expected, outcome, usage)
         # Replies may trail the deliveries: wait for them (bounded) to check every offset.
         await wait_until(
             lambda: all(p.replies >= len(r) for p, r in zip(publishers, requests, strict=True)),
@@ -374,28 +357,20 @@ async def run_cluster(
         acks += publisher.offsets[: len(reqs)]
         replies += publisher.replies
         errors += publisher.errors
-    span = max(lasts, default=0.0) - min(sent)
-    complete = [lasts[i] - sent[i] for i in range(cfg.messages) if counts[i] >= members]
     each = [
         t - sent[i] for sub in subscribers for i, t in enumerate(sub.got) if t
     ]  # publish → receipt, every delivery
     frame = publication_bytes(cfg.channel, base + 1, state.data[0], info_bytes(owners[0]))
     return ClusterResult(
+        **burst.figures(sent, min(sent), members),
         nodes=len(set(urls)),
         slots=len(urls),
         per_node=cfg.per_node,
         messages=cfg.messages,
         shares=shares,
         window=cfg.window,
-        expected=expected,
-        delivered=delivered,
-        dps=delivered / span if delivered and span > 0 else 0.0,
-        p50_ms=percentile_ms(complete, 50),
-        p99_ms=percentile_ms(complete, 99),
         d50_ms=percentile_ms(each, 50),
         d99_ms=percentile_ms(each, 99),
-        complete_messages=len(complete),
-        outcome=outcome,
         duplicates=state.duplicates,
         out_of_order=state.out_of_order,
         offset_errors=state.inconsistent + _ack_errors(acks, state.seq_offset, base),
@@ -407,7 +382,6 @@ async def run_cluster(
         slow_hits=state.slow_hits,
         frame_bytes=len(frame),
         connect_s=connect_s,
-        usage=usage,
         broker=broker_s / usage.wall_s if usage.wall_s else 0.0,
         close_codes=closed,
     )

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gc
 import hashlib
 import struct
 import time
 from dataclasses import dataclass, field
 from typing import Final
 
-from loadgen import CpuProbe, Usage, UsageMeter, percentile, wait_until
+from cpu import CpuProbe, Usage, measuring
+from roomcast.tools.loadgen import percentile, wait_until
 from staller import parse_frame
 
 perf_counter = time.perf_counter
@@ -244,19 +244,16 @@ async def run_connect(
     workers = [asyncio.create_task(_worker(host, port, path, state)) for _ in range(clients)]
     try:
         await asyncio.sleep(warmup_s)
-        gc.collect()
-        gc.disable()
-        try:
-            meter = UsageMeter(server_cpu)
-            state.measuring = True
-            start = perf_counter()
-            await wait_until(lambda: state.started >= limit, duration_s)
-            state.measuring = False
-            window = perf_counter() - start
-            usage = meter.stop()
-        finally:
-            state.stopping = True
-            gc.enable()
+        with measuring(server_cpu) as meter:
+            try:
+                state.measuring = True
+                start = perf_counter()
+                await wait_until(lambda: state.started >= limit, duration_s)
+                state.measuring = False
+                window = perf_counter() - start
+                usage = meter.stop()
+            finally:
+                state.stopping = True
         await asyncio.wait(workers, timeout=CYCLE_TIMEOUT_S)
     finally:
         for task in workers:

@@ -17,7 +17,6 @@ publication is known once they are published, so one dict lookup identifies and 
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -37,17 +36,9 @@ from channel import (
     subscribe_request,
 )
 from chat import TAG_MEASURED, TAG_WARM, make_payload
-from loadgen import (
-    Client,
-    CpuProbe,
-    Usage,
-    UsageMeter,
-    close_all,
-    connect_many,
-    percentile_ms,
-    wait_closed,
-    wait_until,
-)
+from clients import Client, close_all, connect_many, wait_closed
+from cpu import CpuProbe, Usage, measuring
+from roomcast.tools.loadgen import percentile_ms, wait_until
 
 perf_counter = time.perf_counter
 TEXT = WSMsgType.TEXT
@@ -359,10 +350,7 @@ async def run_recovery(
             for i, d in enumerate(data)
         )
 
-        gc.collect()
-        gc.disable()
-        try:
-            meter = UsageMeter(server_cpu)
+        with measuring(server_cpu) as meter:
             state.start = perf_counter()
             pending = iter(kept)
 
@@ -379,8 +367,6 @@ async def run_recovery(
                 state.progress,
             )
             usage = meter.stop()
-        finally:
-            gc.enable()
     finally:
         await stop_server()
         await close_all([*first, *second, *([publisher] if publisher else [])])

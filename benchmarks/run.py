@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import resource
 import subprocess
 import sys
 import time
@@ -22,8 +21,10 @@ from pathlib import Path
 from benchconfig import CLUSTER_KINDS, SCENARIOS, WS_ROLES, Config
 from channel import ChannelConfig, ChannelResult, matched_chat_size, run_channel
 from chat import PREFIX, ChatConfig, ChatResult, run_chat, run_cut_check
+from clients import EchoResult, run_echo, run_idle
 from cluster import ClusterConfig, ClusterResult, run_cluster
 from connect import ConnectResult, run_connect
+from cpu import Usage, background_load
 from deflate import run_deflate
 from describe import (
     cluster_section_text,
@@ -32,7 +33,6 @@ from describe import (
     scenario_text,
     ws_section_text,
 )
-from loadgen import EchoResult, Usage, background_load, run_echo, run_idle
 from recovery import RecoveryConfig, RecoveryResult, run_recovery
 from report import (
     ROLES,
@@ -44,6 +44,7 @@ from report import (
     print_console,
     render_markdown,
 )
+from roomcast.tools.loadgen import raise_file_limit
 from servers import (
     HOST,
     REPO_DIR,
@@ -251,11 +252,7 @@ def per_delivery_us(usage: Usage, delivered: int) -> tuple[float | None, float |
 
 def raise_fd_limit(needed: int) -> int:
     """Raise RLIMIT_NOFILE's soft limit (inherited by the servers); return the new limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    limit = max(soft, target)
+    limit = raise_file_limit(needed)
     if limit < needed:
         print(
             f"warning: only {limit} file descriptors allowed, {needed} wanted; raise the hard "

@@ -1,9 +1,10 @@
 """``GET /asyncapi.json``: valid AsyncAPI 3.0, complete, and true to what the server sends.
 
-The document is fetched from a real server and validated against the official AsyncAPI 3.0.0
-JSON Schema, vendored in tests/data/asyncapi/ (see the README there). Completeness is checked
-against the code: every WebSocket route of the app, every op, error code, close code and push
-type. Real frames from the server are then validated against the payload schemas.
+The document is fetched from a real server (in-process, on both WebSocket implementations) and
+validated against the official AsyncAPI 3.0.0 JSON Schema, vendored in tests/data/asyncapi/
+(see the README there). Completeness is checked against the code: every WebSocket route of the
+app, every op, error code, close code and push type. Real frames from the server are then
+validated against the payload schemas.
 """
 
 from __future__ import annotations
@@ -17,14 +18,20 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+import pytest_asyncio
 from starlette.routing import WebSocketRoute
 
-from helpers import GOOD_TOKEN, TIMEOUT, RoomcastServer, recv, ws_connect
+from helpers import GOOD_TOKEN, TIMEOUT, recv, ws_connect
 from roomcast import CloseCode, Settings, create_app
-from roomcast.asyncapi import ERROR_CODES, PUSHES, REQUESTS, RESULTS, asyncapi_document
-from roomcast.protocol import OPS, ErrorCode
+from roomcast.asyncapi import asyncapi_document
+from roomcast.asyncapi_messages import ERROR_CODES, PUSHES, REQUESTS, RESULTS
+from roomcast.codecs.roomcast_json import OPS, ErrorCode
+from servers import AppServer
 
 SCHEMA_PATH = Path(__file__).parent / "data" / "asyncapi" / "asyncapi-3.0.0.schema.json"
+#: The module's server serves in the module's event loop (tests/servers.py): the tests that talk
+#: to it run there. Only coroutines take the mark; the others read the fetched document.
+in_server_loop = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +42,10 @@ def validator() -> jsonschema.Draft7Validator:
     return jsonschema.Draft7Validator(schema)
 
 
-@pytest.fixture(scope="module")
-def document(server: RoomcastServer) -> dict[str, Any]:
-    resp = httpx.get(f"{server.http_url}/asyncapi.json", timeout=TIMEOUT)
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def document(server: AppServer) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        resp = await http.get(f"{server.http_url}/asyncapi.json")
     assert resp.status_code == 200
     assert resp.headers["content-type"] == "application/json"
     doc: dict[str, Any] = resp.json()
@@ -230,8 +238,10 @@ def test_settings_and_version_come_from_the_server(document: dict[str, Any]) -> 
     assert query["properties"]["count"]["maximum"] == 5
 
 
-def test_linked_from_the_openapi_docs(server: RoomcastServer) -> None:
-    openapi = httpx.get(f"{server.http_url}/openapi.json", timeout=TIMEOUT).json()
+@in_server_loop
+async def test_linked_from_the_openapi_docs(server: AppServer) -> None:
+    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        openapi = (await http.get(f"{server.http_url}/openapi.json")).json()
     assert "(/asyncapi.json)" in openapi["info"]["description"]
     assert "/asyncapi.json" in openapi["paths"]
 
@@ -246,8 +256,9 @@ def payload_validator(document: dict[str, Any], message: str) -> jsonschema.Draf
     return jsonschema.Draft7Validator({**payload, "components": document["components"]})
 
 
+@in_server_loop
 async def test_real_frames_match_the_payload_schemas(
-    server: RoomcastServer, document: dict[str, Any]
+    server: AppServer, document: dict[str, Any]
 ) -> None:
     def check(message: str, frame: str | bytes) -> dict[str, Any]:
         value: dict[str, Any] = json.loads(frame)
@@ -285,8 +296,9 @@ async def test_real_frames_match_the_payload_schemas(
         assert check("errorReply", await recv(ws))["id"] is None
 
 
+@in_server_loop
 async def test_guide_endpoints_match_their_text_patterns(
-    server: RoomcastServer, document: dict[str, Any]
+    server: AppServer, document: dict[str, Any]
 ) -> None:
     messages = document["channels"]["ws_echo"]["messages"]
     async with ws_connect(server, "/ws/echo") as ws:

@@ -2,6 +2,11 @@
 
 Every flag has an environment variable (``ROOMCAST_<NAME>``); a flag given on the command line
 wins over the environment, which wins over the default.
+
+The commands for people (``connect``, ``publish``, ``presence``, ``history``, ``bench``;
+docs/cli.md) are declared here and run in :mod:`roomcast.tools`, which each command imports when
+it runs: ``roomcast serve`` never loads the client, httpx, Rich or the load generator
+(tests/test_imports.py).
 """
 
 from __future__ import annotations
@@ -10,16 +15,18 @@ import asyncio
 import math
 import signal
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
 
-from roomcast.cli_tools import register as register_tools
 from roomcast.errors import ConfigurationError
 from roomcast.settings import LogFormat, LogLevel, Settings, WsImplementation
 
-__all__ = ["cli", "main"]
+if TYPE_CHECKING:
+    import uvicorn
+
+__all__ = ["cli", "main", "run", "uvicorn_config"]
 
 cli = typer.Typer(
     name="roomcast",
@@ -144,31 +151,7 @@ def run(settings: Settings) -> None:
     if settings.workers > 1:
         _run_workers(settings)
         return
-
-    from roomcast.factory import create_app
-    from roomcast.logs import logging_config
-    from roomcast.transport import protocol_class
-    from roomcast.transport.http import http_protocol_class
-
-    ws: str | type[asyncio.Protocol] = settings.ws
-    if settings.ws == "roomcast":
-        ws = protocol_class(close_timeout=settings.close_timeout)
-    config = uvicorn.Config(
-        create_app(settings, announce=True),
-        host=settings.host,
-        port=settings.port,
-        http=http_protocol_class(settings.handshake_timeout),
-        ws=ws,
-        ws_max_size=settings.max_message_size,
-        ws_ping_interval=settings.ping_interval or None,
-        ws_ping_timeout=settings.ping_timeout,
-        # uvicorn takes whole seconds here.
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
-        log_level=settings.log_level,
-        log_config=logging_config(settings.log_level, settings.log_format),
-        access_log=settings.access_log,
-        server_header=False,
-    )
+    config = uvicorn_config(settings)
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it has shut down, to let the previous
     # handler run; with Python's defaults that turns a clean drain into "killed by SIGTERM"
@@ -178,6 +161,46 @@ def run(settings: Settings) -> None:
     server.run()
     if not server.started:
         sys.exit(1)
+
+
+def uvicorn_config(settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """``roomcast serve``'s uvicorn configuration for ``settings``, in one process.
+
+    ``overrides`` replace uvicorn.Config arguments: ``app`` (by default
+    ``create_app(settings, announce=True)``), ``port``, ``log_config``...
+    """
+    import uvicorn
+
+    from roomcast.factory import create_app
+    from roomcast.logs import logging_config
+    from roomcast.transport import protocol_class
+    from roomcast.transport.http import http_protocol_class
+
+    ws: str | type[asyncio.Protocol] = settings.ws
+    if settings.ws == "roomcast":
+        ws = protocol_class(close_timeout=settings.close_timeout)
+    options = _uvicorn_options(settings, logging_config(settings.log_level, settings.log_format))
+    options.update(http=http_protocol_class(settings.handshake_timeout), ws=ws)
+    options.update(overrides)
+    app = options.pop("app") if "app" in options else create_app(settings, announce=True)
+    return uvicorn.Config(app, **options)
+
+
+def _uvicorn_options(settings: Settings, log_config: dict[str, Any]) -> dict[str, Any]:
+    """The uvicorn options of one worker and of several alike (all but the protocols)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "ws_max_size": settings.max_message_size,
+        "ws_ping_interval": settings.ping_interval or None,
+        "ws_ping_timeout": settings.ping_timeout,
+        # uvicorn takes whole seconds here.
+        "timeout_graceful_shutdown": math.ceil(settings.drain_timeout),
+        "log_level": settings.log_level,
+        "log_config": log_config,
+        "access_log": settings.access_log,
+        "server_header": False,
+    }
 
 
 def _run_workers(settings: Settings) -> None:
@@ -206,19 +229,10 @@ def _run_workers(settings: Settings) -> None:
     )
     uvicorn.run(
         "roomcast.app:app",
-        host=settings.host,
-        port=settings.port,
         workers=settings.workers,
         http="roomcast.workers:HttpProtocol",
         ws="roomcast.workers:WebSocketProtocol" if settings.ws == "roomcast" else settings.ws,
-        ws_max_size=settings.max_message_size,
-        ws_ping_interval=settings.ping_interval or None,
-        ws_ping_timeout=settings.ping_timeout,
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
-        log_level=settings.log_level,
-        log_config=log_config,
-        access_log=settings.access_log,
-        server_header=False,
+        **_uvicorn_options(settings, log_config),
     )
 
 
@@ -226,8 +240,200 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     sys.exit(0)
 
 
-# connect, publish, presence, history, bench (docs/cli.md).
-register_tools(cli)
+# -- connect (roomcast.tools.connect) -------------------------------------------------------
+
+
+@cli.command("connect")
+def connect_command(
+    url: Annotated[str, typer.Argument(help="WebSocket URL, e.g. ws://127.0.0.1:8000/ws/echo.")],
+    token: Annotated[
+        str | None,
+        typer.Option(help="Sent as 'Authorization: Bearer TOKEN'.", envvar="ROOMCAST_TOKEN"),
+    ] = None,
+    subprotocol: Annotated[
+        list[str] | None, typer.Option(metavar="NAME", help="Offer this subprotocol (repeatable).")
+    ] = None,
+    binary: Annotated[bool, typer.Option("--binary", help="Send each line as bytes.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Lines must be JSON (sent compact); show received JSON pretty-printed."
+        ),
+    ] = False,
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            help="At end of input, listen this many seconds before closing "
+            "(default: at once on a terminal; from a pipe, until 0.5 s pass with nothing new).",
+            show_default=False,
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds for the opening and the closing handshakes.")
+    ] = 10.0,
+) -> None:
+    """Talk to a WebSocket endpoint: each line of stdin is a frame; '<' marks what arrives."""
+    from roomcast.tools import connect
+
+    connect.run(connect.Options(url, token, subprotocol or [], binary, as_json, wait, timeout))
+
+
+# -- the HTTP API (roomcast.tools.api) ---------------------------------------------------------
+
+ChannelArgument = Annotated[str, typer.Argument(help="Channel, e.g. chat:lobby.")]
+UrlOption = Annotated[
+    str, typer.Option("--url", help="The server's HTTP address.", show_default=True)
+]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(help="The server's ROOMCAST_API_KEY.", envvar="ROOMCAST_API_KEY"),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")]
+TimeoutOption = Annotated[float, typer.Option(help="Seconds to wait for the answer.")]
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+
+
+@cli.command("publish")
+def publish_command(
+    channel: ChannelArgument,
+    data: Annotated[
+        str, typer.Argument(help="JSON data; text that is not JSON is sent as a JSON string.")
+    ],
+    url: UrlOption = DEFAULT_API_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Publish DATA to CHANNEL through the HTTP API (POST /api/publish)."""
+    from roomcast.tools import api
+
+    api.publish(api.Api(url, api_key, timeout), channel, data, as_json)
+
+
+@cli.command("presence")
+def presence_command(
+    channel: ChannelArgument,
+    url: UrlOption = DEFAULT_API_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Who is subscribed to CHANNEL (GET /api/presence/CHANNEL)."""
+    from roomcast.tools import api
+
+    api.presence(api.Api(url, api_key, timeout), channel, as_json)
+
+
+@cli.command("history")
+def history_command(
+    channel: ChannelArgument,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Most publications shown.")] = 100,
+    since: Annotated[
+        int | None, typer.Option(min=0, help="Only offsets > SINCE (oldest first).")
+    ] = None,
+    before: Annotated[
+        int | None, typer.Option(min=0, help="Only offsets < BEFORE (the newest of them).")
+    ] = None,
+    url: UrlOption = DEFAULT_API_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 10.0,
+) -> None:
+    """Stored publications of CHANNEL (GET /api/history/CHANNEL)."""
+    from roomcast.tools import api
+
+    api.history(api.Api(url, api_key, timeout), channel, limit, since, before, as_json)
+
+
+# -- bench (roomcast.tools.bench) --------------------------------------------------------------
+
+bench_cli = typer.Typer(
+    name="bench",
+    help="Load generators for your own server: echo round trips, /ws fan-out.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+cli.add_typer(bench_cli, name="bench")
+
+TokenOption = Annotated[
+    str | None,
+    typer.Option(help="Sent as 'Authorization: Bearer TOKEN'.", envvar="ROOMCAST_TOKEN"),
+]
+HistogramOption = Annotated[
+    str | None,
+    typer.Option(help="Write a latency histogram to this PNG file (needs matplotlib)."),
+]
+BenchJsonOption = Annotated[
+    bool, typer.Option("--json", help="Print the results as JSON instead of a table.")
+]
+BenchTimeoutOption = Annotated[
+    float,
+    typer.Option(help="Seconds any single wait (handshake, reply, delivery) may take."),
+]
+
+
+@bench_cli.command("echo")
+def bench_echo_command(
+    url: Annotated[str, typer.Argument(help="Echo endpoint, e.g. ws://127.0.0.1:8000/ws/echo.")],
+    connections: Annotated[int, typer.Option(min=1, help="Concurrent connections.")] = 64,
+    duration: Annotated[float, typer.Option(min=0.1, help="Seconds of load.")] = 5.0,
+    size: Annotated[int, typer.Option(min=1, help="Bytes per message.")] = 64,
+    rate: Annotated[
+        float, typer.Option(min=0, help="Messages per second per connection; 0 = unlimited.")
+    ] = 0.0,
+    token: TokenOption = None,
+    timeout: BenchTimeoutOption = 10.0,
+    histogram: HistogramOption = None,
+    as_json: BenchJsonOption = False,
+) -> None:
+    """Round trips: every connection sends a message and waits for the answer, in a loop."""
+    from roomcast.tools import bench
+
+    scenario = bench.EchoBench(
+        url=url,
+        connections=connections,
+        duration=duration,
+        size=size,
+        rate=rate,
+        token=token,
+        timeout=timeout,
+    )
+    bench.run(scenario, histogram, as_json)
+
+
+@bench_cli.command("fanout")
+def bench_fanout_command(
+    url: Annotated[str, typer.Argument(help="The /ws endpoint, e.g. ws://127.0.0.1:8000/ws.")],
+    subscribers: Annotated[int, typer.Option(min=1, help="Subscribers on the channel.")] = 200,
+    messages: Annotated[int, typer.Option(min=1, help="Publications to send.")] = 100,
+    channel: Annotated[str | None, typer.Option(help="Channel (default: bench:<random>).")] = None,
+    window: Annotated[
+        int, typer.Option(min=1, help="Most publish requests left unanswered at once.")
+    ] = 64,
+    rate: Annotated[
+        float, typer.Option(min=0, help="Publications per second; 0 = as fast as possible.")
+    ] = 0.0,
+    token: TokenOption = None,
+    timeout: BenchTimeoutOption = 10.0,
+    histogram: HistogramOption = None,
+    as_json: BenchJsonOption = False,
+) -> None:
+    """Fan-out over /ws: SUBSCRIBERS on one channel, one publisher, latency publish→receipt."""
+    from roomcast.tools import bench
+
+    scenario = bench.FanoutBench(
+        url=url,
+        subscribers=subscribers,
+        messages=messages,
+        channel=channel,
+        window=window,
+        rate=rate,
+        token=token,
+        timeout=timeout,
+    )
+    bench.run(scenario, histogram, as_json)
 
 
 def main() -> None:

@@ -12,46 +12,37 @@ Two scenarios (docs/cli.md):
 Both run in one process, so the latency of a publication is measured with one clock: the
 publisher puts ``time.perf_counter()`` into the publication's ``data``. Every wait is bounded by
 ``timeout``. benchmarks/ (picows, uvloop, a machine description, comparisons with other servers)
-is the project's own, heavier, measurement; this module needs nothing but roomcast's
-dependencies.
+is the project's own, heavier, measurement; it shares :mod:`roomcast.tools.loadgen` with this
+module, which needs nothing but roomcast's dependencies.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib
 import json
 import math
 import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
+from roomcast.tools.console import EXIT_FAILED, EXIT_INTERRUPTED, fail, print_json, stderr, stdout
+from roomcast.tools.loadgen import OpenFailed, open_all, raise_file_limit, wait_until
+from roomcast.tools.results import BenchResult, latency_metrics, results_table, write_histogram
 
-__all__ = [
-    "BenchError",
-    "BenchResult",
-    "EchoBench",
-    "FanoutBench",
-    "results_table",
-    "with_progress",
-    "write_histogram",
-]
+__all__ = ["Bench", "BenchError", "EchoBench", "FanoutBench", "run", "with_progress"]
 
 perf_counter = time.perf_counter
-#: Handshakes in flight at once while connecting (a burst of thousands would overflow the
-#: server's accept backlog and look like a failure of the server).
+#: Handshakes in flight at once while connecting.
 CONNECT_CONCURRENCY = 64
 #: How often progress bars and "is it done yet" checks run.
 POLL_S = 0.05
@@ -62,130 +53,48 @@ class BenchError(Exception):
 
 
 class Bench(Protocol):
-    async def run(self, progress: Progress) -> BenchResult: ...
+    """A scenario: it runs once, showing its steps on ``progress``."""
+
+    async def run(self, progress: Progress) -> BenchResult:
+        """Connect, load the server, measure, close; raise :class:`BenchError` if it cannot."""
+        ...
 
 
-# -- results ---------------------------------------------------------------------------------
-
-#: Every metric a result may have: key (as in --json) → label (as in the table) and format.
-_METRICS: dict[str, tuple[str, Callable[[Any], str]]] = {
-    "url": ("url", str),
-    "channel": ("channel", str),
-    "connections": ("connections", str),
-    "subscribers": ("subscribers", str),
-    "publications": ("publications", str),
-    "duration_s": ("duration", lambda v: f"{v:.1f} s"),
-    "deliveries": ("deliveries", lambda v: f"{v:,}"),
-    "expected": ("expected", lambda v: f"{v:,}"),
-    "deliveries_per_s": ("deliveries/s", lambda v: f"{v:,.0f}"),
-    "latency_p50_ms": ("latency p50", lambda v: _ms(v)),
-    "latency_p90_ms": ("latency p90", lambda v: _ms(v)),
-    "latency_p99_ms": ("latency p99", lambda v: _ms(v)),
-    "latency_max_ms": ("latency max", lambda v: _ms(v)),
-    "lost": ("lost", str),
-    "duplicates": ("duplicates", str),
-    "out_of_order": ("out of order", str),
-    "closed_early": ("closed early", lambda v: _closes(v)),
-    "elapsed_s": ("elapsed", lambda v: f"{v:.2f} s"),
-}
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f} ms"
-
-
-def _closes(closed: dict[str, int]) -> str:
-    if not closed:
-        return "none"
-    return ", ".join(f"{count} with {code}" for code, count in sorted(closed.items()))
-
-
-@dataclass
-class BenchResult:
-    """What a run measured: ``metrics`` (keys of ``_METRICS``) and every latency, in seconds."""
-
-    kind: str
-    metrics: dict[str, Any]
-    latencies: list[float] = field(repr=False)
-
-    @property
-    def ok(self) -> bool:
-        """Nothing lost, duplicated, reordered, and no connection closed by the server."""
-        m = self.metrics
-        return not (
-            m.get("lost") or m.get("duplicates") or m.get("out_of_order") or m.get("closed_early")
-        )
-
-    def summary(self) -> dict[str, Any]:
-        return {"scenario": self.kind, **self.metrics, "ok": self.ok}
-
-
-def percentile_ms(values: Sequence[float], pct: float) -> float | None:
-    """The ``pct`` percentile (nearest rank) of ``values`` (seconds, sorted), in milliseconds."""
-    if not values:
-        return None
-    rank = max(1, math.ceil(pct / 100 * len(values)))
-    return values[rank - 1] * 1000
-
-
-def _latency_metrics(latencies: list[float]) -> dict[str, float | None]:
-    ordered = sorted(latencies)
-    return {
-        "latency_p50_ms": percentile_ms(ordered, 50),
-        "latency_p90_ms": percentile_ms(ordered, 90),
-        "latency_p99_ms": percentile_ms(ordered, 99),
-        "latency_max_ms": percentile_ms(ordered, 100),
-    }
-
-
-def results_table(result: BenchResult) -> Table:
-    """A Rich table of ``result``: one metric per row."""
-    from rich.table import Table
-
-    verdict = "ok" if result.ok else "PROBLEMS: see lost / duplicates / closed early"
-    table = Table(title=f"roomcast bench {result.kind}", caption=verdict)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in result.metrics.items():
-        label, fmt = _METRICS[key]
-        bad = key in ("lost", "duplicates", "out_of_order", "closed_early") and bool(value)
-        table.add_row(label, fmt(value), style="bold red" if bad else None)
-    return table
-
-
-def write_histogram(result: BenchResult, path: str) -> str | None:
-    """Write a latency histogram of ``result`` to ``path``; return a problem, or None."""
-    if not result.latencies:
-        return "no latency was measured: no histogram written"
+def run(bench: Bench, histogram: str | None, as_json: bool) -> None:
+    """Run ``bench`` for a ``roomcast bench`` command: print the results, exit 1 on problems."""
+    err = stderr()
     try:
-        matplotlib = importlib.import_module("matplotlib")
-    except ImportError:
-        return (
-            f"matplotlib is not installed (pip install matplotlib): no histogram written to {path}"
-        )
-    matplotlib.use("Agg")
-    plt = importlib.import_module("matplotlib.pyplot")
-    values = [latency * 1000 for latency in result.latencies]
-    p50 = result.metrics.get("latency_p50_ms")
-    p99 = result.metrics.get("latency_p99_ms")
-    figure, axes = plt.subplots(figsize=(8, 4.5))
-    try:
-        axes.hist(values, bins=60, color="#4c72b0")
-        for value, name, style in ((p50, "p50", "--"), (p99, "p99", ":")):
-            if value is not None:
-                axes.axvline(value, color="black", linestyle=style, label=f"{name} {value:.2f} ms")
-        axes.set_xlabel("latency (ms)")
-        axes.set_ylabel("messages")
-        what = "publish to receipt" if result.kind == "fanout" else "round trip"
-        axes.set_title(f"roomcast bench {result.kind}: {what}, {len(values):,} messages")
-        axes.legend()
-        figure.tight_layout()
-        figure.savefig(path, dpi=120)
-    except OSError as error:
-        return f"cannot write {path}: {error}"
-    finally:
-        plt.close(figure)
-    return None
+        result = asyncio.run(with_progress(bench, err))
+    except KeyboardInterrupt:
+        err.print("interrupted", style="dim")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BenchError as error:
+        fail(str(error))
+    if as_json:
+        print_json(result.summary())
+    else:
+        stdout().print(results_table(result))
+    if histogram:
+        problem = write_histogram(result, histogram)
+        if problem:
+            err.print(f"roomcast: {problem}", style="yellow", markup=False)
+        else:
+            err.print(f"latency histogram written to {histogram}", style="dim", markup=False)
+    if not result.ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
+async def with_progress(bench: Bench, console: Console) -> BenchResult:
+    """Run ``bench`` with a Rich progress display on ``console`` (erased at the end)."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
+    live = console.is_terminal
+    with Progress(*columns, console=console, transient=True, disable=not live) as progress:
+        return await bench.run(progress)
 
 
 # -- connections -----------------------------------------------------------------------------
@@ -206,54 +115,38 @@ def _describe(error: BaseException, timeout: float) -> str:
     return str(error) or type(error).__name__
 
 
-def _raise_file_limit(wanted: int) -> None:
-    """Allow ``wanted`` open sockets if the hard limit lets us (best effort)."""
-    try:
-        import resource
-    except ImportError:  # not on this platform
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        with contextlib.suppress(OSError, ValueError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
 async def _open_many(
     url: str, count: int, token: str | None, wait_s: float, progress: Progress, label: str
 ) -> list[ClientConnection]:
     """Open ``count`` connections or none: on any failure close the others and raise."""
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
     task = progress.add_task(label, total=count)
 
     async def one() -> ClientConnection:
-        async with limit:
-            ws = await connect(
-                url,
-                additional_headers=headers,
-                open_timeout=wait_s,
-                close_timeout=wait_s,
-                ping_interval=None,  # a busy client must not be cut for a late pong
-                max_size=16 << 20,
-            )
+        ws = await connect(
+            url,
+            additional_headers=headers,
+            open_timeout=wait_s,
+            close_timeout=wait_s,
+            ping_interval=None,  # a busy client must not be cut for a late pong
+            max_size=16 << 20,
+        )
         progress.advance(task)
         return ws
 
-    _raise_file_limit(count + 64)
-    results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
-    progress.remove_task(task)
-    opened = [r for r in results if isinstance(r, ClientConnection)]
-    failed = [r for r in results if isinstance(r, BaseException)]
-    if failed:
+    async def close(opened: list[ClientConnection]) -> None:
         await _close_all(opened, wait_s)
-        for error in failed:
-            if not isinstance(error, Exception):  # CancelledError, KeyboardInterrupt
-                raise error
+
+    raise_file_limit(count + 64)
+    try:
+        return await open_all(one, count, concurrency=CONNECT_CONCURRENCY, close=close)
+    except OpenFailed as error:
+        first = _describe(error.failures[0], wait_s)
         raise BenchError(
-            f"{len(failed)} of {count} connections to {url} failed: {_describe(failed[0], wait_s)}"
-        )
-    return opened
+            f"{len(error.failures)} of {count} connections to {url} failed: {first}"
+        ) from None
+    finally:
+        progress.remove_task(task)
 
 
 async def _close_all(connections: Sequence[ClientConnection], wait_s: float) -> None:
@@ -286,6 +179,8 @@ async def _ticker(interval: float, tick: Callable[[], None]) -> None:
 
 @dataclass
 class EchoBench:
+    """Round trips: ``connections`` loops of send, wait for the answer, for ``duration`` s."""
+
     url: str
     connections: int = 64
     duration: float = 5.0
@@ -295,6 +190,7 @@ class EchoBench:
     timeout: float = 10.0
 
     async def run(self, progress: Progress) -> BenchResult:
+        """Connect, run the loops for ``duration`` seconds, close."""
         url = _with_default_path(self.url, "/ws/echo")
         conns = await _open_many(
             url, self.connections, self.token, self.timeout, progress, "connecting"
@@ -355,7 +251,7 @@ class EchoBench:
             "duration_s": self.duration,
             "deliveries": received,
             "deliveries_per_s": received / elapsed if elapsed > 0 else 0.0,
-            **_latency_metrics(latencies),
+            **latency_metrics(latencies),
             "lost": sent - received,
             "closed_early": dict(closed),
             "elapsed_s": elapsed,
@@ -368,6 +264,8 @@ class EchoBench:
 
 @dataclass
 class FanoutBench:
+    """``subscribers`` on one channel, one publisher of ``messages`` publications."""
+
     url: str
     subscribers: int = 200
     messages: int = 100
@@ -395,13 +293,10 @@ class FanoutBench:
         except ValueError:
             raise BenchError(f"{self.url} does not speak the /ws protocol (not JSON)") from None
         if not frame.get("ok"):
-            error = frame.get("error") or {}
-            raise BenchError(
-                f"subscribe refused: {error.get('code')}: {error.get('message')}"
-                + _hint(error.get("code"))
-            )
+            raise BenchError(_refusal("subscribe", frame.get("error") or {}))
 
     async def run(self, progress: Progress) -> BenchResult:
+        """Connect and subscribe everyone, publish, wait for every delivery, close."""
         url = _with_default_path(self.url, "/ws")
         channel = self.channel or f"bench:{secrets.token_hex(4)}"
         subs = await _open_many(
@@ -496,7 +391,8 @@ class FanoutBench:
             except ConnectionClosed:
                 pass
 
-        tasks.extend(asyncio.create_task(subscriber(ws)) for ws in subs)
+        subscriber_tasks = [asyncio.create_task(subscriber(ws)) for ws in subs]
+        tasks.extend(subscriber_tasks)
         tasks.append(asyncio.create_task(replies()))
         delivering = progress.add_task("deliveries", total=expected)
         ticker = asyncio.create_task(
@@ -531,24 +427,20 @@ class FanoutBench:
             except ConnectionClosed:
                 raise BenchError(f"the server closed the publisher: {_close_code(pub)}") from None
             counts["sent"] += 1
-        await _until(lambda: refused or counts["acked"] >= counts["sent"], self.timeout)
+        await wait_until(
+            lambda: refused or counts["acked"] >= counts["sent"], self.timeout, poll_s=POLL_S
+        )
         if refused:
-            error = refused[0]
-            raise BenchError(
-                f"publish refused: {error.get('code')}: {error.get('message')}"
-                + _hint(error.get("code"))
-            )
-        # Wait for every delivery, as long as deliveries keep coming (or subscribers remain).
-        previous, idle_since = -1, perf_counter()
-        subscriber_tasks = tasks[: len(subs)]
-        while counts["deliveries"] < counts["sent"] * len(subs):
-            if all(task.done() for task in subscriber_tasks):
-                break
-            if counts["deliveries"] != previous:
-                previous, idle_since = counts["deliveries"], perf_counter()
-            elif perf_counter() - idle_since > self.timeout:
-                break
-            await asyncio.sleep(POLL_S)
+            raise BenchError(_refusal("publish", refused[0]))
+        # Wait for every delivery, as long as deliveries keep coming (and subscribers remain).
+        wanted = counts["sent"] * len(subs)
+        await wait_until(
+            lambda: counts["deliveries"] >= wanted or all(t.done() for t in subscriber_tasks),
+            math.inf,
+            idle=self.timeout,
+            progress=lambda: counts["deliveries"],
+            poll_s=POLL_S,
+        )
         finishing = True
         ticker.cancel()
         progress.update(delivering, completed=counts["deliveries"])
@@ -562,7 +454,7 @@ class FanoutBench:
             "deliveries": deliveries,
             "expected": expected,
             "deliveries_per_s": deliveries / elapsed if elapsed > 0 else 0.0,
-            **_latency_metrics(latencies),
+            **latency_metrics(latencies),
             "lost": expected - deliveries,
             "duplicates": counts["duplicates"],
             "out_of_order": counts["out_of_order"],
@@ -572,34 +464,12 @@ class FanoutBench:
         return BenchResult("fanout", metrics, latencies)
 
 
-def _hint(code: Any) -> str:
+def _refusal(op: str, error: dict[str, Any]) -> str:
+    """Why the server refused a request, with what to do about the common cases."""
+    code = error.get("code")
+    hint = ""
     if code == "forbidden":
-        return " (give a --token whose permissions cover the channel)"
-    if code == "rate_limited":
-        return " (the server's ROOMCAST_RATE_LIMIT: publish slower with --rate)"
-    return ""
-
-
-async def _until(predicate: Callable[[], Any], within: float) -> bool:
-    """Poll ``predicate`` until it is true (True) or ``within`` seconds pass (False)."""
-    deadline = perf_counter() + within
-    while not predicate():
-        if perf_counter() >= deadline:
-            return False
-        await asyncio.sleep(POLL_S)
-    return True
-
-
-async def with_progress(bench: Bench, console: Console) -> BenchResult:
-    """Run ``bench`` with a Rich progress display on ``console`` (erased at the end)."""
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-    )
-    live = console.is_terminal
-    with Progress(*columns, console=console, transient=True, disable=not live) as progress:
-        return await bench.run(progress)
+        hint = " (give a --token whose permissions cover the channel)"
+    elif code == "rate_limited":
+        hint = " (the server's ROOMCAST_RATE_LIMIT: publish slower with --rate)"
+    return f"{op} refused: {code}: {error.get('message')}{hint}"
