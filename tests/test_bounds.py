@@ -38,7 +38,7 @@ from helpers import (
     ws_connect,
 )
 from roomcast.closecodes import CloseCode
-from roomcast.protocol import HISTORY_PAGE_BYTES, history_result
+from roomcast.codecs.roomcast_json import HISTORY_PAGE_BYTES, history_result
 from roomcast.settings import Settings
 from roomcast.transport.frames import FIN, OP_CONT, OP_TEXT, WebSocketProtocolError
 from roomcast.transport.messages import FRAGMENT_COST, MessageAssembler

@@ -1,11 +1,14 @@
 """One contract for every broker (``memory://`` and ``redis://``), in-process.
 
 Each test runs against both backends through the :class:`~roomcast.brokers.Broker` protocol,
-with a recording :class:`~roomcast.brokers.Sink` standing in for the node. Where the backends
-differ by design it is said so: ``memory://`` is one process, so it hands its sink every
-publication of the process (the node filters by its own subscriptions), whereas a shared broker
-delivers only the channels a node subscribed to. Tests of what only a shared broker has (two
-nodes, losing and regaining Redis) run on ``redis://`` alone.
+with a recording :class:`~roomcast.brokers.Sink` standing in for the node. A broker carries
+:class:`~roomcast.brokers.Publication` objects (offset, data, info) whose bytes it never parses:
+every check compares them whole. Where the backends differ by design it is said so:
+``memory://`` is one process, so it hands its sink every publication of the process (the node
+filters by its own subscriptions), whereas a shared broker delivers only the channels a node
+subscribed to. Tests of what only a shared broker has (two nodes, losing and regaining Redis)
+run on ``redis://`` alone. A chat room is a channel published without history
+(``history=False``): offset 0, no epoch, nothing stored.
 
 Every test uses channel names of its own and, on Redis, a key prefix of its own.
 """
@@ -30,9 +33,10 @@ from redis_server import (
     redis_server_fixture,  # noqa: F401 (a fixture)
     unique_prefix,
 )
-from roomcast.brokers import Broker, BrokerUnavailable, MemoryBroker, Position
-from roomcast.brokers.redis import PRESENCE_BATCH, RedisBroker
-from roomcast.protocol import encode_info, event_frame, publication_frame
+from roomcast.brokers import Broker, BrokerUnavailable, MemoryBroker, Position, Publication
+from roomcast.brokers.redis import RedisBroker
+from roomcast.brokers.redis_scripts import PRESENCE_BATCH
+from roomcast.codecs.roomcast_json import encode_info
 
 BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
 REDIS_ONLY = [pytest.param("redis", marks=pytest.mark.redis)]
@@ -44,8 +48,9 @@ def channel(tag: str = "b") -> str:
     return f"{tag}:{uuid.uuid4().hex[:12]}"
 
 
-def data(i: int) -> bytes:
-    return orjson.dumps({"n": i, "text": f"publication {i}"})
+def data(ch: str, i: int) -> bytes:
+    """Publication ``i`` of ``ch``: it names its channel, so none passes for another's."""
+    return orjson.dumps({"channel": ch, "n": i, "text": f"publication {i}"})
 
 
 def entry(client: str, user: str | None = None) -> dict[str, Any]:
@@ -53,32 +58,34 @@ def entry(client: str, user: str | None = None) -> dict[str, Any]:
 
 
 class Recorder:
-    """A Sink that remembers everything it is given, plus the chat rooms and node commands."""
+    """A Sink that remembers everything it is given: publications, events, node commands."""
 
     def __init__(self) -> None:
-        self.publications: list[tuple[str, int, bytes]] = []
-        self.events: list[tuple[str, bytes, str]] = []
+        self.publications: list[tuple[str, str, Publication]] = []
+        self.events: list[tuple[str, str, str, bytes]] = []
         #: The epochs each channel's publications came in, in the order they changed.
         self.epochs: dict[str, list[str]] = {}
         self.reconnects = 0
-        self.rooms: list[tuple[str, str]] = []
         self.commands: list[tuple[str, str]] = []
 
-    def on_publication(self, channel: str, epoch: str, offset: int, frame: bytes) -> None:
-        self.publications.append((channel, offset, frame))
+    def on_publication(self, channel: str, epoch: str, publication: Publication) -> None:
+        self.publications.append((channel, epoch, publication))
         seen = self.epochs.setdefault(channel, [])
         if not seen or seen[-1] != epoch:
             seen.append(epoch)
 
-    def on_event(self, channel: str, frame: bytes, client: str) -> None:
-        self.events.append((channel, frame, client))
+    def on_event(self, channel: str, kind: str, client: str, info: bytes) -> None:
+        self.events.append((channel, kind, client, info))
+
+    def on_command(self, command: str, argument: str) -> None:
+        self.commands.append((command, argument))
 
     def on_reconnect(self) -> None:
         self.reconnects += 1
 
-    def of(self, ch: str) -> list[tuple[int, bytes]]:
-        """The publications of ``ch`` delivered so far: (offset, frame)."""
-        return [(offset, frame) for name, offset, frame in self.publications if name == ch]
+    def of(self, ch: str) -> list[Publication]:
+        """The publications of ``ch`` delivered so far, in order."""
+        return [publication for name, _, publication in self.publications if name == ch]
 
 
 @dataclass
@@ -98,8 +105,6 @@ MakeNode = Callable[..., Awaitable[Node]]
 
 async def start_node(broker: Broker) -> Node:
     node = Node(broker)
-    broker.on_room(lambda room, text: node.sink.rooms.append((room, text)))
-    broker.on_control(lambda command, argument: node.sink.commands.append((command, argument)))
     await broker.start(node.sink)
     # A networked broker connects in the background; it is ready once it says it is available.
     await async_wait_until(lambda: broker.available, 2 * TIMEOUT, "the broker to connect")
@@ -154,15 +159,12 @@ async def node(make: MakeNode) -> Node:
 
 
 async def publish(node: Node, ch: str, n: int, first: int = 0) -> list[Position]:
-    return [await node.broker.publish(ch, data(first + i), INFO) for i in range(n)]
+    return [await node.broker.publish(ch, data(ch, first + i), INFO) for i in range(n)]
 
 
-def frames(ch: str, offsets: range, first_data: int = 0) -> list[tuple[int, bytes]]:
-    """The (offset, frame) of publications ``data(first_data + k)`` at ``offsets``."""
-    return [
-        (offset, publication_frame(ch, offset, data(first_data + k), INFO))
-        for k, offset in enumerate(offsets)
-    ]
+def publications(ch: str, offsets: range, first_data: int = 0) -> list[Publication]:
+    """The publications ``data(ch, first_data + k)`` by ``INFO`` at ``offsets``."""
+    return [Publication(offset, data(ch, first_data + k), INFO) for k, offset in enumerate(offsets)]
 
 
 # -- offsets and positions -----------------------------------------------------------------------
@@ -178,7 +180,7 @@ async def test_offsets_grow_by_one_from_one(node: Node) -> None:
     assert await node.broker.position(ch) == Position(epoch, 5)
     # Every channel has a sequence of its own.
     assert [p.offset for p in await publish(node, other, 2)] == [1, 2]
-    assert (await node.broker.publish(ch, data(5), INFO)).offset == 6
+    assert (await node.broker.publish(ch, data(ch, 5), INFO)).offset == 6
 
 
 async def test_a_new_channel_is_at_offset_zero_in_a_lasting_epoch(node: Node) -> None:
@@ -190,7 +192,7 @@ async def test_a_new_channel_is_at_offset_zero_in_a_lasting_epoch(node: Node) ->
     page = await node.broker.history(ch, limit=10)
     assert (page.epoch, page.offset, page.start, page.publications) == (first.epoch, 0, 1, [])
     # The first publication continues the stream the position named.
-    assert await node.broker.publish(ch, data(0), INFO) == Position(first.epoch, 1)
+    assert await node.broker.publish(ch, data(ch, 0), INFO) == Position(first.epoch, 1)
     assert await node.broker.position(ch) == Position(first.epoch, 1)
     # Epochs name streams: another channel gets another one.
     assert (await node.broker.position(channel())).epoch != first.epoch
@@ -202,7 +204,7 @@ async def test_a_new_channel_is_at_offset_zero_in_a_lasting_epoch(node: Node) ->
 async def test_history_paging(node: Node) -> None:
     ch = channel()
     epoch = (await publish(node, ch, 25))[0].epoch
-    everything = frames(ch, range(1, 26))
+    everything = publications(ch, range(1, 26))
     history = node.broker.history
 
     full = await history(ch, limit=1000)
@@ -231,8 +233,8 @@ async def test_history_paging(node: Node) -> None:
         page = (await history(ch, since=since, limit=7)).publications
         if not page:
             break
-        forwards += [offset for offset, _ in page]
-        since = page[-1][0]
+        forwards += [p.offset for p in page]
+        since = page[-1].offset
     assert forwards == list(range(1, 26))
     backwards: list[int] = []
     before = None
@@ -240,8 +242,8 @@ async def test_history_paging(node: Node) -> None:
         page = (await history(ch, before=before, limit=7)).publications
         if not page:
             break
-        backwards = [offset for offset, _ in page] + backwards
-        before = page[0][0]
+        backwards = [p.offset for p in page] + backwards
+        before = page[0].offset
     assert backwards == list(range(1, 26))
 
 
@@ -251,12 +253,12 @@ async def test_history_keeps_the_latest_history_size(make: MakeNode) -> None:
     epoch = (await publish(node, ch, 25))[0].epoch
     page = await node.broker.history(ch, limit=1000)
     assert (page.epoch, page.offset, page.start) == (epoch, 25, 16)
-    assert page.publications == frames(ch, range(16, 26), first_data=15)
+    assert page.publications == publications(ch, range(16, 26), first_data=15)
     # `since` older than the start begins at the start.
     since = await node.broker.history(ch, since=3, limit=2)
-    assert since.publications == frames(ch, range(16, 18), first_data=15)
+    assert since.publications == publications(ch, range(16, 18), first_data=15)
     assert (await node.broker.history(ch, before=16, limit=10)).publications == []
-    assert (await node.broker.history(ch, before=20, limit=10)).publications == frames(
+    assert (await node.broker.history(ch, before=20, limit=10)).publications == publications(
         ch, range(16, 20), first_data=15
     )
 
@@ -275,7 +277,7 @@ async def test_history_expires_after_the_ttl(make: MakeNode) -> None:
     published_at = time.monotonic()
     epoch = (await publish(node, ch, 3))[0].epoch
     before = await node.broker.history(ch, limit=100)
-    assert before.publications == frames(ch, range(1, 4))
+    assert before.publications == publications(ch, range(1, 4))
 
     async def expired() -> Any:
         page = await node.broker.history(ch, limit=100)
@@ -286,7 +288,7 @@ async def test_history_expires_after_the_ttl(make: MakeNode) -> None:
     assert after.start == after.offset + 1
     # The same stream without its publications, or a new stream: both are documented.
     assert after.offset == (3 if after.epoch == epoch else 0)
-    position = await node.broker.publish(ch, data(9), INFO)
+    position = await node.broker.publish(ch, data(ch, 9), INFO)
     assert position == Position(after.epoch, after.offset + 1)
 
 
@@ -464,14 +466,14 @@ async def test_publications_and_events_of_subscribed_channels(node: Node) -> Non
     await node.broker.subscribe(ch)
     # Published before, on a channel this node does not subscribe to.
     await publish(node, elsewhere, 1)
-    await node.broker.emit(elsewhere, event_frame("join", elsewhere, INFO), "c0ffee000001")
+    await node.broker.emit(elsewhere, "join", "c0ffee000001", INFO)
     await publish(node, ch, 3)
-    join = event_frame("join", ch, INFO)
-    await node.broker.emit(ch, join, "c0ffee000001")
+    await node.broker.emit(ch, "join", "c0ffee000001", INFO)
+    join = (ch, "join", "c0ffee000001", INFO)
 
     await async_wait_until(lambda: len(sink.of(ch)) == 3, what="3 publications")
-    assert sink.of(ch) == frames(ch, range(1, 4))
-    await async_wait_until(lambda: (ch, join, "c0ffee000001") in sink.events, what="the event")
+    assert sink.of(ch) == publications(ch, range(1, 4))
+    await async_wait_until(lambda: join in sink.events, what="the event")
     assert len(sink.epochs[ch]) == 1  # one stream throughout
     if node.shared:
         # Redis delivers a node's subscriptions in order: had `elsewhere` come, it would have
@@ -488,22 +490,57 @@ async def test_publications_and_events_of_subscribed_channels(node: Node) -> Non
         assert len(sink.of(ch)) == 3, "delivered after unsubscribe"
 
 
-async def test_chat_rooms(node: Node) -> None:
-    room = f"room-{uuid.uuid4().hex[:8]}"
+#: Bytes a broker must carry as they are, though they look like its own message layout.
+ODD_DATA = b'{"text":"P e 1 2 E join x"}  \n'
+ODD_INFO = encode_info("c0ffee000002", "P 7 3 E leave")
+
+
+async def test_data_and_info_are_carried_byte_for_byte(node: Node) -> None:
+    ch = channel()
     sink = node.sink
-    await node.broker.join_room(room)
-    await node.broker.room_publish(room, "Client says: hello")
-    await node.broker.room_publish(room, "A client left the chat")
-    await async_wait_until(lambda: len(sink.rooms) == 2, what="the room messages")
-    assert sink.rooms == [(room, "Client says: hello"), (room, "A client left the chat")]
+    await node.broker.subscribe(ch)
+    odd = [(ODD_DATA, ODD_INFO), (b"", b""), (b"1", b""), (b"", b"2"), (b" ", b" ")]
+    positions = [await node.broker.publish(ch, d, i) for d, i in odd]
+    await node.broker.emit(ch, "leave", "c0ffee000002", ODD_INFO)
+    expected = [Publication(p.offset, d, i) for p, (d, i) in zip(positions, odd, strict=True)]
+    await async_wait_until(lambda: len(sink.of(ch)) == len(odd), what="the publications")
+    assert sink.of(ch) == expected
+    await async_wait_until(lambda: sink.events, what="the event")
+    assert sink.events == [(ch, "leave", "c0ffee000002", ODD_INFO)]
+    assert (await node.broker.history(ch, limit=10)).publications == expected
+
+
+async def test_chat_rooms_are_channels_without_history(
+    node: Node, backend: tuple[str, RedisServer | None]
+) -> None:
+    room = channel("chat")
+    sink = node.sink
+    await node.broker.subscribe(room)
+    said = [b"Client says: hello", b"A client left the chat"]
+    for text in said:
+        assert await node.broker.publish(room, text, b"", history=False) == Position("", 0)
+    await async_wait_until(lambda: len(sink.of(room)) == 2, what="the room messages")
+    # Delivered in order, as sent, with offset 0 and no epoch.
+    assert sink.of(room) == [Publication(0, text, b"") for text in said]
+    assert sink.epochs[room] == [""]
+    server = backend[1]
+    if server is not None:
+        assert isinstance(node.broker, RedisBroker)
+        with server.client() as conn:
+            prefix = node.broker.prefix
+            assert conn.exists(f"{prefix}:m:{room}", f"{prefix}:h:{room}") == 0, "stored"
+    # Nothing stored, no offset taken.
+    page = await node.broker.history(room, limit=10)
+    assert (page.offset, page.start, page.publications) == (0, 1, [])
     if node.shared:
-        await node.broker.leave_room(room)
-        marker = f"room-{uuid.uuid4().hex[:8]}"
-        await node.broker.join_room(marker)
-        await node.broker.room_publish(room, "Client says: nobody hears this")
-        await node.broker.room_publish(marker, "Client says: marker")
-        await async_wait_until(lambda: len(sink.rooms) == 3, what="the marker")
-        assert sink.rooms[-1] == (marker, "Client says: marker")
+        await node.broker.unsubscribe(room)
+        marker = channel("chat")
+        await node.broker.subscribe(marker)
+        await node.broker.publish(room, b"Client says: nobody hears this", b"", history=False)
+        await node.broker.publish(marker, b"Client says: marker", b"", history=False)
+        await async_wait_until(lambda: sink.of(marker), what="the marker")
+        assert sink.of(marker) == [Publication(0, b"Client says: marker", b"")]
+        assert len(sink.of(room)) == 2, "delivered after unsubscribe"
 
 
 async def test_node_commands(node: Node) -> None:
@@ -517,19 +554,19 @@ async def test_node_commands(node: Node) -> None:
 
 
 @pytest.mark.parametrize("backend", REDIS_ONLY, indirect=True)
-async def test_nodes_share_channels_rooms_and_commands(make: MakeNode) -> None:
+async def test_nodes_share_channels_chat_rooms_and_commands(make: MakeNode) -> None:
     one, two = await make(), await make()
     ch = channel()
     await two.broker.subscribe(ch)
     positions = [
-        await one.broker.publish(ch, data(0), INFO),
-        await two.broker.publish(ch, data(1), INFO),
-        await one.broker.publish(ch, data(2), INFO),
+        await one.broker.publish(ch, data(ch, 0), INFO),
+        await two.broker.publish(ch, data(ch, 1), INFO),
+        await one.broker.publish(ch, data(ch, 2), INFO),
     ]
     assert [p.offset for p in positions] == [1, 2, 3]  # one sequence for the cluster
     assert len({p.epoch for p in positions}) == 1
     await async_wait_until(lambda: len(two.sink.of(ch)) == 3, what="delivery to node two")
-    assert two.sink.of(ch) == frames(ch, range(1, 4))
+    assert two.sink.of(ch) == publications(ch, range(1, 4))
     assert one.sink.of(ch) == []  # node one did not subscribe
 
     await one.broker.presence_add(ch, "aaaaaaaaaaaa", entry("aaaaaaaaaaaa"))
@@ -537,17 +574,19 @@ async def test_nodes_share_channels_rooms_and_commands(make: MakeNode) -> None:
     for node in (one, two):
         assert await node.broker.presence(ch) == [entry("aaaaaaaaaaaa"), entry("bbbbbbbbbbbb")]
         assert await node.broker.channels() == {ch: 2}
-    leave = event_frame("leave", ch, INFO)
-    await one.broker.emit(ch, leave, "aaaaaaaaaaaa")
+    await one.broker.emit(ch, "leave", "aaaaaaaaaaaa", INFO)
     await async_wait_until(lambda: two.sink.events, what="the event on node two")
-    assert two.sink.events == [(ch, leave, "aaaaaaaaaaaa")]
+    assert two.sink.events == [(ch, "leave", "aaaaaaaaaaaa", INFO)]
 
-    room = f"room-{uuid.uuid4().hex[:8]}"
-    await two.broker.join_room(room)
-    await one.broker.room_publish(room, "Client says: across")
-    await async_wait_until(lambda: two.sink.rooms, what="the room message on node two")
-    assert two.sink.rooms == [(room, "Client says: across")]
-    assert one.sink.rooms == []
+    # A chat room: a channel published without history, delivered to the nodes subscribed.
+    room = channel("chat")
+    await two.broker.subscribe(room)
+    sent = await one.broker.publish(room, b"Client says: across", b"", history=False)
+    assert sent == Position("", 0)
+    await async_wait_until(lambda: two.sink.of(room), what="the room message on node two")
+    assert two.sink.of(room) == [Publication(0, b"Client says: across", b"")]
+    assert two.sink.epochs[room] == [""]
+    assert one.sink.of(room) == []
 
     assert await one.broker.command("D", "bob") == 2  # both nodes got it
     for node in (one, two):
@@ -569,7 +608,7 @@ async def test_a_lost_stream_is_reported_as_a_reset(
     # Redis loses the channel (evicted, flushed): its next publication starts a new stream.
     with backend[1].client() as conn:
         assert conn.delete(f"{broker.prefix}:m:{ch}", f"{broker.prefix}:h:{ch}") == 2
-    new = await broker.publish(ch, data(2), INFO)
+    new = await broker.publish(ch, data(ch, 2), INFO)
     assert new.offset == 1
     assert new.epoch != old
     await async_wait_until(lambda: len(node.sink.epochs[ch]) == 2, what="the new epoch")
@@ -584,16 +623,18 @@ async def test_losing_and_regaining_redis(fresh_redis: RedisServer) -> None:
         ch = channel()
         await broker.subscribe(ch)
         await broker.presence_add(ch, "aaaaaaaaaaaa", entry("aaaaaaaaaaaa"))
-        first = await broker.publish(ch, data(0), INFO)
+        first = await broker.publish(ch, data(ch, 0), INFO)
         await async_wait_until(lambda: node.sink.of(ch), what="the first publication")
 
         fresh_redis.kill()
         await async_wait_until(lambda: not broker.available, TIMEOUT, "available to turn False")
         started = time.monotonic()
         with pytest.raises(BrokerUnavailable):
-            await broker.publish(ch, data(1), INFO)
+            await broker.publish(ch, data(ch, 1), INFO)
         with pytest.raises(BrokerUnavailable):
             await broker.history(ch, limit=10)
+        with pytest.raises(BrokerUnavailable):  # a chat room's too (the node then delivers locally)
+            await broker.publish(ch, b"Client says: lost", b"", history=False)
         assert time.monotonic() - started < 2 * TIMEOUT, "an unreachable Redis must fail fast"
         assert node.sink.reconnects == 0
 
@@ -603,7 +644,7 @@ async def test_losing_and_regaining_redis(fresh_redis: RedisServer) -> None:
         await async_wait_until(lambda: node.sink.reconnects == 1, what="on_reconnect")
         # The presence of this node's clients is written again; the stream is new.
         assert await broker.presence(ch) == [entry("aaaaaaaaaaaa")]
-        again = await broker.publish(ch, data(1), INFO)
+        again = await broker.publish(ch, data(ch, 1), INFO)
         assert again.offset == 1
         assert again.epoch != first.epoch
         # The subscription came back with the connection: the new stream reaches the node
@@ -611,9 +652,9 @@ async def test_losing_and_regaining_redis(fresh_redis: RedisServer) -> None:
         await async_wait_until(
             lambda: node.sink.epochs[ch] == [first.epoch, again.epoch], what="the new epoch"
         )
-        third = await broker.publish(ch, data(2), INFO)
+        third = await broker.publish(ch, data(ch, 2), INFO)
         await async_wait_until(
-            lambda: (ch, 2, publication_frame(ch, 2, data(2), INFO)) in node.sink.publications,
+            lambda: (ch, again.epoch, Publication(2, data(ch, 2), INFO)) in node.sink.publications,
             what="delivery after the reconnect",
         )
         assert third == Position(again.epoch, 2)
@@ -628,7 +669,7 @@ async def test_no_spurious_failures_once_redis_is_back(fresh_redis: RedisServer)
     try:
         ch = channel()
         # A busy node: the pool holds several connections.
-        await asyncio.gather(*(broker.publish(ch, data(i), INFO) for i in range(10)))
+        await asyncio.gather(*(broker.publish(ch, data(ch, i), INFO) for i in range(10)))
         fresh_redis.kill()
         await async_wait_until(lambda: not broker.available, TIMEOUT, "available to turn False")
         await asyncio.to_thread(fresh_redis.restart)

@@ -39,9 +39,11 @@ from redis_server import (
 )
 from roomcast.brokers import Position
 from roomcast.brokers.redis import RedisBroker
-from roomcast.channels import Client, Node
+from roomcast.codecs.roomcast_json import encode_info
 from roomcast.connection import Connection
-from roomcast.protocol import encode_info
+from roomcast.core.node import Node
+from roomcast.core.session import Session
+from roomcast.http.channels import ChannelRequests
 from roomcast.settings import Settings
 from test_chaos import Publisher, Subscriber, api_publish, start_nodes
 from test_protocol import Peer, channel, peer
@@ -273,10 +275,10 @@ async def held_node(fresh_redis: RedisServer) -> AsyncIterator[tuple[Node, Redis
         await node.stop()
 
 
-def attach(node: Node) -> tuple[AsgiPeer, Client]:
+def attach(requests: ChannelRequests) -> tuple[AsgiPeer, Session]:
     asgi = AsgiPeer()
     conn = Connection({"type": "websocket", "path": "/ws"}, asgi.receive, asgi.send, 1 << 20)
-    return asgi, node.attach(conn, None)
+    return asgi, requests.attach(conn, None)
 
 
 async def test_a_second_subscriber_waits_for_the_node_subscription(
@@ -288,12 +290,13 @@ async def test_a_second_subscriber_waits_for_the_node_subscription(
     node, other = held_node
     broker = node.broker
     assert isinstance(broker, HeldRedisBroker)
+    requests = ChannelRequests(node)
     ch = channel("second")
-    (a, client_a), (b, client_b) = attach(node), attach(node)
+    (a, session_a), (b, session_b) = attach(requests), attach(requests)
     subscribe = json.dumps({"id": 1, "op": "subscribe", "channel": ch})
-    first = asyncio.create_task(node.handle(client_a, subscribe))
+    first = asyncio.create_task(requests.handle(session_a, subscribe))
     await async_wait_until(lambda: broker.waiting == 1, what="the first subscribe")
-    second = asyncio.create_task(node.handle(client_b, subscribe))
+    second = asyncio.create_task(requests.handle(session_b, subscribe))
     await async_wait_until(
         lambda: b.reply(1) is not None or broker.waiting == 2, what="the second subscribe"
     )
@@ -345,19 +348,22 @@ async def test_a_recreated_position_next_to_an_old_stream(
     assert position.offset == 0
     assert await broker.publish(ch, orjson.dumps("new"), INFO) == Position(position.epoch, 1)
     page = await broker.history(ch, since=0, limit=10)
-    assert (page.epoch, page.start, [o for o, _ in page.publications]) == (position.epoch, 1, [1])
+    offsets = [p.offset for p in page.publications]
+    assert (page.epoch, page.start, offsets) == (position.epoch, 1, [1])
 
 
 async def test_history_is_bounded_in_bytes(broker: RedisBroker) -> None:
-    """history_bytes=2000: the oldest publications go once the frames hold more than that."""
+    """history_bytes=2000: the oldest publications go once their data and info hold more
+    than that."""
     ch = channel("bytes")
     payload = orjson.dumps("x" * 300)
     for _ in range(20):
         await broker.publish(ch, payload, INFO)
     page = await broker.history(ch, since=0, limit=100)
-    sizes = [len(frame) for _, frame in page.publications]
+    assert all(p.data == payload and p.info == INFO for p in page.publications)
+    sizes = [len(p.data) + len(p.info) for p in page.publications]
     assert sum(sizes) <= 2000 < sum(sizes) + sizes[0], sizes
-    offsets = [o for o, _ in page.publications]
+    offsets = [p.offset for p in page.publications]
     assert offsets == list(range(21 - len(offsets), 21))
     assert page.start == offsets[0]
 

@@ -33,8 +33,10 @@ from redis_server import (
 )
 from roomcast.brokers import Broker, MemoryBroker
 from roomcast.brokers.redis import RedisBroker
-from roomcast.channels import Client, Node
 from roomcast.connection import Connection
+from roomcast.core.node import Node
+from roomcast.core.session import Session
+from roomcast.http.channels import ChannelRequests
 from roomcast.settings import Settings
 from test_protocol import Peer, peer
 
@@ -127,10 +129,26 @@ class FakeConn:
         return [orjson.loads(m["text"]) for m in self.sent if m["type"] == "websocket.send"]
 
 
+class Gated:
+    """A started node on a gated broker, and its ``/ws`` protocol."""
+
+    def __init__(self, node: Node, broker: GatedBroker) -> None:
+        self.node = node
+        self.broker = broker
+        self.requests = ChannelRequests(node)
+
+    def attach(self, user: str) -> tuple[Session, FakeConn]:
+        fake = FakeConn()
+        return self.requests.attach(fake.conn, user), fake
+
+    async def request(self, session: Session, **body: Any) -> None:
+        await self.requests.handle(session, orjson.dumps(body).decode())
+
+
 @pytest.fixture(params=BACKENDS)
 async def gated(
     request: pytest.FixtureRequest,
-) -> AsyncIterator[tuple[Node, GatedBroker]]:
+) -> AsyncIterator[Gated]:
     """A started node on a gated broker (``memory://`` or a real Redis)."""
     inner: Broker
     if request.param == "memory":
@@ -148,34 +166,25 @@ async def gated(
     await node.start()
     await async_wait_until(lambda: inner.available, 2 * TIMEOUT, "the broker to connect")
     try:
-        yield node, broker
+        yield Gated(node, broker)
     finally:
-        for client in list(node.clients.values()):
-            await node.detach(client, notify=False)
+        for session in list(node.sessions.values()):
+            await node.detach(session, notify=False)
         await node.stop()
-
-
-def attach(node: Node, user: str) -> tuple[Client, FakeConn]:
-    fake = FakeConn()
-    return node.attach(fake.conn, user), fake
-
-
-async def request(node: Node, client: Client, **body: Any) -> None:
-    await node.handle(client, orjson.dumps(body).decode())
 
 
 def listed(entries: list[dict[str, Any]]) -> list[str]:
     return [e["client"] for e in entries]
 
 
-async def leave(node: Node, client: Client, how: str) -> None:
-    """Have the server close ``client`` the way ``how`` says."""
+async def leave(node: Node, session: Session, how: str) -> None:
+    """Have the server close ``session`` the way ``how`` says."""
     if how == "disconnect":
-        assert client.user is not None
-        assert await node.disconnect_user(client.user) == 1
+        assert session.user is not None
+        assert await node.disconnect_user(session.user) == 1
     else:
-        node.cut(client)  # what an outbox overflow does
-    assert not client.member.active
+        node.cut(session)  # what an outbox overflow does
+    assert not session.active
 
 
 @pytest.mark.parametrize(
@@ -197,24 +206,24 @@ async def leave(node: Node, client: Client, how: str) -> None:
 )
 @pytest.mark.parametrize("how", ["disconnect", "cut"])
 async def test_a_client_closed_while_its_subscribe_waits_stays_out_of_presence(
-    gated: tuple[Node, GatedBroker], held: str, company: bool, how: str
+    gated: Gated, held: str, company: bool, how: str
 ) -> None:
-    node, broker = gated
+    node, broker = gated.node, gated.broker
     ch = channel()
-    watcher: Client | None = None
+    watcher: Session | None = None
     watcher_conn: FakeConn | None = None
     if company:
         # Another local subscriber, who hears joins and leaves: the channel stays this node's.
-        watcher, watcher_conn = attach(node, "bob")
-        await request(node, watcher, id=1, op="subscribe", channel=ch, join_leave=True)
+        watcher, watcher_conn = gated.attach("bob")
+        await gated.request(watcher, id=1, op="subscribe", channel=ch, join_leave=True)
         assert listed(await broker.presence(ch)) == [watcher.id]
 
-    alice, _ = attach(node, "alice")
+    alice, _ = gated.attach("alice")
     gate = broker.hold(held)
     body: dict[str, Any] = {"id": 1, "op": "subscribe", "channel": ch}
     if held == "history":
         body["recover"] = {"offset": 0, "epoch": "gone"}
-    subscribing = asyncio.create_task(request(node, alice, **body))
+    subscribing = asyncio.create_task(gated.request(alice, **body))
     async with asyncio.timeout(TIMEOUT):
         await gate.entered.wait()
 
@@ -237,7 +246,7 @@ async def test_a_client_closed_while_its_subscribe_waits_stays_out_of_presence(
 
     if watcher is not None and watcher_conn is not None:
         # A marker publication, delivered after any event alice's subscribe emitted.
-        await request(node, watcher, id=2, op="publish", channel=ch, data="marker")
+        await gated.request(watcher, id=2, op="publish", channel=ch, data="marker")
 
         def marker_arrived() -> bool:
             return any(f.get("data") == "marker" for f in watcher_conn.frames())

@@ -26,6 +26,7 @@ def test_public_api() -> None:
         "Hub",
         "InvalidPayload",
         "MessageTooBig",
+        "Node",
         "PolicyViolation",
         "RoomcastError",
         "Settings",
@@ -39,16 +40,19 @@ def test_public_api() -> None:
         "ClientError": "roomcast.errors",
         "CloseCode": "roomcast.closecodes",
         "ConfigurationError": "roomcast.errors",
-        "Hub": "roomcast.hub",
+        "Hub": "roomcast.core.hub",
         "InvalidPayload": "roomcast.errors",
         "MessageTooBig": "roomcast.errors",
+        "Node": "roomcast.core.node",
         "PolicyViolation": "roomcast.errors",
         "RoomcastError": "roomcast.errors",
         "Settings": "roomcast.settings",
         "UnsupportedData": "roomcast.errors",
+        "__version__": "roomcast.version",
         "connect": "roomcast.client",
         "create_app": "roomcast.factory",
     }
+    assert set(homes) == set(roomcast.__all__)
     for name, module in homes.items():
         assert getattr(roomcast, name) is getattr(importlib.import_module(module), name), name
     with open(Path(__file__).parent.parent / "pyproject.toml", "rb") as f:
