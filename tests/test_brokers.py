@@ -616,6 +616,41 @@ async def test_a_lost_stream_is_reported_as_a_reset(
 
 
 @pytest.mark.redis
+async def test_a_stream_of_another_layout_begins_again(redis_server: RedisServer) -> None:
+    """Entries written in the layout of an earlier build (a finished frame, ``{t, f}``) are not
+    misread after an upgrade: the channel begins again under a new epoch, so its subscribers
+    recover (``recovered: false``) instead of getting garbage or a script error."""
+    broker = RedisBroker(
+        redis_server.url_for(unique_prefix("layout")),
+        history_size=100,
+        history_ttl=3600,
+        presence_ttl=30,
+    )
+    node = await start_node(broker)
+    try:
+        ch = channel()
+        await broker.position(ch)  # the scripts have run once: the generation is set
+        with redis_server.client() as conn:
+            # Absent when this Redis ran the scripts before, under another prefix (no NOSCRIPT,
+            # no boot): the scripts then read the generation as "".
+            generation = conn.get(f"{broker.prefix}:generation") or b""
+            meta, stream = f"{broker.prefix}:m:{ch}", f"{broker.prefix}:h:{ch}"
+            conn.delete(meta, stream)
+            conn.hset(meta, mapping={"epoch": "old", "gen": generation, "offset": 2, "bytes": 9})
+            conn.xadd(stream, {"t": 0, "f": b'{"frame":1}'}, id="1-1")
+            conn.xadd(stream, {"t": 0, "f": b'{"frame":2}'}, id="2-1")
+        page = await broker.history(ch, since=0, limit=10)
+        assert (page.offset, page.start, page.publications) == (0, 1, [])
+        assert page.epoch != "old"
+        position = await broker.publish(ch, data(ch, 0), INFO)
+        assert (position.epoch, position.offset) == (page.epoch, 1)
+        page = await broker.history(ch, since=0, limit=10)
+        assert page.publications == [Publication(1, data(ch, 0), INFO)]
+    finally:
+        await broker.close()
+
+
+@pytest.mark.redis
 async def test_losing_and_regaining_redis(fresh_redis: RedisServer) -> None:
     broker = RedisBroker(fresh_redis.url, history_size=100, history_ttl=3600, presence_ttl=30)
     node = await start_node(broker)

@@ -6,25 +6,31 @@ stores the publisher's bytes as they are and never parses them.
 
 from __future__ import annotations
 
-__all__ = ["BOOT", "HISTORY", "POSITION", "PRESENCE", "PRESENCE_BATCH", "PUBLISH"]
+__all__ = ["BOOT", "HISTORY", "LAYOUT", "POSITION", "PRESENCE", "PRESENCE_BATCH", "PUBLISH"]
+
+#: The layout of the stream entries, kept in each channel's meta (``layout``): ``2`` is
+#: ``{t, d, i}``; the entries of 0.2's development builds held a finished frame (``{t, f}``).
+LAYOUT = "2"
 
 # Every stream script begins with this. KEYS[1] meta, KEYS[2] stream, KEYS[3] generation;
 # ARGV[1] a new epoch, ARGV[2] the meta key's TTL (s). A channel's stream begins again (a new
-# epoch, offset 0, no history) when it has no meta key, or when its meta was written under
-# another generation of the Redis data: see BOOT. Beginning again deletes whatever stream is
-# left, so that offsets and stream ids start together (an orphaned stream whose ids run ahead of
-# a recreated meta would make the next XADD fail).
+# epoch, offset 0, no history) when it has no meta key, when its meta was written under another
+# generation of the Redis data (see BOOT), or for entries of another layout than LAYOUT (an
+# upgrade: they would be misread). Beginning again deletes whatever stream is left, so that
+# offsets and stream ids start together (an orphaned stream whose ids run ahead of a recreated
+# meta would make the next XADD fail).
 PROLOGUE = """
 local generation = redis.call('GET', KEYS[3]) or ''
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'gen')
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'gen', 'layout')
 local epoch = meta[1]
-if not epoch or meta[2] ~= generation then
+if not epoch or meta[2] ~= generation or meta[3] ~= '@LAYOUT@' then
   epoch = ARGV[1]
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'gen', generation, 'offset', 0, 'bytes', 0)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'gen', generation, 'offset', 0, 'bytes', 0,
+    'layout', '@LAYOUT@')
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-"""
+""".replace("@LAYOUT@", LAYOUT)
 
 # KEYS: generation. Sets the generation to this Redis process's run id, which is new at every
 # start: a restart (with whatever it restored: an RDB snapshot, an AOF, nothing) and a promoted
