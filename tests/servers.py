@@ -437,6 +437,10 @@ class Peer:
         await self.send({"id": "still-works", "op": "ping"})
         assert await self.frame() == {"id": "still-works", "ok": True, "result": {}}
 
+    async def ping(self) -> None:
+        """A ``ping`` request that must succeed (pushes met on the way are kept)."""
+        assert await self.ok("ping") == {}
+
     async def quiet(self, seconds: float) -> None:
         """Nothing arrives for ``seconds`` (and the connection stays open)."""
         try:

@@ -1,26 +1,30 @@
-"""The HTTP API of docs/protocol.md ("The HTTP API"), against a real server.
+"""The HTTP API of docs/protocol.md ("The HTTP API"), against in-process servers on both
+WebSocket implementations.
 
-The `/ws` client used here is test_protocol's ``Peer``.
+The `/ws` client used here is the suite's ``Peer`` (tests/servers.py).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
 from helpers import (
     GOOD_TOKEN,
     TIMEOUT,
     USER,
-    RoomcastServer,
     async_wait_until,
     recv_until_closed,
 )
-from test_protocol import channel, peer, publication
+from servers import AppServer, channel, peer, publication, serve
+
+# In-process servers serve in the module's event loop (tests/servers.py), and so do the
+# HTTP clients of the fixtures below.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 KEY = "test-api-key-5f0c1d2e"
 MAX_PUBLICATION = 1024
@@ -39,26 +43,29 @@ ROUTES: list[tuple[str, str, Any]] = [
 ROUTE_IDS = [path.split("/")[2] for _, path, _ in ROUTES]
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
-    srv = RoomcastServer(
-        tmp_path_factory.mktemp("api"),
-        env={
-            "ROOMCAST_API_KEY": KEY,
-            "ROOMCAST_MAX_PUBLICATION_SIZE": str(MAX_PUBLICATION),
-            "ROOMCAST_TOKENS": json.dumps({GOOD_TOKEN: USER, OTHER_TOKEN: OTHER_USER}),
-        },
-    )
-    with srv:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def api(ws_impl: str) -> AsyncIterator[AppServer]:
+    async with serve(
+        ws_impl,
+        api_key=KEY,
+        max_publication_size=MAX_PUBLICATION,
+        tokens={GOOD_TOKEN: USER, OTHER_TOKEN: OTHER_USER},
+    ) as srv:
         yield srv
-    srv.assert_no_traceback()
     assert KEY not in srv.log(), "the API key reached the log"
 
 
-@pytest.fixture
-async def http(api: RoomcastServer) -> AsyncIterator[httpx.AsyncClient]:
+@pytest_asyncio.fixture(loop_scope="module")
+async def http(api: AppServer) -> AsyncIterator[httpx.AsyncClient]:
     headers = {"Authorization": f"Bearer {KEY}"}
     async with httpx.AsyncClient(base_url=api.http_url, headers=headers, timeout=TIMEOUT) as c:
+        yield c
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def bare(api: AppServer) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the API server that sends only the headers each request gives."""
+    async with httpx.AsyncClient(base_url=api.http_url, timeout=TIMEOUT) as c:
         yield c
 
 
@@ -72,16 +79,16 @@ def ok(resp: httpx.Response) -> Any:
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ROUTES, ids=ROUTE_IDS)
-def test_api_is_off_without_a_key(
-    server: RoomcastServer, method: str, path: str, body: Any
+async def test_api_is_off_without_a_key(
+    server: AppServer, method: str, path: str, body: Any
 ) -> None:
-    with httpx.Client(base_url=server.http_url, timeout=TIMEOUT) as client:
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT) as client:
         for headers in ({}, {"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}):
-            resp = client.request(method, path, json=body, headers=headers)
+            resp = await client.request(method, path, json=body, headers=headers)
             assert resp.status_code == 404, (headers, resp.status_code, resp.text)
         # Even a body the route would refuse: the API is not there at all.
         if method == "POST":
-            assert client.post(path, content=b"{not json").status_code == 404
+            assert (await client.post(path, content=b"{not json")).status_code == 404
 
 
 @pytest.mark.parametrize(("method", "path", "body"), ROUTES, ids=ROUTE_IDS)
@@ -98,10 +105,10 @@ def test_api_is_off_without_a_key(
     ],
     ids=["none", "wrong-bearer", "longer-bearer", "basic", "no-scheme", "wrong-header", "empty"],
 )
-def test_missing_or_wrong_key_is_401(
-    api: RoomcastServer, method: str, path: str, body: Any, headers: dict[str, str]
+async def test_missing_or_wrong_key_is_401(
+    bare: httpx.AsyncClient, method: str, path: str, body: Any, headers: dict[str, str]
 ) -> None:
-    resp = httpx.request(method, f"{api.http_url}{path}", json=body, headers=headers)
+    resp = await bare.request(method, path, json=body, headers=headers)
     assert resp.status_code == 401, (resp.status_code, resp.text)
     assert resp.headers["www-authenticate"] == "Bearer"
 
@@ -112,15 +119,15 @@ def test_missing_or_wrong_key_is_401(
     [{"Authorization": f"Bearer {KEY}"}, {"authorization": f"bearer {KEY}"}, {"X-API-Key": KEY}],
     ids=["bearer", "bearer-lowercase", "x-api-key"],
 )
-def test_right_key_is_accepted(
-    api: RoomcastServer, method: str, path: str, body: Any, headers: dict[str, str]
+async def test_right_key_is_accepted(
+    bare: httpx.AsyncClient, method: str, path: str, body: Any, headers: dict[str, str]
 ) -> None:
-    resp = httpx.request(method, f"{api.http_url}{path}", json=body, headers=headers)
+    resp = await bare.request(method, path, json=body, headers=headers)
     assert isinstance(ok(resp), dict)
 
 
-def test_routes_are_in_the_openapi_document(api: RoomcastServer) -> None:
-    spec = httpx.get(f"{api.http_url}/openapi.json", timeout=TIMEOUT).json()
+async def test_routes_are_in_the_openapi_document(bare: httpx.AsyncClient) -> None:
+    spec = (await bare.get("/openapi.json")).json()
     paths = spec["paths"]
     expected = {
         "/api/publish": "post",
@@ -134,7 +141,7 @@ def test_routes_are_in_the_openapi_document(api: RoomcastServer) -> None:
         assert method in paths.get(path, {}), (path, sorted(paths))
     params = {p["name"] for p in paths["/api/history/{channel}"]["get"]["parameters"]}
     assert {"channel", "limit", "since", "before"} <= params
-    docs = httpx.get(f"{api.http_url}/docs", timeout=TIMEOUT)
+    docs = await bare.get("/docs")
     assert docs.status_code == 200
     assert "openapi.json" in docs.text
 
@@ -142,7 +149,7 @@ def test_routes_are_in_the_openapi_document(api: RoomcastServer) -> None:
 # -- publish and broadcast -----------------------------------------------------------------------
 
 
-async def test_publish_reaches_ws_subscribers(api: RoomcastServer, http: httpx.AsyncClient) -> None:
+async def test_publish_reaches_ws_subscribers(api: AppServer, http: httpx.AsyncClient) -> None:
     ch = channel("api")
     async with peer(api) as sub, peer(api) as other:
         epoch = (await sub.ok("subscribe", channel=ch))["epoch"]
@@ -158,9 +165,7 @@ async def test_publish_reaches_ws_subscribers(api: RoomcastServer, http: httpx.A
         assert result == {"epoch": epoch, "offset": 6}
 
 
-async def test_broadcast_reaches_every_channel(
-    api: RoomcastServer, http: httpx.AsyncClient
-) -> None:
+async def test_broadcast_reaches_every_channel(api: AppServer, http: httpx.AsyncClient) -> None:
     names = [channel("bc") for _ in range(3)]
     async with peer(api) as a, peer(api) as b, peer(api) as both:
         epochs = [(await a.ok("subscribe", channel=names[0]))["epoch"]]
@@ -227,7 +232,7 @@ async def test_publish_malformed_json_is_422(http: httpx.AsyncClient) -> None:
     assert resp.status_code == 422, (resp.status_code, resp.text)
 
 
-async def test_publish_at_the_size_limit(api: RoomcastServer, http: httpx.AsyncClient) -> None:
+async def test_publish_at_the_size_limit(api: AppServer, http: httpx.AsyncClient) -> None:
     ch = channel("api")
     async with peer(api) as sub:
         await sub.ok("subscribe", channel=ch)
@@ -252,9 +257,7 @@ async def test_publish_at_the_size_limit(api: RoomcastServer, http: httpx.AsyncC
     ],
     ids=["none", "1001", "one-bad", "not-a-list", "no-data", "too-large"],
 )
-async def test_broadcast_refuses_422(
-    api: RoomcastServer, http: httpx.AsyncClient, body: Any
-) -> None:
+async def test_broadcast_refuses_422(api: AppServer, http: httpx.AsyncClient, body: Any) -> None:
     async with peer(api) as sub:
         await sub.ok("subscribe", channel="ok")
         resp = await http.post("/api/broadcast", json=body)
@@ -264,7 +267,7 @@ async def test_broadcast_refuses_422(
         assert (await sub.push())["data"] == "marker"
 
 
-async def test_broadcast_to_1000_channels(api: RoomcastServer, http: httpx.AsyncClient) -> None:
+async def test_broadcast_to_1000_channels(api: AppServer, http: httpx.AsyncClient) -> None:
     names = [f"{channel('many')}-{k}" for k in range(1000)]
     result = ok(await http.post("/api/broadcast", json={"channels": names, "data": 0}))
     assert [(r["channel"], r["offset"]) for r in result["results"]] == [(n, 1) for n in names]
@@ -273,9 +276,7 @@ async def test_broadcast_to_1000_channels(api: RoomcastServer, http: httpx.Async
 # -- channels, presence, history -----------------------------------------------------------------
 
 
-async def test_channels_lists_subscriber_counts(
-    api: RoomcastServer, http: httpx.AsyncClient
-) -> None:
+async def test_channels_lists_subscriber_counts(api: AppServer, http: httpx.AsyncClient) -> None:
     busy, quiet, unheard = channel("ls"), channel("ls"), channel("ls")
     async with peer(api) as a, peer(api) as b:
         await a.ok("subscribe", channel=busy)
@@ -297,7 +298,7 @@ async def test_channels_lists_subscriber_counts(
         assert {k: v for k, v in listed.items() if k in mine} == {busy: 1}
 
 
-async def test_presence(api: RoomcastServer, http: httpx.AsyncClient) -> None:
+async def test_presence(api: AppServer, http: httpx.AsyncClient) -> None:
     ch = channel("pr")
     assert ok(await http.get(f"/api/presence/{ch}")) == {"clients": []}
     async with peer(api, f"/ws?token={GOOD_TOKEN}") as a, peer(api) as b:
@@ -327,7 +328,7 @@ async def test_bad_channel_in_path_is_422(http: httpx.AsyncClient, path: str, na
     assert resp.status_code == 422, (resp.status_code, resp.text)
 
 
-async def test_history(api: RoomcastServer, http: httpx.AsyncClient) -> None:
+async def test_history(api: AppServer, http: httpx.AsyncClient) -> None:
     ch = channel("hi")
     async with peer(api) as p:
         for k in range(1, 13):
@@ -371,7 +372,7 @@ async def test_history_bad_query_is_422(http: httpx.AsyncClient, query: dict[str
 
 
 async def test_disconnect_closes_that_users_connections_4001(
-    api: RoomcastServer, http: httpx.AsyncClient
+    api: AppServer, http: httpx.AsyncClient
 ) -> None:
     ch = channel("kick")
     async with (
@@ -412,7 +413,7 @@ async def test_disconnect_refuses_422(http: httpx.AsyncClient, body: Any) -> Non
     assert resp.status_code == 422, (resp.status_code, resp.text)
 
 
-async def test_api_publications_are_recovered(api: RoomcastServer) -> None:
+async def test_api_publications_are_recovered(api: AppServer) -> None:
     """The API's publications are stored like any other: a late subscriber recovers them."""
     ch = channel("rec")
     async with peer(api) as sub:

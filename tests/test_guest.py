@@ -8,34 +8,33 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import jwt
 import pytest
+import pytest_asyncio
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
-from helpers import TIMEOUT, RoomcastServer, ServerFactory, recv, ws_connect
+from helpers import TIMEOUT, recv, ws_connect
+from servers import AppServer, Frame, ServerStarter, serve
 
-Frame = dict[str, Any]
+# In-process servers serve in the module's event loop (tests/servers.py).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 #: The embedded defaults: no static tokens, no JWT key, anonymous access off.
-DEFAULTS: dict[str, str | None] = {
-    "ROOMCAST_TOKENS": None,
-    "ROOMCAST_ANONYMOUS_SUBSCRIBE": None,
-    "ROOMCAST_ANONYMOUS_PUBLISH": None,
-}
+DEFAULTS: dict[str, Any] = {"tokens": {}, "anonymous_subscribe": [], "anonymous_publish": []}
 
 
-@pytest.fixture(scope="module")
-def defaults_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
-    with RoomcastServer(tmp_path_factory.mktemp("guest"), env=DEFAULTS) as srv:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def defaults_server(ws_impl: str) -> AsyncIterator[AppServer]:
+    async with serve(ws_impl, **DEFAULTS) as srv:
         yield srv
 
 
-async def sign_in(server: RoomcastServer, body: dict[str, Any]) -> httpx.Response:
+async def sign_in(server: AppServer, body: dict[str, Any]) -> httpx.Response:
     async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT) as http:
         return await http.post("/auth/guest", json=body)
 
@@ -53,7 +52,7 @@ async def request(ws: Any, frame: Frame) -> Frame:
 
 
 async def test_guest_on_embedded_defaults_uses_room_channels_only(
-    defaults_server: RoomcastServer,
+    defaults_server: AppServer,
 ) -> None:
     reply = await sign_in(defaults_server, {"name": "ann"})
     assert reply.status_code == 200, reply.text
@@ -75,7 +74,7 @@ async def test_guest_on_embedded_defaults_uses_room_channels_only(
 
 
 async def test_renew_keeps_the_user_and_a_forged_guest_token_is_refused(
-    defaults_server: RoomcastServer,
+    defaults_server: AppServer,
 ) -> None:
     first = (await sign_in(defaults_server, {"name": "bob"})).json()
     renewed = await sign_in(defaults_server, {"renew": first["token"]})
@@ -102,15 +101,9 @@ GUEST_SECRET = "guest-signing-key-" + "g" * 40
 GUEST_TTL = 600
 
 
-async def test_renew_gives_a_full_lifetime_from_now(server_factory: ServerFactory) -> None:
+async def test_renew_gives_a_full_lifetime_from_now(start_server: ServerStarter) -> None:
     """A token about to expire is renewed for ``ROOMCAST_GUEST_TTL`` from now, not kept."""
-    server = server_factory(
-        env={
-            **DEFAULTS,
-            "ROOMCAST_GUEST_SECRET": GUEST_SECRET,
-            "ROOMCAST_GUEST_TTL": str(GUEST_TTL),
-        }
-    )
+    server = await start_server(**DEFAULTS, guest_secret=GUEST_SECRET, guest_ttl=GUEST_TTL)
     soon = int(time.time()) + 30
     old = jwt.encode(
         {"sub": "cat#1234", "exp": soon},
@@ -130,30 +123,30 @@ async def test_renew_gives_a_full_lifetime_from_now(server_factory: ServerFactor
 
 
 @pytest.mark.parametrize("name", ["", "x" * 33, "<script>", "a\nb"])
-async def test_bad_names_get_422(defaults_server: RoomcastServer, name: str) -> None:
+async def test_bad_names_get_422(defaults_server: AppServer, name: str) -> None:
     assert (await sign_in(defaults_server, {"name": name})).status_code == 422
 
 
 @pytest.mark.parametrize(
-    "env",
+    "settings",
     [
-        {},  # base_env configures ROOMCAST_TOKENS: real authentication, so no guests
-        {"ROOMCAST_TOKENS": None, "ROOMCAST_GUEST_CHANNELS": "[]"},
-        {"ROOMCAST_TOKENS": None, "ROOMCAST_JWT_SECRET": "s" * 40},
+        {},  # the suite's settings configure tokens: real authentication, so no guests
+        {"tokens": {}, "guest_channels": []},
+        {"tokens": {}, "jwt_secret": "s" * 40},
     ],
     ids=["static-tokens", "turned-off", "jwt-configured"],
 )
 async def test_guest_sign_in_off_when_authentication_is_configured(
-    server_factory: ServerFactory, env: dict[str, str | None]
+    start_server: ServerStarter, settings: dict[str, Any]
 ) -> None:
-    server = server_factory(env=env)
+    server = await start_server(**settings)
     assert (await sign_in(server, {"name": "ann"})).status_code == 404
 
 
-async def test_explicit_guest_channels_with_a_jwt_secret(server_factory: ServerFactory) -> None:
+async def test_explicit_guest_channels_with_a_jwt_secret(start_server: ServerStarter) -> None:
     """Several nodes share ROOMCAST_JWT_SECRET: a guest token from one verifies on another."""
-    env = {"ROOMCAST_JWT_SECRET": "k" * 40, "ROOMCAST_GUEST_CHANNELS": '["demo:*"]'}
-    one, two = server_factory(env=env), server_factory(env=env)
+    settings: dict[str, Any] = {"jwt_secret": "k" * 40, "guest_channels": ["demo:*"]}
+    one, two = await start_server(**settings), await start_server(**settings)
     body = (await sign_in(one, {"name": "cy"})).json()
     assert body["channels"] == ["demo:*"]
     async with ws_connect(two, "/ws", additional_headers=bearer(body["token"])) as ws:
@@ -166,7 +159,7 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def test_page_and_client_module_are_served(defaults_server: RoomcastServer) -> None:
+async def test_page_and_client_module_are_served(defaults_server: AppServer) -> None:
     async with httpx.AsyncClient(base_url=defaults_server.http_url, timeout=TIMEOUT) as http:
         page = await http.get("/")
         module = await http.get("/static/roomcast.js")

@@ -1,7 +1,8 @@
 """The chat page at ``/`` (static/index.html, app.js, roomcast.js) in Chromium, driven by
-Playwright, against real ``roomcast serve`` processes: two users chatting, a phone-sized
-screen, history paged in on scroll, token refresh, and missed messages recovered through a
-true server restart. docs/browser.md describes what is tested here.
+Playwright, against in-process servers on both WebSocket implementations: two users chatting,
+a phone-sized screen, history paged in on scroll, token refresh, and missed messages recovered
+through a server restart (the server stopped, a new one started on its port). docs/browser.md
+describes what is tested here.
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
 import roomcast
 from chromium import CHROMIUM_ARGS, require_chromium
-from helpers import TIMEOUT, RoomcastServer, async_wait_until
+from helpers import TIMEOUT, async_wait_until
 from redis_server import RedisServer, fresh_redis_fixture  # noqa: F401 (a fixture)
+from servers import AppServer, ServerStarter, make_settings, serve
 from tcpproxy import TcpProxy
 
 if TYPE_CHECKING:
@@ -31,9 +35,12 @@ if TYPE_CHECKING:
 CHROMIUM, playwright_api = require_chromium()
 expect = playwright_api.expect
 
+# In-process servers serve in the module's event loop (tests/servers.py), and so does
+# Playwright: every async fixture here runs in that loop too.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 API_KEY = "page-api-key"
-GUEST_ENV = {"ROOMCAST_GUEST_CHANNELS": '["room:*"]', "ROOMCAST_API_KEY": API_KEY}
+GUESTS: dict[str, Any] = {"guest_channels": ["room:*"], "api_key": API_KEY}
 MS = TIMEOUT * 1000  # Playwright's timeouts are in milliseconds
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -44,17 +51,16 @@ def guest(name: str) -> re.Pattern[str]:
     return re.compile(rf"^{re.escape(name)}#[0-9a-f]{{4}}$")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def server(ws_impl: str) -> AsyncIterator[AppServer]:
     """One server with guest sign-in and the HTTP API, shared by this module's tests."""
-    srv = RoomcastServer(tmp_path_factory.mktemp("page-server"), env=GUEST_ENV)
-    with srv:
+    async with serve(ws_impl, **GUESTS) as srv:
         yield srv
-    srv.assert_no_traceback()
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def chromium() -> AsyncIterator[Browser]:
+    """One Chromium for the module; tests are kept apart by browser contexts."""
     async with playwright_api.async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -63,25 +69,36 @@ async def browser() -> AsyncIterator[Browser]:
             await browser.close()
 
 
+@pytest_asyncio.fixture(loop_scope="module")
+async def browser(chromium: Browser) -> AsyncIterator[Browser]:
+    """The module's Chromium; the contexts (and pages) a test opens are closed after it."""
+    yield chromium
+    for context in chromium.contexts:
+        await context.close()
+
+
 def room() -> str:
     return f"lobby-{secrets.token_hex(3)}"
 
 
-async def api_publish(http_url: str, channel: str, data: Any) -> int:
-    """Publish through the HTTP API (retrying 503 while a fresh node reaches Redis)."""
-    deadline = time.monotonic() + TIMEOUT
+async def api_publish(http_url: str, channel: str, *data: Any) -> int:
+    """Publish each of ``data`` in turn through the HTTP API (retrying 503 while a fresh node
+    reaches Redis); returns the offset of the last."""
+    offset = 0
     async with httpx.AsyncClient(base_url=http_url, timeout=TIMEOUT) as http:
-        while True:
-            reply = await http.post(
-                "/api/publish",
-                json={"channel": channel, "data": data},
-                headers={"Authorization": f"Bearer {API_KEY}"},
-            )
-            if reply.status_code != 503 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-    assert reply.status_code == 200, reply.text
-    offset: int = reply.json()["offset"]
+        for item in data:
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                reply = await http.post(
+                    "/api/publish",
+                    json={"channel": channel, "data": item},
+                    headers={"Authorization": f"Bearer {API_KEY}"},
+                )
+                if reply.status_code != 503 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            assert reply.status_code == 200, reply.text
+            offset = reply.json()["offset"]
     return offset
 
 
@@ -119,7 +136,7 @@ async def offsets(page: Page) -> list[int]:
     return [int(v) for v in values]
 
 
-async def test_two_users_chat(browser: Browser, server: RoomcastServer, tmp_path: Path) -> None:
+async def test_two_users_chat(browser: Browser, server: AppServer, tmp_path: Path) -> None:
     where = room()
     ann_context = await browser.new_context(viewport={"width": 900, "height": 560})
     bob_context = await browser.new_context(viewport={"width": 900, "height": 560})
@@ -188,7 +205,7 @@ async def test_two_users_chat(browser: Browser, server: RoomcastServer, tmp_path
     )
 
 
-async def test_phone_sized_screen(browser: Browser, server: RoomcastServer, tmp_path: Path) -> None:
+async def test_phone_sized_screen(browser: Browser, server: AppServer, tmp_path: Path) -> None:
     context = await browser.new_context(
         viewport={"width": 375, "height": 740}, device_scale_factor=2, is_mobile=True
     )
@@ -210,10 +227,9 @@ async def test_phone_sized_screen(browser: Browser, server: RoomcastServer, tmp_
     await page.screenshot(path=str(tmp_path / "phone.png"))
 
 
-async def test_history_pages_in_on_scroll(browser: Browser, server: RoomcastServer) -> None:
+async def test_history_pages_in_on_scroll(browser: Browser, server: AppServer) -> None:
     where = room()
-    for i in range(1, 121):
-        await api_publish(server.http_url, f"room:{where}", {"text": f"m{i}"})
+    await api_publish(server.http_url, f"room:{where}", *({"text": f"m{i}"} for i in range(1, 121)))
     context = await browser.new_context(viewport={"width": 900, "height": 600})
     page = await open_page(context, server.http_url, "hal", where)
     await expect(messages(page)).to_have_count(50, timeout=MS)
@@ -231,12 +247,10 @@ async def test_history_pages_in_on_scroll(browser: Browser, server: RoomcastServ
 
 
 async def test_token_is_refreshed_without_reconnecting(
-    browser: Browser, server_factory: Any
+    browser: Browser, start_server: ServerStarter
 ) -> None:
     """Guest tokens of 4 s, refresh pushes 2.5 s ahead: the page renews them and stays on."""
-    srv = server_factory(
-        env={**GUEST_ENV, "ROOMCAST_GUEST_TTL": "4", "ROOMCAST_REFRESH_AHEAD": "2.5"}
-    )
+    srv = await start_server(**GUESTS, guest_ttl=4, refresh_ahead=2.5)
     context = await browser.new_context()
     renewals: list[float] = []
     context.on(
@@ -256,24 +270,22 @@ async def test_token_is_refreshed_without_reconnecting(
     await say(page, "still here")
 
 
-async def test_restart_with_the_memory_broker(browser: Browser, tmp_path: Path) -> None:
+async def test_restart_with_the_memory_broker(browser: Browser, ws_impl: str) -> None:
     """The embedded defaults: the restarted server has a new history stream and a new guest
     key, so the page's token is refused; the page signs in again and shows the new stream
     after the old messages."""
-    first = RoomcastServer(tmp_path / "first", env=GUEST_ENV)
-    second = RoomcastServer(tmp_path / "second", env=GUEST_ENV, port=first.port)
-    await asyncio.to_thread(first.start)
-    try:
-        context = await browser.new_context()
-        where = room()
-        channel = f"room:{where}"
+    context = await browser.new_context()
+    where = room()
+    channel = f"room:{where}"
+    async with serve(ws_impl, **GUESTS) as first:
+        port = first.port
         page = await open_page(context, first.http_url, "mia", where)
         state = page.get_by_test_id("state")
         await say(page, "old 1")
         await say(page, "old 2")
-        await asyncio.to_thread(first.stop)
-        await expect(state).to_have_text("reconnecting", timeout=MS)
-        await asyncio.to_thread(second.start)
+    # The first server is gone (its memory with it); a new one starts on its port.
+    await expect(state).to_have_text("reconnecting", timeout=MS)
+    async with serve(ws_impl, port=port, **GUESTS) as second:
         await api_publish(second.http_url, channel, {"text": "new 1"})
         await expect(state).to_have_text("connected", timeout=4 * MS)
         await api_publish(second.http_url, channel, {"text": "new 2"})
@@ -287,27 +299,21 @@ async def test_restart_with_the_memory_broker(browser: Browser, tmp_path: Path) 
         await expect(messages(page).last).to_have_attribute("data-own", "true")
         await expect(messages(page).first).to_have_attribute("data-own", "true")
         await context.close()
-    finally:
-        await asyncio.to_thread(first.stop)
-        await asyncio.to_thread(second.stop)
-    second.assert_no_traceback()
 
 
 async def test_missed_messages_after_a_server_restart(
-    browser: Browser, fresh_redis: RedisServer, tmp_path: Path
+    browser: Browser, fresh_redis: RedisServer, ws_impl: str
 ) -> None:
     """The page is cut off, the server restarts, messages are published meanwhile: once the
     page is back it shows every one of them exactly once, in order (Redis keeps the history
     and ROOMCAST_JWT_SECRET keeps the guest token valid across the restart)."""
-    env = {
-        **GUEST_ENV,
-        "ROOMCAST_BROKER_URL": fresh_redis.url,
-        "ROOMCAST_JWT_SECRET": "page-test-secret-" + "x" * 32,
+    settings = {
+        **GUESTS,
+        "broker_url": fresh_redis.url,
+        "jwt_secret": "page-test-secret-" + "x" * 32,
     }
-    first = RoomcastServer(tmp_path / "first", env=env)
-    second = RoomcastServer(tmp_path / "second", env=env, port=first.port)
-    await asyncio.to_thread(first.start)
-    try:
+    async with AsyncExitStack() as first_life:
+        first = await first_life.enter_async_context(serve(ws_impl, **settings))
         # The page reaches the server through a proxy, so the test decides when it gets back.
         async with TcpProxy(first.port) as proxy:
             context = await browser.new_context()
@@ -320,12 +326,14 @@ async def test_missed_messages_after_a_server_restart(
             await expect(texts(page)).to_have_count(3, timeout=MS)
 
             proxy.down = True
-            await asyncio.to_thread(first.stop)
+            await first_life.aclose()  # the first server stops
             await expect(state).to_have_text("reconnecting", timeout=MS)
             # Sent while disconnected: the request waits for the connection (requestTimeout).
             await page.get_by_label("Message", exact=True).fill("sent while away")
             await page.get_by_label("Message", exact=True).press("Enter")
-            await asyncio.to_thread(second.start)
+            second = await first_life.enter_async_context(
+                serve(ws_impl, port=first.port, **settings)
+            )
             for i in range(1, 6):
                 await api_publish(second.http_url, channel, {"text": f"missed {i}"})
             # Back at once, without waiting for the backoff: the network "comes back".
@@ -348,22 +356,12 @@ async def test_missed_messages_after_a_server_restart(
             assert recovery == {"recoveries": 1, "gaps": 0}
             assert await page.evaluate("window.roomcastChat.client.connections") == 2
             await context.close()
-    finally:
-        await asyncio.to_thread(first.stop)
-        await asyncio.to_thread(second.stop)
-    second.assert_no_traceback()
 
 
-async def test_embedded_defaults_two_tabs_chat(browser: Browser, tmp_path: Path) -> None:
+async def test_embedded_defaults_two_tabs_chat(browser: Browser, ws_impl: str) -> None:
     """The README's first command: ``roomcast serve`` with nothing configured (no tokens, no
     JWT key, no guest setting). Two tabs open ``/``, pick names and chat."""
-    defaults = {
-        "ROOMCAST_TOKENS": None,
-        "ROOMCAST_ANONYMOUS_SUBSCRIBE": None,
-        "ROOMCAST_ANONYMOUS_PUBLISH": None,
-        "ROOMCAST_RATE_LIMIT": None,
-    }
-    with RoomcastServer(tmp_path / "defaults", env=defaults) as server:
+    async with serve(settings=make_settings(ws_impl, suite=False)) as server:
         context = await browser.new_context()
         where = room()
         ann = await open_page(context, server.http_url, "ann", where)
@@ -376,23 +374,18 @@ async def test_embedded_defaults_two_tabs_chat(browser: Browser, tmp_path: Path)
             )
             await expect(page.get_by_test_id("presence").locator("li")).to_have_count(2, timeout=MS)
         await context.close()
-    server.assert_no_traceback()
 
 
-async def test_three_node_cluster(
-    browser: Browser, fresh_redis: RedisServer, tmp_path: Path
-) -> None:
+async def test_three_node_cluster(browser: Browser, fresh_redis: RedisServer, ws_impl: str) -> None:
     """Three nodes on one Redis, each user's page on a different node: everyone hears
     everyone, and the presence list shows all three."""
-    env = {
-        "ROOMCAST_GUEST_CHANNELS": '["room:*"]',
-        "ROOMCAST_BROKER_URL": fresh_redis.url,
-        "ROOMCAST_JWT_SECRET": "cluster-page-secret-" + "y" * 32,
+    settings = {
+        "guest_channels": ["room:*"],
+        "broker_url": fresh_redis.url,
+        "jwt_secret": "cluster-page-secret-" + "y" * 32,
     }
-    nodes = [RoomcastServer(tmp_path / f"node-{name}", env=env) for name in "abc"]
-    try:
-        for node in nodes:
-            await asyncio.to_thread(node.start)
+    async with AsyncExitStack() as stack:
+        nodes = [await stack.enter_async_context(serve(ws_impl, **settings)) for _ in "abc"]
         context = await browser.new_context()
         where = room()
         pages = [
@@ -409,8 +402,3 @@ async def test_three_node_cluster(
                 3, timeout=2 * MS
             )
         await context.close()
-    finally:
-        for node in nodes:
-            await asyncio.to_thread(node.stop)
-    for node in nodes:
-        node.assert_no_traceback()

@@ -1,36 +1,37 @@
-"""Recovery of missed publications and history paging (docs/protocol.md), on a real server.
+"""Recovery of missed publications and history paging (docs/protocol.md), against in-process
+servers on both WebSocket implementations.
 
-The `/ws` client used here is test_protocol's ``Peer``.
+The `/ws` client used here is the suite's ``Peer`` (tests/servers.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import TIMEOUT, RoomcastServer, ServerFactory, async_wait_until, ws_connect
-from test_protocol import Frame, Peer, channel, peer, publication
+from helpers import TIMEOUT, async_wait_until, ws_connect
+from servers import AppServer, Frame, Peer, ServerStarter, channel, peer, publication, serve
+
+# In-process servers serve in the module's event loop (tests/servers.py).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SHORT_HISTORY = 10
 
 
-@pytest.fixture(scope="module")
-def short_history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
-    srv = RoomcastServer(
-        tmp_path_factory.mktemp("short"), env={"ROOMCAST_HISTORY_SIZE": str(SHORT_HISTORY)}
-    )
-    with srv:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def short_history(ws_impl: str) -> AsyncIterator[AppServer]:
+    async with serve(ws_impl, history_size=SHORT_HISTORY) as srv:
         yield srv
-    srv.assert_no_traceback()
 
 
-async def open_peer(server: RoomcastServer) -> Peer:
+async def open_peer(server: AppServer) -> Peer:
     p = Peer(await ws_connect(server, "/ws"))
     p.hello = await p.frame()
     assert p.hello["type"] == "connected", p.hello
@@ -63,7 +64,7 @@ MISSED = 12
 
 
 @pytest.mark.parametrize("how", ["close", "abort"])
-async def test_recover_replays_what_was_missed_then_live(server: RoomcastServer, how: str) -> None:
+async def test_recover_replays_what_was_missed_then_live(server: AppServer, how: str) -> None:
     ch = channel("rec")
     sent: dict[int, Any] = {}
     async with peer(server) as pub:
@@ -91,7 +92,7 @@ async def test_recover_replays_what_was_missed_then_live(server: RoomcastServer,
             await back.still_works()
 
 
-async def test_recover_with_nothing_missed(server: RoomcastServer) -> None:
+async def test_recover_with_nothing_missed(server: AppServer) -> None:
     ch = channel("rec")
     sent: dict[int, Any] = {}
     async with peer(server) as pub, peer(server) as sub:
@@ -109,7 +110,7 @@ RACE = 80
 
 
 @pytest.mark.parametrize("recover", [True, False], ids=["recover", "plain"])
-async def test_subscribe_racing_a_publisher(server: RoomcastServer, recover: bool) -> None:
+async def test_subscribe_racing_a_publisher(server: AppServer, recover: bool) -> None:
     """Publications made while the subscribe request is under way: no gap, no duplicate."""
     ch = channel("race")
     sent: dict[int, Any] = {}
@@ -168,7 +169,7 @@ async def test_subscribe_racing_a_publisher(server: RoomcastServer, recover: boo
 # -- recovered: false ----------------------------------------------------------------------------
 
 
-async def test_gap_older_than_the_history(short_history: RoomcastServer) -> None:
+async def test_gap_older_than_the_history(short_history: AppServer) -> None:
     ch = channel("gap")
     sent: dict[int, Any] = {}
     async with peer(short_history) as pub:
@@ -198,7 +199,7 @@ async def test_gap_older_than_the_history(short_history: RoomcastServer) -> None
     ids=["other-epoch", "empty-epoch", "offset-beyond", "far-beyond"],
 )
 async def test_recover_from_nothing_it_can_use(
-    server: RoomcastServer, offset: int, epoch: str | None
+    server: AppServer, offset: int, epoch: str | None
 ) -> None:
     ch = channel("bad-pos")
     sent: dict[int, Any] = {}
@@ -237,7 +238,7 @@ STEP = st.one_of(
 )
 
 
-async def interleaving(server: RoomcastServer, steps: list[tuple[Any, ...]]) -> None:
+async def interleaving(server: AppServer, steps: list[tuple[Any, ...]]) -> None:
     ch = channel("hyp")
     sent: dict[int, Any] = {}
     seen: list[int] = []
@@ -300,11 +301,11 @@ async def interleaving(server: RoomcastServer, steps: list[tuple[Any, ...]]) -> 
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(steps=st.lists(STEP, max_size=10))
-def test_every_publication_exactly_once_in_order(
-    server: RoomcastServer, steps: list[tuple[Any, ...]]
+async def test_every_publication_exactly_once_in_order(
+    server: AppServer, steps: list[tuple[Any, ...]]
 ) -> None:
     """Across all its connections, a recovering subscriber sees offsets 1..total once each."""
-    asyncio.run(interleaving(server, steps))
+    await interleaving(server, steps)
 
 
 # -- history -------------------------------------------------------------------------------------
@@ -327,7 +328,7 @@ async def walk(p: Peer, ch: str, direction: str) -> list[list[int]]:
     pytest.fail(f"history walk {direction} does not end: {pages[-3:]}")
 
 
-async def test_history_paging_walks_everything_once(server: RoomcastServer) -> None:
+async def test_history_paging_walks_everything_once(server: AppServer) -> None:
     ch = channel("hist")
     sent: dict[int, Any] = {}
     async with peer(server) as pub, peer(server) as sub:
@@ -354,7 +355,7 @@ async def test_history_paging_walks_everything_once(server: RoomcastServer) -> N
         assert (await sub.ok("history", channel=ch, before=1000))["publications"] == pushes[-100:]
 
 
-async def test_history_default_limit(server: RoomcastServer) -> None:
+async def test_history_default_limit(server: AppServer) -> None:
     ch = channel("hist")
     sent: dict[int, Any] = {}
     async with peer(server) as pub:
@@ -365,7 +366,7 @@ async def test_history_default_limit(server: RoomcastServer) -> None:
         assert result["offset"] == 120
 
 
-async def test_history_holds_the_latest_only(short_history: RoomcastServer) -> None:
+async def test_history_holds_the_latest_only(short_history: AppServer) -> None:
     ch = channel("hist")
     sent: dict[int, Any] = {}
     async with peer(short_history) as pub:
@@ -381,8 +382,8 @@ async def test_history_holds_the_latest_only(short_history: RoomcastServer) -> N
         assert since["publications"] == expected(ch, range(16, 18), sent, pub)
 
 
-async def test_history_expires_after_the_ttl(server_factory: ServerFactory) -> None:
-    srv = server_factory(env={"ROOMCAST_HISTORY_TTL": "1"})
+async def test_history_expires_after_the_ttl(start_server: ServerStarter) -> None:
+    srv = await start_server(history_ttl=1)
     ch = channel("ttl")
     sent: dict[int, Any] = {}
     async with peer(srv) as pub:
@@ -420,10 +421,10 @@ async def test_history_expires_after_the_ttl(server_factory: ServerFactory) -> N
 
 
 async def test_history_of_the_least_recently_published_channel_is_dropped(
-    server_factory: ServerFactory,
+    start_server: ServerStarter,
 ) -> None:
     """Past ROOMCAST_HISTORY_CHANNELS, a channel's next publication starts a new epoch."""
-    srv = server_factory(env={"ROOMCAST_HISTORY_CHANNELS": "2"})
+    srv = await start_server(history_channels=2)
     first, second, third = channel("lru"), channel("lru"), channel("lru")
     async with peer(srv) as pub:
         await publish(pub, first, 2, {})

@@ -1,11 +1,12 @@
-"""Access control and abuse limits, against real servers over real sockets.
+"""Access control and abuse limits, against in-process servers (both WebSocket implementations)
+over real sockets.
 
 JWT verification (HS/RS/ES, JWKS by ``kid``, audience, issuer, the classic attacks), token
 expiry and refresh, channel permissions, the origin check, the per-connection, per-user and
 per-IP limits, the handshake and authentication deadlines, and tokens kept out of the logs.
 
 The other suites run with anonymous access to every channel and no rate limit (see
-``helpers.base_env``); every server here sets its own access rules.
+``servers.SUITE_SETTINGS``); every server here sets its own access rules.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import json
 import math
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+import pytest_asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm
@@ -37,14 +38,12 @@ from websockets.typing import Origin, Subprotocol
 from helpers import (
     HOST,
     TIMEOUT,
-    RoomcastServer,
-    ServerFactory,
     recv,
     recv_until_closed,
     ws_connect,
 )
-
-Frame = dict[str, Any]
+from roomcast import Settings
+from servers import AppServer, ServerStarter, peer, serve
 
 # -- keys and tokens ----------------------------------------------------------------------------
 
@@ -153,176 +152,81 @@ def jwks_json() -> str:
 
 # -- servers ------------------------------------------------------------------------------------
 
+# In-process servers serve in the module's event loop (tests/servers.py).
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-@pytest.fixture(scope="module")
-def make_server(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[ServerFactory]:
-    """Module-scoped servers with special settings (stopped and checked at module end)."""
-    servers: list[RoomcastServer] = []
-
-    def make(env: Mapping[str, str | None] | None = None, **kwargs: Any) -> RoomcastServer:
-        srv = RoomcastServer(tmp_path_factory.mktemp("security"), env=env, **kwargs)
-        servers.append(srv)
-        return srv.start()
-
-    yield make
-    for srv in reversed(servers):
-        srv.stop()
-    for srv in servers:
-        srv.assert_no_traceback()
+#: Settings that turn anonymous access off (the suite's settings allow every channel).
+ANONYMOUS_OFF: dict[str, Any] = {"anonymous_subscribe": [], "anonymous_publish": []}
+#: roomcast's own rate limit (the suite's settings turn it off).
+DEFAULT_RATE_LIMIT = Settings.model_fields["rate_limit"].default
 
 
-@pytest.fixture(scope="module")
-def secured(make_server: ServerFactory) -> RoomcastServer:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def secured(ws_impl: str) -> AsyncIterator[AppServer]:
     """HS tokens with audience and issuer, anonymous access off, one allowed foreign origin."""
-    return make_server(
-        env={
-            **ANONYMOUS_OFF,
-            "ROOMCAST_JWT_SECRET": SECRET,
-            "ROOMCAST_JWT_AUDIENCE": AUDIENCE,
-            "ROOMCAST_JWT_ISSUER": ISSUER,
-            "ROOMCAST_REFRESH_AHEAD": str(REFRESH_AHEAD),
-            "ROOMCAST_ALLOWED_ORIGINS": '["https://app.example"]',
-        }
-    )
+    async with serve(
+        ws_impl,
+        **ANONYMOUS_OFF,
+        jwt_secret=SECRET,
+        jwt_audience=AUDIENCE,
+        jwt_issuer=ISSUER,
+        refresh_ahead=REFRESH_AHEAD,
+        allowed_origins=["https://app.example"],
+    ) as srv:
+        yield srv
 
 
-@pytest.fixture(scope="module")
-def asymmetric(
-    make_server: ServerFactory, tmp_path_factory: pytest.TempPathFactory
-) -> RoomcastServer:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def asymmetric(
+    ws_impl: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[AppServer]:
     """An RSA public key (PEM text) and a JWKS of two EC keys; no HMAC secret."""
     jwks = tmp_path_factory.mktemp("jwks") / "jwks.json"
     jwks.write_text(jwks_json())
-    return make_server(
-        env={
-            **ANONYMOUS_OFF,
-            "ROOMCAST_JWT_PUBLIC_KEY": RSA_PUBLIC_PEM,
-            "ROOMCAST_JWT_JWKS_FILE": str(jwks),
-        }
-    )
+    async with serve(
+        ws_impl, **ANONYMOUS_OFF, jwt_public_key=RSA_PUBLIC_PEM, jwt_jwks_file=str(jwks)
+    ) as srv:
+        yield srv
 
 
-@pytest.fixture(scope="module")
-def auth_deadline(make_server: ServerFactory) -> RoomcastServer:
-    return make_server(
-        env={
-            **ANONYMOUS_OFF,
-            "ROOMCAST_JWT_SECRET": SECRET,
-            "ROOMCAST_AUTH_TIMEOUT": str(AUTH_TIMEOUT),
-        }
-    )
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def auth_deadline(ws_impl: str) -> AsyncIterator[AppServer]:
+    async with serve(ws_impl, **ANONYMOUS_OFF, jwt_secret=SECRET, auth_timeout=AUTH_TIMEOUT) as srv:
+        yield srv
 
 
-@pytest.fixture(scope="module")
-def public(make_server: ServerFactory) -> RoomcastServer:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def public(ws_impl: str) -> AsyncIterator[AppServer]:
     """Anonymous clients may subscribe to ``public:*`` (and nothing else), within 1 s."""
-    return make_server(
-        env={
-            **ANONYMOUS_OFF,
-            "ROOMCAST_ANONYMOUS_SUBSCRIBE": '["public:*"]',
-            "ROOMCAST_JWT_SECRET": SECRET,
-            "ROOMCAST_AUTH_TIMEOUT": str(AUTH_TIMEOUT),
-        }
-    )
+    async with serve(
+        ws_impl,
+        **ANONYMOUS_OFF | {"anonymous_subscribe": ["public:*"]},
+        jwt_secret=SECRET,
+        auth_timeout=AUTH_TIMEOUT,
+    ) as srv:
+        yield srv
 
 
-@pytest.fixture(scope="module")
-def limits(make_server: ServerFactory) -> RoomcastServer:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def limits(ws_impl: str) -> AsyncIterator[AppServer]:
     """Message size, subscriptions, connections per user and the handshake deadline."""
-    return make_server(
-        env={
-            **ANONYMOUS_OFF,
-            "ROOMCAST_JWT_SECRET": SECRET,
-            "ROOMCAST_RATE_LIMIT": None,
-            "ROOMCAST_MAX_MESSAGE_SIZE": str(MAX_MESSAGE),
-            "ROOMCAST_MAX_SUBSCRIPTIONS": str(MAX_SUBSCRIPTIONS),
-            "ROOMCAST_MAX_CONNECTIONS_PER_USER": str(PER_USER),
-            "ROOMCAST_HANDSHAKE_TIMEOUT": str(HANDSHAKE_TIMEOUT),
-        }
-    )
+    async with serve(
+        ws_impl,
+        **ANONYMOUS_OFF,
+        jwt_secret=SECRET,
+        rate_limit=DEFAULT_RATE_LIMIT,
+        max_message_size=MAX_MESSAGE,
+        max_subscriptions=MAX_SUBSCRIPTIONS,
+        max_connections_per_user=PER_USER,
+        handshake_timeout=HANDSHAKE_TIMEOUT,
+    ) as srv:
+        yield srv
 
 
-@pytest.fixture(scope="module")
-def rated(make_server: ServerFactory) -> RoomcastServer:
-    return make_server(
-        env={
-            **ANONYMOUS_OFF,
-            "ROOMCAST_RATE_LIMIT": str(RATE),
-            "ROOMCAST_RATE_BURST": str(BURST),
-        }
-    )
-
-
-# -- a /ws client -------------------------------------------------------------------------------
-
-
-class Peer:
-    """One ``/ws`` connection: requests get fresh ids; pushes met on the way are kept."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.hello: Frame = {}
-        self.pushes: deque[Frame] = deque()
-        self._ids = itertools.count(1)
-
-    async def frame(self, within: float = TIMEOUT) -> Frame:
-        raw = await recv(self.ws, within)
-        assert isinstance(raw, str), f"the server sent a binary frame: {raw!r}"
-        frame = json.loads(raw)
-        assert isinstance(frame, dict), raw
-        return frame
-
-    async def send(self, value: Any) -> None:
-        await self.ws.send(json.dumps(value))
-
-    async def request(self, op: str, **fields: Any) -> Frame:
-        rid = next(self._ids)
-        await self.send({"id": rid, "op": op, **fields})
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                frame = await self.frame()
-                if "id" not in frame:
-                    self.pushes.append(frame)
-                    continue
-                assert frame["id"] == rid, f"expected the reply to {rid!r}, got {frame}"
-                return frame
-
-    async def ok(self, op: str, **fields: Any) -> Frame:
-        reply = await self.request(op, **fields)
-        assert reply.get("ok") is True, reply
-        result = reply["result"]
-        assert isinstance(result, dict), reply
-        return result
-
-    async def error(self, op: str, **fields: Any) -> str:
-        """The error code of a request that must fail (its reply carries the request's id)."""
-        reply = await self.request(op, **fields)
-        assert reply.get("ok") is False, reply
-        assert set(reply) == {"id", "ok", "error"}, reply
-        assert set(reply["error"]) == {"code", "message"}, reply
-        return str(reply["error"]["code"])
-
-    async def ping(self) -> None:
-        assert await self.ok("ping") == {}
-
-    async def quiet(self, seconds: float) -> None:
-        """Nothing arrives for ``seconds`` (and the connection stays open)."""
-        try:
-            frame = await self.frame(within=seconds)
-        except TimeoutError:
-            return
-        pytest.fail(f"unexpected frame {frame}")
-
-
-@asynccontextmanager
-async def peer(server: RoomcastServer, path: str = "/ws", **kwargs: Any) -> AsyncIterator[Peer]:
-    async with ws_connect(server, path, **kwargs) as ws:
-        p = Peer(ws)
-        p.hello = await p.frame()
-        assert p.hello.get("type") == "connected", p.hello
-        yield p
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def rated(ws_impl: str) -> AsyncIterator[AppServer]:
+    async with serve(ws_impl, **ANONYMOUS_OFF, rate_limit=RATE, rate_burst=BURST) as srv:
+        yield srv
 
 
 def bearer(token: str) -> dict[str, Any]:
@@ -343,7 +247,7 @@ def carry(path: str, token: str, how: str) -> tuple[str, dict[str, Any]]:
     return path, token_subprotocols(token)
 
 
-async def assert_refused(server: RoomcastServer, path: str, **kwargs: Any) -> None:
+async def assert_refused(server: AppServer, path: str, **kwargs: Any) -> None:
     """The handshake is refused with HTTP 403."""
     with pytest.raises(InvalidStatus) as info:
         async with ws_connect(server, path, **kwargs):
@@ -366,7 +270,7 @@ async def closed_with(ws: ClientConnection, within: float = TIMEOUT) -> int | No
     return ws.close_code
 
 
-async def echoes(server: RoomcastServer, ws: ClientConnection | None = None) -> None:
+async def echoes(server: AppServer, ws: ClientConnection | None = None) -> None:
     """An echo round trip, on ``ws`` or on a new connection."""
     if ws is None:
         async with ws_connect(server, "/ws/echo") as fresh:
@@ -383,7 +287,7 @@ HOWS = ("header", "query", "subprotocol")
 
 
 @pytest.mark.parametrize("how", HOWS)
-async def test_valid_hs256_token_on_ws(secured: RoomcastServer, how: str) -> None:
+async def test_valid_hs256_token_on_ws(secured: AppServer, how: str) -> None:
     user = unique("user-")
     path, kwargs = carry("/ws", hs(claims(user)), how)
     async with peer(secured, path, **kwargs) as p:
@@ -393,14 +297,14 @@ async def test_valid_hs256_token_on_ws(secured: RoomcastServer, how: str) -> Non
 
 
 @pytest.mark.parametrize("alg", ["HS384", "HS512"])
-async def test_valid_hs384_and_hs512_tokens(secured: RoomcastServer, alg: str) -> None:
+async def test_valid_hs384_and_hs512_tokens(secured: AppServer, alg: str) -> None:
     user = unique("user-")
     async with peer(secured, "/ws", **bearer(hs(claims(user), alg=alg))) as p:
         assert p.hello["user"] == user, p.hello
 
 
 @pytest.mark.parametrize("how", HOWS)
-async def test_valid_token_on_secure(secured: RoomcastServer, how: str) -> None:
+async def test_valid_token_on_secure(secured: AppServer, how: str) -> None:
     user = unique("user-")
     path, kwargs = carry("/ws/secure", hs(claims(user)), how)
     async with ws_connect(secured, path, **kwargs) as ws:
@@ -409,16 +313,16 @@ async def test_valid_token_on_secure(secured: RoomcastServer, how: str) -> None:
         assert await recv(ws) == "You said: hi"
 
 
-async def test_rs256_with_public_key(asymmetric: RoomcastServer) -> None:
+async def test_rs256_with_public_key(asymmetric: AppServer) -> None:
     user = unique("rsa-")
     async with peer(asymmetric, "/ws", **bearer(rs(claims(user, aud=None, iss=None)))) as p:
         assert p.hello["user"] == user, p.hello
 
 
-async def test_rs256_with_public_key_file(server_factory: ServerFactory, tmp_path: Path) -> None:
+async def test_rs256_with_public_key_file(start_server: ServerStarter, tmp_path: Path) -> None:
     pem = tmp_path / "public.pem"
     pem.write_text(RSA_PUBLIC_PEM)
-    srv = server_factory(env={**ANONYMOUS_OFF, "ROOMCAST_JWT_PUBLIC_KEY": str(pem)})
+    srv = await start_server(**ANONYMOUS_OFF, jwt_public_key=str(pem))
     user = unique("rsa-")
     async with peer(srv, "/ws", **bearer(rs(claims(user, aud=None, iss=None)))) as p:
         assert p.hello["user"] == user, p.hello
@@ -427,7 +331,7 @@ async def test_rs256_with_public_key_file(server_factory: ServerFactory, tmp_pat
 
 
 @pytest.mark.parametrize("kid", sorted(EC_KEYS))
-async def test_es256_from_jwks_by_kid(asymmetric: RoomcastServer, kid: str) -> None:
+async def test_es256_from_jwks_by_kid(asymmetric: AppServer, kid: str) -> None:
     user = unique("ec-")
     token = es(claims(user, aud=None, iss=None), kid, EC_KEYS[kid])
     async with peer(asymmetric, "/ws", **bearer(token)) as p:
@@ -508,10 +412,11 @@ TRANSPORTS = [("/ws", "header"), ("/ws", "query"), ("/ws", "subprotocol"), ("/ws
 @pytest.mark.parametrize(("path", "how"), TRANSPORTS)
 @pytest.mark.parametrize("case", SECURED_CASES + ASYMMETRIC_CASES)
 async def test_bad_token_refused_403(
-    request: pytest.FixtureRequest, case: str, path: str, how: str
+    request: pytest.FixtureRequest, ws_impl: str, case: str, path: str, how: str
 ) -> None:
+    # ws_impl: the server fetched below is the one of this test's WebSocket implementation.
     server_name = "asymmetric" if case in ASYMMETRIC_CASES else "secured"
-    srv: RoomcastServer = request.getfixturevalue(server_name)
+    srv: AppServer = request.getfixturevalue(server_name)
     full_path, kwargs = carry(path, bad_token(case), how)
     await assert_refused(srv, full_path, **kwargs)
 
@@ -524,7 +429,7 @@ def soon() -> int:
     return math.ceil(time.time() + 2.5)
 
 
-async def test_token_expiry_refresh_push_then_4003(secured: RoomcastServer) -> None:
+async def test_token_expiry_refresh_push_then_4003(secured: AppServer) -> None:
     exp = soon()
     async with peer(secured, "/ws", **bearer(hs(claims(unique("exp-"), exp=exp)))) as p:
         push = await p.frame(within=exp - time.time() + TIMEOUT)
@@ -539,7 +444,7 @@ async def test_token_expiry_refresh_push_then_4003(secured: RoomcastServer) -> N
         assert closed >= exp - 0.3, (closed, exp)
 
 
-async def test_fresh_token_keeps_connection_past_expiry(secured: RoomcastServer) -> None:
+async def test_fresh_token_keeps_connection_past_expiry(secured: AppServer) -> None:
     user = unique("exp-")
     exp = soon()
     async with peer(secured, "/ws", **bearer(hs(claims(user, exp=exp)))) as p:
@@ -552,18 +457,18 @@ async def test_fresh_token_keeps_connection_past_expiry(secured: RoomcastServer)
         await p.ping()
 
 
-async def test_auth_for_another_user_or_bad_token_refused(secured: RoomcastServer) -> None:
+async def test_auth_for_another_user_or_bad_token_refused(secured: AppServer) -> None:
     user = unique("alice-")
     async with peer(secured, "/ws", **bearer(hs(claims(user)))) as p:
-        assert await p.error("auth", token=hs(claims(unique("mallory-")))) == "forbidden"
-        assert await p.error("auth", token=hs(claims(user), secret=OTHER_SECRET)) == "unauthorized"
-        assert await p.error("auth", token=hs(claims(user, ttl=-10))) == "unauthorized"
-        assert await p.error("auth", token=unsigned(claims(user))) == "unauthorized"
+        assert await p.fail("auth", token=hs(claims(unique("mallory-")))) == "forbidden"
+        assert await p.fail("auth", token=hs(claims(user), secret=OTHER_SECRET)) == "unauthorized"
+        assert await p.fail("auth", token=hs(claims(user, ttl=-10))) == "unauthorized"
+        assert await p.fail("auth", token=unsigned(claims(user))) == "unauthorized"
         await p.ping()
         assert not p.pushes, p.pushes
 
 
-async def test_in_band_auth_on_anonymous_connection(secured: RoomcastServer) -> None:
+async def test_in_band_auth_on_anonymous_connection(secured: AppServer) -> None:
     user = unique("inband-")
     async with peer(secured, "/ws") as p:
         assert p.hello["user"] is None, p.hello
@@ -572,7 +477,7 @@ async def test_in_band_auth_on_anonymous_connection(secured: RoomcastServer) -> 
         assert await p.ok("auth", token=token) == {"user": user, "expires_at": exp}
         channel = unique("chat:x-")
         assert set(await p.ok("subscribe", channel=channel)) == {"epoch", "offset"}
-        assert await p.error("subscribe", channel=unique("news:x-")) == "forbidden"
+        assert await p.fail("subscribe", channel=unique("news:x-")) == "forbidden"
         presence = await p.ok("presence", channel=channel)
         assert [c["user"] for c in presence["clients"]] == [user]
 
@@ -580,54 +485,54 @@ async def test_in_band_auth_on_anonymous_connection(secured: RoomcastServer) -> 
 # -- 2. permissions -----------------------------------------------------------------------------
 
 
-async def test_channel_permissions_of_a_jwt_user(secured: RoomcastServer) -> None:
+async def test_channel_permissions_of_a_jwt_user(secured: AppServer) -> None:
     token = hs(claims(unique("perm-"), subscribe=["chat:*"], publish=["chat:lobby"]))
     news = unique("news:x-")
     async with peer(secured, "/ws", **bearer(token)) as p:
         assert set(await p.ok("subscribe", channel=unique("chat:x-"))) == {"epoch", "offset"}
-        assert await p.error("subscribe", channel=news) == "forbidden"
-        assert await p.error("publish", channel=unique("chat:other-"), data=1) == "forbidden"
+        assert await p.fail("subscribe", channel=news) == "forbidden"
+        assert await p.fail("publish", channel=unique("chat:other-"), data=1) == "forbidden"
         assert set(await p.ok("publish", channel="chat:lobby", data=1)) == {"epoch", "offset"}
-        assert await p.error("presence", channel=news) == "forbidden"
-        assert await p.error("history", channel=news) == "forbidden"
+        assert await p.fail("presence", channel=news) == "forbidden"
+        assert await p.fail("history", channel=news) == "forbidden"
         await p.ping()
 
 
-async def test_anonymous_forbidden_by_default(secured: RoomcastServer) -> None:
+async def test_anonymous_forbidden_by_default(secured: AppServer) -> None:
     async with peer(secured, "/ws") as p:
         assert p.hello["user"] is None, p.hello
         for channel in ("chat:lobby", unique("public:"), unique("x:")):
-            assert await p.error("subscribe", channel=channel) == "forbidden"
-            assert await p.error("publish", channel=channel, data=1) == "forbidden"
-            assert await p.error("presence", channel=channel) == "forbidden"
-            assert await p.error("history", channel=channel) == "forbidden"
+            assert await p.fail("subscribe", channel=channel) == "forbidden"
+            assert await p.fail("publish", channel=channel, data=1) == "forbidden"
+            assert await p.fail("presence", channel=channel) == "forbidden"
+            assert await p.fail("history", channel=channel) == "forbidden"
         await p.ping()
 
 
-async def test_anonymous_subscribe_patterns(public: RoomcastServer) -> None:
+async def test_anonymous_subscribe_patterns(public: AppServer) -> None:
     async with peer(public, "/ws") as p:
         assert set(await p.ok("subscribe", channel="public:news")) == {"epoch", "offset"}
-        assert await p.error("publish", channel="public:news", data=1) == "forbidden"
-        assert await p.error("subscribe", channel=unique("chat:x-")) == "forbidden"
+        assert await p.fail("publish", channel="public:news", data=1) == "forbidden"
+        assert await p.fail("subscribe", channel=unique("chat:x-")) == "forbidden"
         await p.ping()
 
 
 # -- 3. origin check ----------------------------------------------------------------------------
 
 
-def same_origin(server: RoomcastServer) -> str:
+def same_origin(server: AppServer) -> str:
     return f"http://{HOST}:{server.port}"
 
 
 @pytest.mark.parametrize("path", ["/ws", "/ws/echo"])
 @pytest.mark.parametrize("origin", ["http://evil.example", "null", "https://app.example.evil"])
-async def test_foreign_origin_refused(secured: RoomcastServer, path: str, origin: str) -> None:
+async def test_foreign_origin_refused(secured: AppServer, path: str, origin: str) -> None:
     await assert_refused(secured, path, origin=Origin(origin))
 
 
 @pytest.mark.parametrize("path", ["/ws", "/ws/echo"])
 @pytest.mark.parametrize("origin", ["same", "none", "https://app.example"])
-async def test_allowed_origin(secured: RoomcastServer, path: str, origin: str) -> None:
+async def test_allowed_origin(secured: AppServer, path: str, origin: str) -> None:
     kwargs: dict[str, Any] = {}
     if origin == "same":
         kwargs["origin"] = Origin(same_origin(secured))
@@ -645,7 +550,7 @@ async def test_allowed_origin(secured: RoomcastServer, path: str, origin: str) -
 
 
 @pytest.mark.parametrize("path", ["/ws", "/ws/echo"])
-async def test_message_over_size_limit_closes_1009(limits: RoomcastServer, path: str) -> None:
+async def test_message_over_size_limit_closes_1009(limits: AppServer, path: str) -> None:
     token = hs(claims(unique("size-"), aud=None, iss=None))
     async with peer(limits, "/ws", **bearer(token)) as bystander:
         async with ws_connect(limits, path, **bearer(token)) as ws:
@@ -655,16 +560,16 @@ async def test_message_over_size_limit_closes_1009(limits: RoomcastServer, path:
         await echoes(limits)
 
 
-async def test_too_many_subscriptions(limits: RoomcastServer) -> None:
+async def test_too_many_subscriptions(limits: AppServer) -> None:
     token = hs(claims(unique("subs-"), aud=None, iss=None, subscribe=["lim:*"]))
     async with peer(limits, "/ws", **bearer(token)) as p:
         for _ in range(MAX_SUBSCRIPTIONS):
             await p.ok("subscribe", channel=unique("lim:"))
-        assert await p.error("subscribe", channel=unique("lim:")) == "too_many_subscriptions"
+        assert await p.fail("subscribe", channel=unique("lim:")) == "too_many_subscriptions"
         await p.ping()
 
 
-async def test_rate_limit_on_ws(rated: RoomcastServer) -> None:
+async def test_rate_limit_on_ws(rated: AppServer) -> None:
     async with peer(rated, "/ws") as bystander, peer(rated, "/ws") as p:
         ids = [f"p{n}" for n in range(30)]
         for rid in ids:
@@ -695,7 +600,7 @@ async def test_rate_limit_on_ws(rated: RoomcastServer) -> None:
         await bystander.ping()
 
 
-async def test_rate_limit_on_echo(rated: RoomcastServer) -> None:
+async def test_rate_limit_on_echo(rated: AppServer) -> None:
     # The client waits longer than TIMEOUT for the server's end of the closing handshake, so
     # a server that does not finish it in time fails here rather than races the client.
     flooder = ws_connect(rated, "/ws/echo", close_timeout=3 * TIMEOUT)
@@ -706,11 +611,11 @@ async def test_rate_limit_on_echo(rated: RoomcastServer) -> None:
         await echoes(rated, bystander)
 
 
-async def wait_connections(server: RoomcastServer, n: int) -> None:
+async def wait_connections(server: AppServer, n: int) -> None:
     await server.await_stats(lambda s: s["connections"] == n, what=f"{n} connections")
 
 
-async def test_connections_per_user(limits: RoomcastServer) -> None:
+async def test_connections_per_user(limits: AppServer) -> None:
     user = unique("many-")
     token = hs(claims(user, aud=None, iss=None))
     await wait_connections(limits, 0)
@@ -740,8 +645,8 @@ async def test_connections_per_user(limits: RoomcastServer) -> None:
             assert await recv(secure) == f"Hello, {user}! Welcome to the secure WebSocket."
 
 
-async def test_connections_per_ip(server_factory: ServerFactory) -> None:
-    srv = server_factory(env={**ANONYMOUS_OFF, "ROOMCAST_MAX_CONNECTIONS_PER_IP": str(PER_IP)})
+async def test_connections_per_ip(start_server: ServerStarter) -> None:
+    srv = await start_server(**ANONYMOUS_OFF, max_connections_per_ip=PER_IP)
     async with AsyncExitStack() as stack:
         held = [await stack.enter_async_context(ws_connect(srv, "/ws/echo")) for _ in range(PER_IP)]
         async with ws_connect(srv, "/ws/echo") as extra:
@@ -756,7 +661,7 @@ async def test_connections_per_ip(server_factory: ServerFactory) -> None:
             await p.ping()
 
 
-async def test_handshake_timeout(limits: RoomcastServer) -> None:
+async def test_handshake_timeout(limits: AppServer) -> None:
     started = time.monotonic()
     silent = await asyncio.open_connection(HOST, limits.port)
     partial = await asyncio.open_connection(HOST, limits.port)
@@ -785,7 +690,7 @@ async def test_handshake_timeout(limits: RoomcastServer) -> None:
             writer.close()
 
 
-async def test_auth_timeout_closes_4002(auth_deadline: RoomcastServer) -> None:
+async def test_auth_timeout_closes_4002(auth_deadline: AppServer) -> None:
     started = time.monotonic()
     async with peer(auth_deadline, "/ws") as p:
         assert await closed_with(p.ws, AUTH_TIMEOUT + TIMEOUT) == 4002, p.ws.close_reason
@@ -794,7 +699,7 @@ async def test_auth_timeout_closes_4002(auth_deadline: RoomcastServer) -> None:
         assert AUTH_TIMEOUT - 0.2 <= elapsed <= AUTH_TIMEOUT + SLACK, elapsed
 
 
-async def test_auth_in_time_stays_open(auth_deadline: RoomcastServer) -> None:
+async def test_auth_in_time_stays_open(auth_deadline: AppServer) -> None:
     user = unique("intime-")
     async with peer(auth_deadline, "/ws") as p:
         assert (await p.ok("auth", token=hs(claims(user, aud=None, iss=None))))["user"] == user
@@ -802,7 +707,7 @@ async def test_auth_in_time_stays_open(auth_deadline: RoomcastServer) -> None:
         await p.ping()
 
 
-async def test_subscribed_in_time_stays_open(public: RoomcastServer) -> None:
+async def test_subscribed_in_time_stays_open(public: AppServer) -> None:
     async with peer(public, "/ws") as p:
         await p.ok("subscribe", channel=unique("public:"))
         await p.quiet(2 * AUTH_TIMEOUT)
@@ -812,7 +717,7 @@ async def test_subscribed_in_time_stays_open(public: RoomcastServer) -> None:
 # -- 5. tokens never in logs --------------------------------------------------------------------
 
 
-async def test_tokens_never_in_logs(secured: RoomcastServer) -> None:
+async def test_tokens_never_in_logs(secured: AppServer) -> None:
     user = unique("logged-")
     good = [hs(claims(user)) for _ in range(4)]
     bad = [hs(claims(user), secret=OTHER_SECRET), unique("not-a-jwt-"), hs(claims(user, ttl=-5))]
@@ -824,7 +729,7 @@ async def test_tokens_never_in_logs(secured: RoomcastServer) -> None:
     async with peer(secured, "/ws", **bearer(good[3])) as p:
         assert p.hello["user"] == user
         # A bad token sent in-band.
-        assert await p.error("auth", token=bad[0]) == "unauthorized"
+        assert await p.fail("auth", token=bad[0]) == "unauthorized"
     async with ws_connect(secured, f"/ws/secure?token={good[2]}") as ws:
         assert await recv(ws) == f"Hello, {user}! Welcome to the secure WebSocket."
     for token in bad:

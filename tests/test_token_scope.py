@@ -13,44 +13,43 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import jwt
 import pytest
+import pytest_asyncio
 
 import roomcast
-from helpers import TIMEOUT, RoomcastServer
+from helpers import TIMEOUT
 from roomcast.client import Publication, ServerError
-from test_protocol import Peer, peer
+from servers import AppServer, Frame, Peer, peer, serve
+
+# In-process servers serve in the module's event loop (tests/servers.py), and so do the
+# HTTP client below, the Python client and Playwright.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SECRET = "roomcast-scope-secret-" + "3c" * 40
 API_KEY = "scope-api-key"
 FAST = {"backoff_min": 0.05, "backoff_max": 0.2, "request_timeout": 4 * TIMEOUT}
 
-Frame = dict[str, Any]
 
-
-@pytest.fixture(scope="module")
-def scoped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def scoped(ws_impl: str) -> AsyncIterator[AppServer]:
     """JWT users, the HTTP API, and no anonymous access."""
-    srv = RoomcastServer(
-        tmp_path_factory.mktemp("scope"),
-        env={
-            "ROOMCAST_JWT_SECRET": SECRET,
-            "ROOMCAST_API_KEY": API_KEY,
-            "ROOMCAST_ANONYMOUS_SUBSCRIBE": None,
-            "ROOMCAST_ANONYMOUS_PUBLISH": None,
-        },
-    )
-    with srv:
+    async with serve(
+        ws_impl,
+        jwt_secret=SECRET,
+        api_key=API_KEY,
+        anonymous_subscribe=[],
+        anonymous_publish=[],
+    ) as srv:
         yield srv
-    srv.assert_no_traceback()
 
 
-@pytest.fixture
-async def api(scoped: RoomcastServer) -> AsyncIterator[httpx.AsyncClient]:
+@pytest_asyncio.fixture(loop_scope="module")
+async def api(scoped: AppServer) -> AsyncIterator[httpx.AsyncClient]:
     headers = {"Authorization": f"Bearer {API_KEY}"}
     async with httpx.AsyncClient(base_url=scoped.http_url, headers=headers, timeout=TIMEOUT) as c:
         yield c
@@ -96,7 +95,7 @@ async def until_publication(p: Peer, channel: str, offset: int) -> list[Frame]:
 
 
 async def test_narrowing_auth_unsubscribes_with_a_push(
-    scoped: RoomcastServer, api: httpx.AsyncClient
+    scoped: AppServer, api: httpx.AsyncClient
 ) -> None:
     user = unique("ann-")
     payroll, audit = unique("secret:payroll-"), unique("secret:audit-")
@@ -143,7 +142,7 @@ async def test_narrowing_auth_unsubscribes_with_a_push(
 
 
 async def test_refresh_with_the_same_channels_keeps_every_subscription(
-    scoped: RoomcastServer, api: httpx.AsyncClient
+    scoped: AppServer, api: httpx.AsyncClient
 ) -> None:
     user = unique("bo-")
     payroll = unique("secret:payroll-")
@@ -159,7 +158,7 @@ async def test_refresh_with_the_same_channels_keeps_every_subscription(
 
 
 async def test_python_client_ends_the_revoked_subscription(
-    scoped: RoomcastServer, api: httpx.AsyncClient
+    scoped: AppServer, api: httpx.AsyncClient
 ) -> None:
     user = unique("cy-")
     payroll, news = unique("secret:payroll-"), unique("public:news-")
@@ -211,7 +210,7 @@ async ([url, wide, narrow, revokedChannel, keptChannel, ms]) => {
 """
 
 
-async def test_browser_client_ends_the_revoked_subscription(scoped: RoomcastServer) -> None:
+async def test_browser_client_ends_the_revoked_subscription(scoped: AppServer) -> None:
     from chromium import CHROMIUM_ARGS, require_chromium
 
     chromium, playwright_api = require_chromium()
