@@ -1,279 +1,52 @@
-"""Aggregate benchmark samples, judge the targets, print tables and write docs/benchmarks.md."""
+"""Print a run's tables and write docs/benchmarks.md from its samples.
+
+The samples and how to read them are ``samples.py``; which figures each scenario shows,
+``specs.py``; the targets and their verdicts, ``targets.py``; the README's sentence of
+figures, ``readme.py`` (``python benchmarks/report.py`` prints it).
+"""
 
 from __future__ import annotations
 
-import re
-import statistics
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
 
 from benchconfig import CLUSTER_KINDS
-from deflate import DEFLATE_HEADER, DeflateRow, deflate_rows
-
-#: The servers compared, in column order.
-ROLES = ("baseline", "node", "roomcast", "roomcast-asgi")
-ROLE_TITLES = {
-    "baseline": "baseline (guide)",
-    "node": "node (ws)",
-    "roomcast": "roomcast",
-    "roomcast-asgi": "roomcast-asgi (fallback)",
-}
-#: Ratio columns: (numerator, denominator).
-RATIOS = (("roomcast", "baseline"), ("roomcast-asgi", "baseline"), ("roomcast", "node"))
-#: Load generator CPU (% of its core) from which a figure may be limited by the client side.
-BUSY_LOADGEN_PCT = 90.0
-
-Better = Literal["higher", "lower", ""]
-Agg = Literal["median", "max", "text"]
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """One figure of the results table.
-
-    ``better`` says which direction is good ("" = no ratio is shown); ``agg`` says how repeats
-    are combined ("max" for counts of failures, so one bad repeat shows; "text" for a verbal
-    figure, whose distinct values are all shown). ``section`` names the report section of a
-    figure that is not in the main results table (the /ws scenarios, roomcast only).
-    """
-
-    key: str
-    label: str
-    unit: str
-    better: Better
-    digits: int
-    agg: Agg = "median"
-    section: str = ""
-
-
-def _echo(n: str, name: str) -> list[MetricSpec]:
-    """Return the metric specs of the echo scenario with ``n`` connections."""
-    head = f"echo, {name}:"
-    return [
-        MetricSpec(f"echo{n}.rtps", f"{head} round trips", "/s", "higher", 0),
-        MetricSpec(f"echo{n}.p50_us", f"{head} p50 round trip", "µs", "lower", 0),
-        MetricSpec(f"echo{n}.p99_us", f"{head} p99 round trip", "µs", "lower", 0),
-        MetricSpec(f"echo{n}.errors", f"{head} wrong or missing replies", "", "", 0, "max"),
-        MetricSpec(f"echo{n}.loadgen", f"{head} load generator CPU", "%", "", 0),
-    ]
-
-
-def metric_specs(
-    echo_conns: int,
-    members: int,
-    idle_counts: Sequence[int],
-    connect_clients: int,
-    messages: int = 200,
-    missed: int = 100,
-    cluster_nodes: int = 3,
-    cluster_per_node: int = 300,
-) -> list[MetricSpec]:
-    """Return every figure of the results table and of the /ws and cluster sections, labelled
-    with this run's sizes."""
-    chat = f"chat, {members:,} members:"
-    stall = "chat + 1 stalled member:"
-    conn = f"new connections ({connect_clients} clients):"
-    specs = [
-        *_echo("1", "1 connection"),
-        *_echo("N", f"{echo_conns} connections"),
-        MetricSpec("chat.dps", f"{chat} deliveries", "/s", "higher", 0),
-        MetricSpec("chat.p50_ms", f"{chat} p50 send → last member", "ms", "lower", 1),
-        MetricSpec("chat.p99_ms", f"{chat} p99 send → last member", "ms", "lower", 1),
-        MetricSpec("chat.lost", f"{chat} lost deliveries", "", "", 0, "max"),
-        MetricSpec("chat.loadgen", f"{chat} load generator CPU", "%", "", 0),
-        MetricSpec("chat.lg_us", f"{chat} load generator CPU per delivery", "µs", "", 2),
-        MetricSpec("stall.dps", f"{stall} deliveries", "/s", "higher", 0),
-        MetricSpec("stall.p50_ms", f"{stall} p50 send → last member", "ms", "lower", 1),
-        MetricSpec("stall.p99_ms", f"{stall} p99 send → last member", "ms", "lower", 1),
-        MetricSpec("stall.lost", f"{stall} lost deliveries", "", "", 0, "max"),
-        MetricSpec("stall.loadgen", f"{stall} load generator CPU", "%", "", 0),
-        MetricSpec("stall.rel", f"{stall} deliveries/s ÷ own unstalled", "×", "higher", 2),
-        MetricSpec("stall.outcome", f"{stall} the room", "", "", 0, "text"),
-        MetricSpec("stall.staller", f"{stall} the stalled member's connection", "", "", 0, "text"),
-        MetricSpec(
-            "cut.outcome",
-            "chat, 1 sender + 1 stalled member, 1 KiB messages until something gives",
-            "",
-            "",
-            0,
-            "text",
-        ),
-        MetricSpec("connect.cps", f"{conn} connections", "/s", "higher", 0),
-        MetricSpec("connect.p50_ms", f"{conn} p50 connect + upgrade", "ms", "lower", 2),
-        MetricSpec("connect.p99_ms", f"{conn} p99 connect + upgrade", "ms", "lower", 2),
-        MetricSpec("connect.errors", f"{conn} failed cycles", "", "", 0, "max"),
-        MetricSpec("connect.loadgen", f"{conn} load generator CPU", "%", "", 0),
-    ]
-    for app in ("chat", "echo"):
-        for n in idle_counts:
-            head = f"{n:,} idle /ws/{app}:"
-            specs += [
-                MetricSpec(mem_key(app, n), f"{head} RSS per connection", "KiB", "lower", 1),
-                MetricSpec(mem_key(app, n, "mib"), f"{head} server RSS", "MiB", "lower", 1),
-            ]
-    return (
-        specs
-        + ws_specs(members, messages, missed)
-        + cluster_specs(cluster_nodes, cluster_per_node, messages)
-    )
-
-
-#: The servers with the /ws protocol, i.e. the columns of the /ws sections.
-WS_ROLES = ("roomcast", "roomcast-asgi")
-#: The bar for roomcast's /ws fan-out, as a share of its own /ws/chat fan-out.
-CHANNEL_BAR = 0.90
-#: What the second /ws ÷ chat ratio (``channel.rel_matched``) tells.
-MATCHED_WHY = (
-    "the same comparison with chat lines as long as /ws frames: isolates the per-frame "
-    "machinery from the bytes"
+from deflate import DEFLATE_HEADER, deflate_rows
+from readme import markdown_rows, readme_figures
+from samples import MetricSpec, Results, RunRecord, cluster_nodes, fmt, fmt_ratio, ratio
+from specs import (
+    CHANNEL_BAR,
+    CLUSTER_RATIOS,
+    CLUSTER_TITLES,
+    CLUSTER_ZERO,
+    MATCHED_WHY,
+    RATIOS,
+    ROLE_TITLES,
+    WS_ROLES,
+    metric_specs,
 )
-#: The label of the size-matched chat runs' rows.
-CHATM = "matched chat"
+from targets import BUSY_LOADGEN_PCT, judge_targets, verdict
 
-
-def ws_specs(members: int, messages: int, missed: int) -> list[MetricSpec]:
-    """Return the figures of the /ws channel fan-out and recovery sections."""
-
-    def ch(key: str, label: str, unit: str, better: Better, digits: int, agg: Agg = "median"):
-        return MetricSpec(f"channel.{key}", label, unit, better, digits, agg, "channel")
-
-    def rc(key: str, label: str, unit: str, better: Better, digits: int, agg: Agg = "median"):
-        return MetricSpec(f"recovery.{key}", label, unit, better, digits, agg, "recovery")
-
-    return [
-        ch(
-            "rel",
-            "/ws fan-out ÷ chat fan-out, deliveries/s (medians)",
-            "×",
-            "higher",
-            2,
-        ),
-        ch(
-            "rel_matched",
-            "/ws fan-out ÷ matched chat fan-out (lines as long as /ws frames), deliveries/s",
-            "×",
-            "higher",
-            2,
-        ),
-        ch("dps", f"/ws: deliveries ({members:,} subscribers × {messages})", "/s", "higher", 0),
-        ch("chat_dps", f"chat: deliveries ({members:,} members × {messages})", "/s", "higher", 0),
-        ch(
-            "chatm_dps",
-            f"{CHATM}: deliveries ({members:,} members × {messages})",
-            "/s",
-            "higher",
-            0,
-        ),
-        ch("pairs", "sets of runs (chat, /ws, matched chat) behind the medians", "", "", 0, "max"),
-        ch("p50_ms", "/ws: p50 publish → last subscriber", "ms", "lower", 1),
-        ch("p99_ms", "/ws: p99 publish → last subscriber", "ms", "lower", 1),
-        ch("chat_p50_ms", "chat: p50 send → last member", "ms", "lower", 1),
-        ch("chat_p99_ms", "chat: p99 send → last member", "ms", "lower", 1),
-        ch("chatm_p50_ms", f"{CHATM}: p50 send → last member", "ms", "lower", 1),
-        ch("chatm_p99_ms", f"{CHATM}: p99 send → last member", "ms", "lower", 1),
-        ch("lost", "/ws: lost deliveries", "", "", 0, "max"),
-        ch("chat_lost", "chat: lost deliveries", "", "", 0, "max"),
-        ch("chatm_lost", f"{CHATM}: lost deliveries", "", "", 0, "max"),
-        ch(
-            "errors",
-            "/ws: errors (offset order, channel, content, failed requests)",
-            "",
-            "",
-            0,
-            "max",
-        ),
-        ch("server", "/ws: server CPU", "%", "", 0),
-        ch("chat_server", "chat: server CPU", "%", "", 0),
-        ch("chatm_server", f"{CHATM}: server CPU", "%", "", 0),
-        ch("srv_us", "/ws: server CPU per delivery", "µs", "lower", 2),
-        ch("chat_srv_us", "chat: server CPU per delivery", "µs", "lower", 2),
-        ch("chatm_srv_us", f"{CHATM}: server CPU per delivery", "µs", "lower", 2),
-        ch("loadgen", "/ws: load generator CPU", "%", "", 0),
-        ch("chat_loadgen", "chat: load generator CPU", "%", "", 0),
-        ch("chatm_loadgen", f"{CHATM}: load generator CPU", "%", "", 0),
-        ch("lg_us", "/ws: load generator CPU per delivery", "µs", "", 2),
-        ch("chat_lg_us", "chat: load generator CPU per delivery", "µs", "", 2),
-        ch("chatm_lg_us", f"{CHATM}: load generator CPU per delivery", "µs", "", 2),
-        rc(
-            "total_ms",
-            f"time until all {members:,} clients have all {missed} missed",
-            "ms",
-            "lower",
-            0,
-        ),
-        rc("p50_ms", "p50 per client: reconnect start → last missed publication", "ms", "lower", 0),
-        rc("p99_ms", "p99 per client: reconnect start → last missed publication", "ms", "lower", 0),
-        rc("connect_ms", f"all {members:,} reconnected (handshakes done)", "ms", "lower", 0),
-        rc("unrecovered", "replies with recovered: false (or no reply)", "", "", 0, "max"),
-        rc("lost", "missed publications never replayed (lost)", "", "", 0, "max"),
-        rc("duplicates", "publications received twice or out of order", "", "", 0, "max"),
-        rc(
-            "errors",
-            "other errors (error replies, wrong 'replayed', wrong frames)",
-            "",
-            "",
-            0,
-            "max",
-        ),
-        rc("server", "server CPU", "%", "", 0),
-        rc("loadgen", "load generator CPU", "%", "", 0),
-    ]
-
-
-#: The cluster section's columns (configurations), and its ratio columns.
-CLUSTER_TITLES = {
-    "cluster": "{n} nodes, redis://",
-    "single-memory": "1 node, memory://",
-    "single-redis": "1 node, redis://",
-}
-CLUSTER_RATIOS = (("cluster", "single-memory"), ("cluster", "single-redis"))
-#: Cluster figures that must be 0 in every run (correctness).
-CLUSTER_ZERO = ("lost", "duplicates", "out_of_order", "errors")
-
-
-def cluster_specs(nodes: int, per_node: int, messages: int) -> list[MetricSpec]:
-    """Return the figures of the cluster section."""
-
-    def cl(key: str, label: str, unit: str, better: Better, digits: int, agg: Agg = "median"):
-        return MetricSpec(f"cluster.{key}", label, unit, better, digits, agg, "cluster")
-
-    subs = nodes * per_node
-    return [
-        cl("dps", f"deliveries ({subs:,} subscribers × {messages})", "/s", "higher", 0),
-        cl("p50_ms", "p50 publish → last subscriber", "ms", "lower", 1),
-        cl("p99_ms", "p99 publish → last subscriber", "ms", "lower", 1),
-        cl("d50_ms", "p50 publish → receipt (every delivery)", "ms", "lower", 1),
-        cl("d99_ms", "p99 publish → receipt (every delivery)", "ms", "lower", 1),
-        cl("lost", "lost deliveries", "", "", 0, "max"),
-        cl("duplicates", "duplicates (a publication received twice)", "", "", 0, "max"),
-        cl("out_of_order", "out of order (offset not above the previous)", "", "", 0, "max"),
-        cl(
-            "errors",
-            "other errors (offset ≠ acknowledged, wrong frames, failed requests, closes)",
-            "",
-            "",
-            0,
-            "max",
-        ),
-        cl("server", "server side CPU (all of core 0: nodes + redis-server)", "%", "", 0),
-        cl("broker", "… of which redis-server", "%", "", 0),
-        cl("srv_us", "server side CPU per delivery", "µs", "lower", 2),
-        cl("loadgen", "load generator CPU", "%", "", 0),
-        cl("lg_us", "load generator CPU per delivery", "µs", "", 2),
-    ]
+#: What the report gives, with what a reader of a run needs beside it (the samples, the figures
+#: of each scenario, the verdicts, the README's sentence): tests/test_pins_benchmarks.py reads
+#: them from here.
+__all__ = [
+    "Results",
+    "RunRecord",
+    "cluster_headline",
+    "judge_targets",
+    "markdown_rows",
+    "metric_specs",
+    "print_console",
+    "readme_figures",
+    "render_markdown",
+    "verdict",
+]
 
 
 def cluster_kinds(results: Results, specs: Sequence[MetricSpec]) -> list[str]:
     """Return the cluster configurations with any figure, in column order."""
     keys = [s.key for s in specs if s.section == "cluster"]
     return [k for k in CLUSTER_KINDS if any(results.samples.get((k, key)) for key in keys)]
-
-
-def cluster_nodes(results: Results) -> int:
-    """Return how many nodes the cluster configuration ran (0 if it did not run)."""
-    return int(results.key_value("cluster", "cluster.nodes", "max") or 0)
 
 
 def cluster_table(
@@ -352,135 +125,6 @@ def cluster_headline(results: Results) -> str | None:
         + f". Correctness, worst run of every configuration: {shown} ({verdict_text})"
     )
     return head
-
-
-def mem_key(app: str, count: int, kind: str = "kib") -> str:
-    """Return the results key of a memory figure (per connection, or total MiB)."""
-    return f"mem.{app}.{count}.{kind}"
-
-
-@dataclass
-class RunRecord:
-    """One measured run of one scenario on one server, for the per-run table."""
-
-    scenario: str
-    role: str
-    run: str
-    summary: str
-    server_cpu: float | None
-    loadgen_cpu: float | None
-    notes: str = ""
-    other_cpu: float | None = None
-
-
-@dataclass
-class Results:
-    """Everything measured in one invocation."""
-
-    samples: dict[tuple[str, str], list[float | None]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-    texts: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
-    runs: list[RunRecord] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    deflate: list[DeflateRow] = field(default_factory=list)
-
-    def add(self, role: str, key: str, value: float | None) -> None:
-        """Record one sample of figure ``key`` for server ``role``."""
-        self.samples[(role, key)].append(value)
-
-    def add_text(self, role: str, key: str, text: str) -> None:
-        """Record one verbal figure (e.g. "stalled") of ``key`` for server ``role``."""
-        self.texts[(role, key)].append(text)
-
-    def text(self, role: str, spec: MetricSpec) -> str:
-        """Return the distinct verbal values of ``spec`` for ``role``, or a dash."""
-        vals = self.texts.get((role, spec.key), [])
-        return "; ".join(dict.fromkeys(vals)) or "—"
-
-    def value(self, role: str, spec: MetricSpec) -> float | None:
-        """Return the aggregated value of ``spec`` for ``role``, or None if never measured."""
-        return self.key_value(role, spec.key, spec.agg)
-
-    def key_value(self, role: str, key: str, agg: Agg = "median") -> float | None:
-        """Return the aggregated value of ``key`` for ``role``, or None if never measured."""
-        vals = [v for v in self.samples.get((role, key), []) if v is not None]
-        if not vals:
-            return None
-        return float(max(vals) if agg == "max" else statistics.median(vals))
-
-    def every_run(self, role: str, key: str, runs_key: str) -> float | None:
-        """Return the worst (largest) value of count ``key`` over ``role``'s runs, or None
-        unless every run (one sample of ``runs_key`` each) recorded it."""
-        runs = len(self.samples.get((role, runs_key), []))
-        vals = self.samples.get((role, key), [])
-        if not runs or len(vals) < runs or any(v is None for v in vals):
-            return None
-        return float(max(v for v in vals if v is not None))
-
-    def crashed(self, roles: Sequence[str], *prefixes: str) -> list[str]:
-        """Return the runs of ``roles`` that failed (crashed, or their server did not start)
-        in the scenarios behind the figures ``prefix.*`` (see :func:`scenario_prefixes`)."""
-        return [
-            f"{r.scenario} on {r.role} (run {r.run})"
-            for r in self.runs
-            if r.summary == "FAILED"
-            and r.role in roles
-            and set(scenario_prefixes(r.scenario)) & set(prefixes)
-        ]
-
-    def measured(self, spec: MetricSpec) -> bool:
-        """Tell whether ``spec`` was measured for any server."""
-        store = self.texts if spec.agg == "text" else self.samples
-        return any(store.get((role, spec.key)) for role in ROLES)
-
-    def roles(self) -> list[str]:
-        """Return the compared servers that have any figure, in column order."""
-        seen = {role for role, _ in self.samples} | {role for role, _ in self.texts}
-        return [role for role in ROLES if role in seen]
-
-
-def scenario_prefixes(scenario: str) -> tuple[str, ...]:
-    """Return the figure key prefixes (``chat`` for ``chat.dps`` ...) that runs of
-    ``scenario`` (benchmarks/run.py's scenario names) record."""
-    if scenario == "echo":  # its server did not start: both echo figures lack its runs
-        return ("echo1", "echoN")
-    if scenario.startswith("echo "):
-        return ("echo1",) if scenario == "echo 1 conn" else ("echoN",)
-    if scenario.startswith("ceiling"):
-        return ("ceiling",)
-    if scenario.startswith("memory "):
-        return ("mem",)
-    return {
-        "chat": ("chat", "stall"),  # "÷ own unstalled" divides by the plain chat run
-        "chat + stalled member": ("stall",),
-        "chat: cut or stall?": ("cut",),
-        "new connections": ("connect",),
-        "chat (paired with /ws)": ("channel",),
-        "chat (matched to /ws)": ("channel",),
-        "/ws channel fan-out": ("channel",),
-        "/ws recovery": ("recovery",),
-        "/ws cluster fan-out": ("cluster",),
-    }.get(scenario, (scenario,))
-
-
-def ratio(spec: MetricSpec, num: float | None, den: float | None) -> float | None:
-    """Return ``num`` ÷ ``den`` when it means something for ``spec``, else None."""
-    if not spec.better or num is None or den is None or den == 0:
-        return None
-    return num / den
-
-
-def fmt(value: float | None, digits: int = 0) -> str:
-    """Format a figure with thousands separators, or a dash when missing."""
-    if value is None:
-        return "—"
-    return f"{value:,.{digits}f}"
-
-
-def fmt_ratio(value: float | None) -> str:
-    """Format a ratio as 1.23 followed by a multiplication sign, or a dash."""
-    return "—" if value is None else f"{value:.2f}×"
 
 
 def ratio_pairs(roles: Sequence[str]) -> list[tuple[str, str]]:
@@ -575,233 +219,6 @@ def channel_headline(results: Results) -> str | None:
     return head + "; ".join(parts) + tail
 
 
-@dataclass
-class Target:
-    """One target with what was measured and whether it was met (None = not measured).
-
-    ``limited`` names the runs behind the figures whose load generator was at or above
-    BUSY_LOADGEN_PCT of its core: those figures may be limited by the client side.
-    ``crashed`` names the runs behind it that failed: the verdict is then "failed".
-    """
-
-    text: str
-    measured: str
-    met: bool | None
-    limited: str = ""
-    #: The runs behind the figures that crashed: their figures are missing, so the verdict
-    #: is "failed" whatever the surviving runs say.
-    crashed: str = ""
-
-
-def judge_targets(
-    results: Results, spec_list: Sequence[MetricSpec], idle_counts: Sequence[int]
-) -> list[Target]:
-    """Judge the targets from the measured figures (never from constants)."""
-    specs = {s.key: s for s in spec_list}
-
-    def val(role: str, key: str) -> float | None:
-        spec = specs.get(key)
-        return None if spec is None else results.value(role, spec)
-
-    def rat(key: str, num: str = "roomcast", den: str = "baseline") -> float | None:
-        return ratio(specs[key], val(num, key), val(den, key))
-
-    def busy(key: str, roles: Sequence[str], what: str = "") -> str:
-        """Name the runs of ``roles`` whose load generator CPU (figure ``key``) was high."""
-        hot = []
-        for role in roles:
-            cpu = results.key_value(role, key)
-            if cpu is not None and cpu >= BUSY_LOADGEN_PCT:
-                hot.append(f"{role}{what} {cpu:.0f} %")
-        return ", ".join(hot)
-
-    def both(a: float | None, b: float | None) -> tuple[float, float] | None:
-        return None if a is None or b is None else (a, b)
-
-    def failed(roles: Sequence[str], *prefixes: str) -> str:
-        """Name the runs of ``roles`` behind figures ``prefixes`` that crashed."""
-        return "; ".join(results.crashed(roles, *prefixes))
-
-    targets = []
-    # The first issue's targets, for roomcast and for its plain-ASGI fallback.
-    for role, who in (("roomcast", "roomcast"), ("roomcast-asgi", "roomcast-asgi (fallback)")):
-        r1, rn = rat("echo1.rtps", role), rat("echoN.rtps", role)
-        e1, en = val(role, "echo1.errors"), val(role, "echoN.errors")
-        met: bool | None = None
-        if None not in (r1, rn, e1, en):
-            met = r1 >= 1.0 and rn >= 1.0 and e1 == 0 and en == 0  # type: ignore[operator]
-        targets.append(
-            Target(
-                f"{who}: echo round trips/s ≥ 1.0× baseline (1 and N connections), every "
-                "reply correct",
-                f"1 conn {fmt_ratio(r1)}, N conns {fmt_ratio(rn)}; wrong replies "
-                f"{fmt(e1)} / {fmt(en)}",
-                met,
-                busy("echoN.loadgen", ("baseline", role)),
-                failed(("baseline", role), "echo1", "echoN"),
-            )
-        )
-        rc, lost = rat("chat.dps", role), val(role, "chat.lost")
-        pair = both(rc, lost)
-        targets.append(
-            Target(
-                f"{who}: chat fan-out deliveries/s ≥ 1.0× baseline with 0 lost",
-                f"{fmt_ratio(rc)}, lost {fmt(lost)}",
-                None if pair is None else pair[0] >= 1.0 and pair[1] == 0,
-                busy("chat.loadgen", ("baseline", role)),
-                failed(("baseline", role), "chat"),
-            )
-        )
-    rel, slost = val("roomcast", "stall.rel"), val("roomcast", "stall.lost")
-    base_rel = val("baseline", "stall.rel")
-    pair = both(rel, slost)
-    targets.append(
-        Target(
-            "roomcast: one stalled member, the other members get ≥ 0.9× its own unstalled "
-            "rate, 0 lost",
-            f"roomcast {fmt_ratio(rel)} (baseline {fmt_ratio(base_rel)}), lost {fmt(slost)}",
-            None if pair is None else pair[0] >= 0.9 and pair[1] == 0,
-            ", ".join(
-                x
-                for x in (
-                    busy("chat.loadgen", ("roomcast",), " chat"),
-                    busy("stall.loadgen", ("roomcast",), " chat + stalled"),
-                )
-                if x
-            ),
-            failed(("roomcast",), "stall"),
-        )
-    )
-    top = max(idle_counts) if idle_counts else 0
-    mc, me = rat(mem_key("chat", top)), rat(mem_key("echo", top))
-    pair = both(mc, me)
-    targets.append(
-        Target(
-            f"roomcast: memory per idle connection ≤ 1.15× baseline ({top:,} connections, "
-            "/ws/chat and /ws/echo)",
-            f"chat {fmt_ratio(mc)}, echo {fmt_ratio(me)}",
-            None if pair is None else pair[0] <= 1.15 and pair[1] <= 1.15,
-            crashed=failed(("roomcast", "baseline"), "mem"),
-        )
-    )
-    # This issue's targets.
-    vs_node, vs_base = rat("chat.dps", "roomcast", "node"), rat("chat.dps")
-    p99 = {r: val(r, "chat.p99_ms") for r in ("roomcast", "node", "baseline")}
-    lost = val("roomcast", "chat.lost")
-    met = None
-    if None not in (vs_node, vs_base, lost, *p99.values()):
-        met = (
-            vs_node >= 1.3  # type: ignore[operator]
-            and vs_base >= 2.0  # type: ignore[operator]
-            and p99["roomcast"] < p99["node"]  # type: ignore[operator]
-            and p99["roomcast"] < p99["baseline"]  # type: ignore[operator]
-            and lost == 0
-        )
-    targets.append(
-        Target(
-            "roomcast: chat fan-out, deliveries/s ≥ 1.3× node and ≥ 2× baseline, lower p99 "
-            "than both, 0 lost",
-            f"{fmt_ratio(vs_node)} node, {fmt_ratio(vs_base)} baseline; p99 "
-            f"{fmt(p99['roomcast'], 1)} ms vs node {fmt(p99['node'], 1)} / baseline "
-            f"{fmt(p99['baseline'], 1)} ms; lost {fmt(lost)}",
-            met,
-            busy("chat.loadgen", ("roomcast", "node", "baseline")),
-            failed(("roomcast", "node", "baseline"), "chat"),
-        )
-    )
-    rn = rat("echoN.rtps")
-    targets.append(
-        Target(
-            "roomcast: echo with many connections, round trips/s ≥ 1.1× baseline",
-            fmt_ratio(rn),
-            None if rn is None else rn >= 1.1,
-            busy("echoN.loadgen", ("roomcast", "baseline")),
-            failed(("roomcast", "baseline"), "echoN"),
-        )
-    )
-    kc, ke = val("roomcast", mem_key("chat", top)), val("roomcast", mem_key("echo", top))
-    pair = both(kc, ke)
-    targets.append(
-        Target(
-            f"roomcast: memory per idle connection at {top:,} connections ≤ 20 KiB "
-            "(/ws/chat and /ws/echo)",
-            f"chat {fmt(kc, 1)} KiB, echo {fmt(ke, 1)} KiB (baseline "
-            f"{fmt(val('baseline', mem_key('chat', top)), 1)} / "
-            f"{fmt(val('baseline', mem_key('echo', top)), 1)})",
-            None if pair is None else pair[0] <= 20.0 and pair[1] <= 20.0,
-            crashed=failed(("roomcast",), "mem"),
-        )
-    )
-    rcps = rat("connect.cps")
-    errors = val("roomcast", "connect.errors")
-    pair = both(rcps, errors)
-    targets.append(
-        Target(
-            "roomcast: new connections per second ≥ 1.5× baseline (no failed cycle)",
-            f"{fmt_ratio(rcps)}; failed cycles {fmt(errors)}",
-            None if pair is None else pair[0] >= 1.5 and pair[1] == 0,
-            busy("connect.loadgen", ("roomcast", "baseline")),
-            failed(("roomcast", "baseline"), "connect"),
-        )
-    )
-    # The /ws channel protocol's targets (roomcast only: the other servers have no /ws).
-    rel, relm = val("roomcast", "channel.rel"), val("roomcast", "channel.rel_matched")
-    clost, cerr = val("roomcast", "channel.lost"), val("roomcast", "channel.errors")
-    met = None
-    if rel is not None and clost is not None and cerr is not None:
-        met = rel >= CHANNEL_BAR and clost == 0 and cerr == 0
-    targets.append(
-        Target(
-            f"roomcast: /ws channel fan-out deliveries/s ≥ {CHANNEL_BAR:.2f}× its own /ws/chat "
-            "fan-out (paired runs), 0 lost, offsets strictly increasing",
-            f"{fmt_ratio(rel)} ({fmt(val('roomcast', 'channel.dps'))}/s vs "
-            f"{fmt(val('roomcast', 'channel.chat_dps'))}/s); lost {fmt(clost)}, errors "
-            f"{fmt(cerr)}; with chat lines as long as /ws frames {fmt_ratio(relm)} "
-            f"({fmt(val('roomcast', 'channel.chatm_dps'))}/s: {MATCHED_WHY})",
-            met,
-            ", ".join(
-                x
-                for x in (
-                    busy("channel.loadgen", ("roomcast",), " /ws"),
-                    busy("channel.chat_loadgen", ("roomcast",), " chat"),
-                    busy("channel.chatm_loadgen", ("roomcast",), " matched chat"),
-                )
-                if x
-            ),
-            failed(("roomcast",), "channel"),
-        )
-    )
-    counts = {
-        k: val("roomcast", f"recovery.{k}") for k in ("unrecovered", "lost", "duplicates", "errors")
-    }
-    total = val("roomcast", "recovery.total_ms")
-    met = None
-    if None not in counts.values():
-        met = total is not None and all(v == 0 for v in counts.values())
-    targets.append(
-        Target(
-            "roomcast: /ws recovery, every client reconnecting at once gets every missed "
-            "publication: all replies recovered: true, 0 lost, 0 duplicates",
-            f"all recovered in {fmt(total)} ms; recovered: false {fmt(counts['unrecovered'])}, "
-            f"lost {fmt(counts['lost'])}, duplicates {fmt(counts['duplicates'])}, errors "
-            f"{fmt(counts['errors'])}",
-            met,
-            crashed=failed(("roomcast",), "recovery"),
-        )
-    )
-    return targets
-
-
-def verdict(target: Target) -> str:
-    """Render a target verdict, with the load generator caveat when it applies."""
-    if target.crashed:
-        return f"failed (crashed: {target.crashed})"
-    text = {True: "met", False: "NOT met", None: "not measured"}[target.met]
-    if target.limited and target.met is not None:
-        text += f" (limited by the load generator: {target.limited})"
-    return text
-
-
 def pct(value: float | None) -> str:
     """Format a CPU fraction as a percentage of one core."""
     return "—" if value is None else f"{value * 100:.0f} %"
@@ -819,6 +236,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 TARGET_HEADER = ("target", "measured", "verdict")
+
 RUN_HEADER = (
     "scenario",
     "server",
@@ -829,6 +247,7 @@ RUN_HEADER = (
     "other CPU",
     "notes",
 )
+
 CEILING_HEADER = ("figure", "minimal server", "load generator CPU", "… per message/connection")
 
 
@@ -1121,82 +540,6 @@ def render_markdown(
     if results.notes:
         parts += ["## Notes", "", *(f"- {n}" for n in results.notes), ""]
     return "\n".join(parts)
-
-
-# -- the README's figures, read back from docs/benchmarks.md ------------------------------------
-
-
-def markdown_rows(markdown: str) -> list[dict[str, str]]:
-    """Return every row of every table in ``markdown`` as {column header: cell}."""
-    rows: list[dict[str, str]] = []
-    header: list[str] | None = None
-    for line in markdown.splitlines():
-        if not line.startswith("|"):
-            header = None
-            continue
-        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
-        if header is None:
-            header = cells
-        elif not all(set(c) <= {"-", ":"} for c in cells):
-            rows.append(dict(zip(header, cells, strict=False)))
-    return rows
-
-
-def _row(rows: Sequence[dict[str, str]], label: str) -> tuple[dict[str, str], re.Match[str]]:
-    """Return the first row whose figure matches ``label`` (a regex), and the match."""
-    for row in rows:
-        found = re.fullmatch(label, row.get("figure", ""))
-        if found:
-            return row, found
-    raise ValueError(f"docs/benchmarks.md has no row {label!r}")
-
-
-def _number(cell: str) -> float:
-    return float(cell.replace(",", "").rstrip("×"))
-
-
-def _times(value: float) -> str:
-    """A ratio as the README writes it: whole from 2 up, two decimals below."""
-    return f"{value:.0f}×" if value >= 2 else f"{value:.2f}×"
-
-
-def readme_figures(markdown: str) -> str:
-    """Return the README's sentence of benchmark figures, from docs/benchmarks.md's text.
-
-    The README quotes this sentence verbatim; tests/test_pins_benchmarks.py checks that it
-    does, so the README cannot drift from the last run.
-    """
-    rows = markdown_rows(markdown)
-    chat, found = _row(rows, r"chat, ([\d,]+) members: deliveries")
-    members = found.group(1)
-    idle = [
-        (int(m.group(1).replace(",", "")), row)
-        for row in rows
-        if (m := re.fullmatch(r"([\d,]+) idle /ws/chat: RSS per connection", row.get("figure", "")))
-    ]
-    if not idle:
-        raise ValueError("docs/benchmarks.md has no idle /ws/chat row")
-    idle_row = max(idle, key=lambda item: item[0])[1]
-    connect, _ = _row(rows, r"new connections \(\d+ clients\): connections")
-    recovery, found = _row(rows, r"time until all ([\d,]+) clients have all ([\d,]+) missed")
-    clients, missed = found.groups()
-    lost_row, _ = _row(rows, r"missed publications never replayed \(lost\)")
-    lost = int(_number(lost_row["roomcast"]))
-    rel, _ = _row(rows, r"/ws fan-out ÷ chat fan-out, deliveries/s \(medians\)")
-    relm, _ = _row(rows, r"/ws fan-out ÷ matched chat fan-out .*")
-    return (
-        f"chat fan-out to {members} members at "
-        f"{_times(_number(chat['roomcast ÷ baseline']))} the guide's deliveries/s and "
-        f"{_times(_number(chat['roomcast ÷ node']))} Node's, "
-        f"{_number(idle_row['roomcast']):.0f} KiB per idle connection (the guide: "
-        f"{_number(idle_row['baseline (guide)']):.0f} KiB), "
-        f"{_times(_number(connect['roomcast ÷ baseline']))} the guide's new connections per "
-        f"second, {clients} `/ws` clients recovering {missed} missed publications each in "
-        f"{_number(recovery['roomcast']) / 1000:.2f} s with "
-        f"{'none' if lost == 0 else f'{lost:,}'} lost, and `/ws` fan-out at "
-        f"{_number(rel['roomcast']):.2f}× the chat endpoint's deliveries/s "
-        f"({_number(relm['roomcast']):.2f}× against chat lines as long as `/ws` frames"
-    )
 
 
 if __name__ == "__main__":

@@ -34,17 +34,9 @@ from describe import (
     ws_section_text,
 )
 from recovery import RecoveryConfig, RecoveryResult, run_recovery
-from report import (
-    ROLES,
-    Results,
-    RunRecord,
-    fmt,
-    mem_key,
-    metric_specs,
-    print_console,
-    render_markdown,
-)
+from report import print_console, render_markdown
 from roomcast.tools.loadgen import raise_file_limit
+from samples import ROLES, Results, RunRecord, fmt, mem_key
 from servers import (
     HOST,
     REPO_DIR,
@@ -62,6 +54,7 @@ from servers import (
     scan_logs,
     server_spec,
 )
+from specs import metric_specs
 
 QUIET_LOAD = 0.15  # cores used by others below which the machine counts as quiet
 QUIET_WAIT_BUDGET_S = 120.0  # the most a whole invocation waits for quiet
