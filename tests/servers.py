@@ -32,6 +32,7 @@ from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
 import httpx
+import pytest
 import uvicorn
 from uvicorn.config import LOG_LEVELS
 from websockets.asyncio.client import ClientConnection
@@ -65,6 +66,10 @@ SUITE_SETTINGS: dict[str, Any] = {
     "anonymous_publish": ["*"],
     "rate_limit": 0,
 }
+
+#: For a coroutine test that uses a module-scoped in-process server, in a module that also has
+#: plain tests (pytest-asyncio refuses a module-wide ``pytestmark`` on a plain function).
+in_server_loop = pytest.mark.asyncio(loop_scope="module")
 
 #: The loggers whose levels, handlers and propagation a server changes while it runs.
 _LOGGERS = ("roomcast", "uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")

@@ -1,4 +1,5 @@
-"""HTTP request bodies and guest sign-in under abuse, against real servers over raw sockets.
+"""HTTP request bodies and guest sign-in under abuse, against in-process servers (both
+WebSocket implementations) over raw sockets.
 
 docs/security.md, "HTTP request bodies": a request is authenticated from its head (the API key;
 404 while the API or guest sign-in is off) before any of its body is read; a body over
@@ -7,8 +8,10 @@ body passes it), and one that takes longer than ``ROOMCAST_BODY_TIMEOUT`` with 4
 docs/security.md, "Guest sign-in": guest user ids carry 64 random bits, and ``POST /auth/guest``
 is rate limited per client address (429 with ``Retry-After``).
 
-The bodies are written by hand on a socket, so that a test decides how much of a body is sent
-and when: a client that announces 200 MB and sends a few, one that sends a byte now and then.
+The bodies are written by hand on a blocking socket, so that a test decides how much of a body
+is sent and when: a client that announces 200 MB and sends a few, one that sends a byte now and
+then. Each exchange runs in a worker thread (``asyncio.to_thread``) while the server serves in
+the test's event loop.
 """
 
 from __future__ import annotations
@@ -19,17 +22,20 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 import psutil
 import pytest
+import pytest_asyncio
 from starlette.types import Message, Receive, Scope, Send
 
-from helpers import HOST, TIMEOUT, RoomcastServer
-from roomcast.routes.bodies import BodyGuard
-from roomcast.routes.web import AddressLimiter
+from helpers import HOST, TIMEOUT, Addressed
+from roomcast.http.bodies import BodyGuard
+from roomcast.http.web import AddressLimiter
+from servers import AppServer, in_server_loop, serve
 
 KEY = "bounds-api-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -44,44 +50,39 @@ BODY_ROUTES: list[tuple[str, dict[str, object]]] = [
     ("/auth/guest", {"name": "ann"}),
 ]
 BODY_PATHS = [path for path, _ in BODY_ROUTES]
-GUESTS_ON = {"ROOMCAST_GUEST_CHANNELS": '["room:*"]'}
+GUESTS_ON = {"guest_channels": ["room:*"]}
+
+T = TypeVar("T")
 
 
-@pytest.fixture(scope="module")
-def bounded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def bounded(ws_impl: str) -> AsyncIterator[AppServer]:
     """The API and guests on, a small body limit and deadline; guest sign-in not rate limited."""
-    srv = RoomcastServer(
-        tmp_path_factory.mktemp("bounded"),
-        env={
-            **GUESTS_ON,
-            "ROOMCAST_API_KEY": KEY,
-            "ROOMCAST_MAX_BODY_SIZE": str(LIMIT),
-            "ROOMCAST_BODY_TIMEOUT": str(BODY_TIMEOUT),
-            "ROOMCAST_GUEST_RATE": "0",
-            "ROOMCAST_ACCESS_LOG": "false",  # thousands of sign-ins below
-        },
-    )
-    with srv:
+    async with serve(
+        ws_impl,
+        **GUESTS_ON,
+        api_key=KEY,
+        max_body_size=LIMIT,
+        body_timeout=BODY_TIMEOUT,
+        guest_rate=0,
+        access_log=False,  # thousands of sign-ins below
+    ) as srv:
         yield srv
-    srv.assert_no_traceback()
     assert KEY not in srv.log(), "the API key reached the log"
 
 
-@pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def limited(ws_impl: str) -> AsyncIterator[AppServer]:
     """The API and guests on with the default body limit; guest sign-in rate limited."""
-    srv = RoomcastServer(
-        tmp_path_factory.mktemp("limited"),
-        env={
-            **GUESTS_ON,
-            "ROOMCAST_API_KEY": KEY,
-            "ROOMCAST_GUEST_RATE": str(GUEST_RATE),
-            "ROOMCAST_GUEST_BURST": str(GUEST_BURST),
-        },
-    )
-    with srv:
+    async with serve(
+        ws_impl, **GUESTS_ON, api_key=KEY, guest_rate=GUEST_RATE, guest_burst=GUEST_BURST
+    ) as srv:
         yield srv
-    srv.assert_no_traceback()
+
+
+async def in_thread(exchange: Callable[[], T]) -> T:
+    """Run a blocking exchange with the server while the server serves."""
+    return await asyncio.to_thread(exchange)
 
 
 # -- HTTP by hand --------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ class RawRequest:
     """One request written by hand: its head at once, its body as the test says."""
 
     def __init__(
-        self, server: RoomcastServer, path: str, headers: Mapping[str, str], source: str = HOST
+        self, server: Addressed, path: str, headers: Mapping[str, str], source: str = HOST
     ) -> None:
         self.sock = socket.create_connection((HOST, server.port), TIMEOUT, (source, 0))
         lines = [f"POST {path} HTTP/1.1", f"Host: {HOST}:{server.port}"]
@@ -203,16 +204,17 @@ def body_of(path: str, size: int, channel: str = "bounds:x") -> bytes:
     return body
 
 
-def rss(server: RoomcastServer) -> int:
-    assert server.proc is not None
-    return int(psutil.Process(server.proc.pid).memory_info().rss)
+def rss() -> int:
+    """This process's resident memory: the in-process server's, and the test's (which sends
+    one small buffer over and over)."""
+    return int(psutil.Process().memory_info().rss)
 
 
 def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
-async def history(server: RoomcastServer, channel: str) -> list[object]:
+async def history(server: AppServer, channel: str) -> list[object]:
     async with httpx.AsyncClient(base_url=server.http_url, headers=AUTH, timeout=TIMEOUT) as c:
         reply = await c.get(f"/api/history/{channel}")
     assert reply.status_code == 200, reply.text
@@ -223,38 +225,47 @@ async def history(server: RoomcastServer, channel: str) -> list[object]:
 # -- authentication before the body --------------------------------------------------------------
 
 
+@in_server_loop
 @pytest.mark.parametrize("path", ["/api/publish", "/auth/guest"])
-def test_off_route_answers_404_without_reading_a_huge_body(
-    server: RoomcastServer, path: str
+async def test_off_route_answers_404_without_reading_a_huge_body(
+    server: AppServer, path: str
 ) -> None:
     """The default server: no API key, and guest sign-in off (it has static tokens)."""
-    before = rss(server)
-    request = RawRequest(server, path, json_headers(200_000_000))
-    try:
-        for _ in range(8 * 16):  # 8 MiB of the 200 MB, unless the server closes first
-            if not request.send(b"x" * 65536):
-                break
-        reply = request.reply()
-        assert reply.status == 404, reply
-        assert reply.after < TIMEOUT, reply
-        assert reply.headers.get("connection") == "close", reply
-        assert request.closed_by_server()
-    finally:
-        request.close()
-    grown = rss(server) - before
+    chunk = b"x" * 65536
+
+    def exchange() -> None:
+        request = RawRequest(server, path, json_headers(200_000_000))
+        try:
+            for _ in range(8 * 16):  # 8 MiB of the 200 MB, unless the server closes first
+                if not request.send(chunk):
+                    break
+            reply = request.reply()
+            assert reply.status == 404, reply
+            assert reply.after < TIMEOUT, reply
+            assert reply.headers.get("connection") == "close", reply
+            assert request.closed_by_server()
+        finally:
+            request.close()
+
+    before = rss()
+    await in_thread(exchange)
+    grown = rss() - before
     assert grown < 4 << 20, f"the server grew by {grown} bytes"
 
 
+@in_server_loop
 @pytest.mark.parametrize("path", ["/api/publish", "/api/broadcast", "/api/disconnect"])
 @pytest.mark.parametrize(
     "headers", [{}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}], ids=str
 )
-def test_wrong_key_is_401_before_the_body(
-    bounded: RoomcastServer, path: str, headers: dict[str, str]
+async def test_wrong_key_is_401_before_the_body(
+    bounded: AppServer, path: str, headers: dict[str, str]
 ) -> None:
-    request = RawRequest(bounded, path, json_headers(200_000_000, **headers))
+    request = await in_thread(
+        lambda: RawRequest(bounded, path, json_headers(200_000_000, **headers))
+    )
     try:
-        reply = request.reply()
+        reply = await in_thread(request.reply)
     finally:
         request.close()
     assert reply.status == 401, reply
@@ -265,108 +276,144 @@ def test_wrong_key_is_401_before_the_body(
 # -- size ---------------------------------------------------------------------------------------
 
 
+@in_server_loop
 @pytest.mark.parametrize("path", BODY_PATHS)
-def test_content_length_over_the_limit_is_413_at_once(bounded: RoomcastServer, path: str) -> None:
-    request = RawRequest(bounded, path, json_headers(LIMIT + 1, **AUTH))
-    try:
-        reply = request.reply()  # nothing of the body was sent
-        assert request.closed_by_server()
-    finally:
-        request.close()
+async def test_content_length_over_the_limit_is_413_at_once(bounded: AppServer, path: str) -> None:
+    def exchange() -> Reply:
+        request = RawRequest(bounded, path, json_headers(LIMIT + 1, **AUTH))
+        try:
+            reply = request.reply()  # nothing of the body was sent
+            assert request.closed_by_server()
+        finally:
+            request.close()
+        return reply
+
+    reply = await in_thread(exchange)
     assert reply.status == 413, reply
     assert str(LIMIT) in str(reply.json()), reply
 
 
+@in_server_loop
 @pytest.mark.parametrize("path", BODY_PATHS)
-async def test_chunked_body_over_the_limit_is_413(bounded: RoomcastServer, path: str) -> None:
+async def test_chunked_body_over_the_limit_is_413(bounded: AppServer, path: str) -> None:
     channel = unique("bounds:big-")
     body = body_of(path, 2 * LIMIT, channel)
-    request = RawRequest(bounded, path, json_headers(None, **AUTH))
-    try:
-        for start in range(0, len(body), 1000):
-            if not request.chunk(body[start : start + 1000]):
-                break
-        request.chunk(b"")
-        reply = request.reply()
-    finally:
-        request.close()
+
+    def exchange() -> Reply:
+        request = RawRequest(bounded, path, json_headers(None, **AUTH))
+        try:
+            for start in range(0, len(body), 1000):
+                if not request.chunk(body[start : start + 1000]):
+                    break
+            request.chunk(b"")
+            return request.reply()
+        finally:
+            request.close()
+
+    reply = await in_thread(exchange)
     assert reply.status == 413, reply
     if path.startswith(("/api/publish", "/api/broadcast")):
         assert await history(bounded, channel) == [], "an over-limit body was published"
 
 
+@in_server_loop
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-async def test_body_at_the_limit_is_served(bounded: RoomcastServer, chunked: bool) -> None:
+async def test_body_at_the_limit_is_served(bounded: AppServer, chunked: bool) -> None:
     channel = unique("bounds:ok-")
     body = body_of("/api/publish", LIMIT, channel)
-    request = RawRequest(bounded, "/api/publish", json_headers(None if chunked else LIMIT, **AUTH))
-    try:
-        if chunked:
-            request.chunk(body[: LIMIT // 2])
-            request.chunk(body[LIMIT // 2 :])
-            request.chunk(b"")
-        else:
-            request.send(body)
-        reply = request.reply()
-    finally:
-        request.close()
+
+    def exchange() -> Reply:
+        headers = json_headers(None if chunked else LIMIT, **AUTH)
+        request = RawRequest(bounded, "/api/publish", headers)
+        try:
+            if chunked:
+                request.chunk(body[: LIMIT // 2])
+                request.chunk(body[LIMIT // 2 :])
+                request.chunk(b"")
+            else:
+                request.send(body)
+            return request.reply()
+        finally:
+            request.close()
+
+    reply = await in_thread(exchange)
     assert reply.status == 200, reply
     assert len(await history(bounded, channel)) == 1
 
 
-def test_default_limit_leaves_room_for_the_largest_publication(limited: RoomcastServer) -> None:
-    big = RawRequest(limited, "/api/publish", json_headers(2_000_000, **AUTH))
-    try:
-        assert big.reply().status == 413
-    finally:
-        big.close()
+@in_server_loop
+async def test_default_limit_leaves_room_for_the_largest_publication(limited: AppServer) -> None:
+    def refused() -> int:
+        big = RawRequest(limited, "/api/publish", json_headers(2_000_000, **AUTH))
+        try:
+            return big.reply().status
+        finally:
+            big.close()
+
+    assert await in_thread(refused) == 413
     data = "y" * (65536 - 2)  # the default ROOMCAST_MAX_PUBLICATION_SIZE, as JSON
     body = json.dumps({"channel": unique("bounds:largest-"), "data": data}, indent=4)
     headers = {**AUTH, "Content-Type": "application/json"}
-    reply = httpx.post(
-        f"{limited.http_url}/api/publish", content=body, headers=headers, timeout=TIMEOUT
-    )
+    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+        reply = await client.post(f"{limited.http_url}/api/publish", content=body, headers=headers)
     assert reply.status_code == 200, reply.text[:500]
 
 
 # -- time ---------------------------------------------------------------------------------------
 
 
+@in_server_loop
 @pytest.mark.parametrize("path", ["/api/publish", "/auth/guest"])
-def test_slow_body_is_408(bounded: RoomcastServer, path: str) -> None:
-    request = RawRequest(bounded, path, json_headers(100, **AUTH))
-    try:
-        request.send(b'{"name": ')
-        reply = request.reply(within=BODY_TIMEOUT + TIMEOUT)
-        assert request.closed_by_server()
-    finally:
-        request.close()
+async def test_slow_body_is_408(bounded: AppServer, path: str) -> None:
+    def exchange() -> Reply:
+        request = RawRequest(bounded, path, json_headers(100, **AUTH))
+        try:
+            request.send(b'{"name": ')
+            reply = request.reply(within=BODY_TIMEOUT + TIMEOUT)
+            assert request.closed_by_server()
+        finally:
+            request.close()
+        return reply
+
+    reply = await in_thread(exchange)
     assert reply.status == 408, reply
     assert reply.after >= BODY_TIMEOUT * 0.9, reply
 
 
-def test_slow_chunked_body_is_408(bounded: RoomcastServer) -> None:
-    request = RawRequest(bounded, "/api/publish", json_headers(None, **AUTH))
-    try:
-        request.chunk(b'{"channel": ')
-        reply = request.reply(within=BODY_TIMEOUT + TIMEOUT)
-    finally:
-        request.close()
+@in_server_loop
+async def test_slow_chunked_body_is_408(bounded: AppServer) -> None:
+    def exchange() -> Reply:
+        request = RawRequest(bounded, "/api/publish", json_headers(None, **AUTH))
+        try:
+            request.chunk(b'{"channel": ')
+            return request.reply(within=BODY_TIMEOUT + TIMEOUT)
+        finally:
+            request.close()
+
+    reply = await in_thread(exchange)
     assert reply.status == 408, reply
 
 
 # -- guest sign-in ------------------------------------------------------------------------------
 
 
-def test_guest_ids_are_unique(bounded: RoomcastServer) -> None:
+@in_server_loop
+async def test_guest_ids_are_unique(bounded: AppServer) -> None:
     """3,000 guests called "ann": with 16 random bits about 70 would share an id (none with a
     probability of 1e-30); with 64 bits none do. Pipelined on one connection, 500 at a time."""
-    n, batch = 3000, 500
+    n = 3000
+    users = await in_thread(lambda: sign_in_pipelined(bounded.port, n, batch=500))
+    assert len(set(users)) == n, f"{n - len(set(users))} duplicate guest ids"
+    assert all(re.fullmatch(r"ann#[0-9a-f]{16}", user) for user in users), users[:5]
+
+
+def sign_in_pipelined(port: int, n: int, batch: int) -> list[str]:
+    """``n`` guest sign-ins as "ann", ``batch`` at a time on one connection: the user ids."""
     body = json.dumps({"name": "ann"}).encode()
     head = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     one = f"POST /auth/guest HTTP/1.1\r\nHost: {HOST}\r\n{head}".encode() + body
     users: list[str] = []
-    with socket.create_connection((HOST, bounded.port), TIMEOUT) as sock:
+    with socket.create_connection((HOST, port), TIMEOUT) as sock:
         buf = b""
         for _ in range(n // batch):
             sock.sendall(one * batch)
@@ -386,11 +433,11 @@ def test_guest_ids_are_unique(bounded: RoomcastServer) -> None:
                 data = sock.recv(1 << 16)
                 assert data, "the server closed the connection"
                 buf += data
-    assert len(set(users)) == n, f"{n - len(set(users))} duplicate guest ids"
-    assert all(re.fullmatch(r"ann#[0-9a-f]{16}", user) for user in users), users[:5]
+    return users
 
 
-async def test_guest_sign_in_is_rate_limited_per_address(limited: RoomcastServer) -> None:
+@in_server_loop
+async def test_guest_sign_in_is_rate_limited_per_address(limited: AppServer) -> None:
     url = f"{limited.http_url}/auth/guest"
     async with httpx.AsyncClient(timeout=TIMEOUT) as here:
         for _ in range(GUEST_BURST):
