@@ -1,8 +1,12 @@
 """Fuzzing: Hypothesis throws arbitrary frames at every WebSocket endpoint of one real server.
 
-One server process (module-scoped) gets random text, random bytes, deep and huge JSON, and
-wrong types in every field of every ``/ws`` operation, on every endpoint of docs/endpoints.md
-and docs/protocol.md. For every input:
+One server process per WebSocket implementation (module-scoped: roomcast's transport, then
+uvicorn's websockets-sansio) gets random text, random bytes, deep and huge JSON, and wrong
+types in every field of every ``/ws`` operation, on every endpoint of docs/endpoints.md and
+docs/protocol.md. The server is a process, not in-process like the other endpoint tests: an
+input that crashed it (a C parser's stack overflow on deep JSON) must fail these tests, not
+kill the test run, and its log is the process's own output (a forged line would show there).
+For every input:
 
 - the answer is the documented one: the endpoint's reply format, or its documented close code
   (1003, 1007, 1008, 1009, HTTP 403); on ``/ws`` exactly one reply, with the request's id and
@@ -19,8 +23,9 @@ and docs/protocol.md. For every input:
 Speed: a connection is reused across examples while it stays open (``/ws`` errors never close
 it); endpoints whose bad input closes the connection reconnect only after such an input.
 
-Budget: ``ROOMCAST_FUZZ_EXAMPLES`` examples per endpoint and per ``/ws`` operation: 2000 by
-default when ``CI`` is set (derandomized: every CI run tries the same inputs), 300 otherwise.
+Budget: ``ROOMCAST_FUZZ_EXAMPLES`` examples per endpoint, per ``/ws`` operation and per
+WebSocket implementation: 1000 by default when ``CI`` is set (derandomized: every CI run tries
+the same inputs; 2000 per endpoint in all), 150 otherwise.
 
 The bugs this file found have a regression test each at the end (the crashing ones on a
 server of their own, so that a regression's traceback cannot fail the shared server's tests).
@@ -54,11 +59,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from helpers import GOOD_TOKEN, TIMEOUT, USER, RoomcastServer, wait_until
+from servers import TRANSPORTS
 
 pytestmark = pytest.mark.slow
 
 CI: Final = bool(os.environ.get("CI"))
-EXAMPLES: Final = int(os.environ.get("ROOMCAST_FUZZ_EXAMPLES") or (2000 if CI else 300))
+EXAMPLES: Final = int(os.environ.get("ROOMCAST_FUZZ_EXAMPLES") or (1000 if CI else 150))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -117,11 +123,18 @@ def size(frame: str | bytes) -> int:
 # -- the server and its bystanders ---------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", params=list(TRANSPORTS.values()), ids=list(TRANSPORTS))
+def ws_impl(request: pytest.FixtureRequest) -> str:
+    """The WebSocket implementation of this module's server processes (``ROOMCAST_WS``)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
+def server(ws_impl: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
     srv = RoomcastServer(
         tmp_path_factory.mktemp("fuzz"),
         env={
+            "ROOMCAST_WS": ws_impl,
             "ROOMCAST_MAX_MESSAGE_SIZE": str(MAX_MESSAGE),
             "ROOMCAST_MAX_PUBLICATION_SIZE": str(MAX_PUBLICATION),
             "ROOMCAST_MAX_SUBSCRIPTIONS": str(MAX_SUBSCRIPTIONS),
@@ -1219,8 +1232,8 @@ def test_ws_handshake_token(fuzz: Fuzz, token: str) -> None:
 
 
 @contextlib.contextmanager
-def throwaway_server(tmp_path: Path, **env: str) -> Iterator[RoomcastServer]:
-    srv = RoomcastServer(tmp_path / "bug", env=env)
+def throwaway_server(ws: str, tmp_path: Path, **env: str) -> Iterator[RoomcastServer]:
+    srv = RoomcastServer(tmp_path / "bug", env={"ROOMCAST_WS": ws, **env})
     with srv:
         yield srv
 
@@ -1233,17 +1246,17 @@ def close_code(ws: ClientConnection) -> int | None:
     return None
 
 
-def test_methods_json_lone_surrogate(tmp_path: Path) -> None:
+def test_methods_json_lone_surrogate(ws_impl: str, tmp_path: Path) -> None:
     """'"\\ud800"' parses, but cannot be sent back as text: it was a UnicodeEncodeError in the
     send, a traceback and close 1011; documented for what the server cannot take: 1007."""
-    with throwaway_server(tmp_path) as srv, open_ws(srv, "/ws/methods_json") as ws:
+    with throwaway_server(ws_impl, tmp_path) as srv, open_ws(srv, "/ws/methods_json") as ws:
         ws.send('"\\ud800"')
         assert close_code(ws) == 1007
     # Stopped: every handler has ended, so a traceback from the last input is in the log now.
     srv.assert_no_traceback()
 
 
-def test_jwt_exp_beyond_64_bits(tmp_path: Path) -> None:
+def test_jwt_exp_beyond_64_bits(ws_impl: str, tmp_path: Path) -> None:
     """A (signed) JWT whose exp is beyond a float or 64 bits: it was an OverflowError or
     TypeError (auth answered 'internal', a handshake got HTTP 500, with a traceback)."""
 
@@ -1253,7 +1266,7 @@ def test_jwt_exp_beyond_64_bits(tmp_path: Path) -> None:
         signature = hmac.new(JWT_SECRET.encode(), signing.encode(), hashlib.sha256).digest()
         return signing + "." + b64url(signature)
 
-    with throwaway_server(tmp_path, ROOMCAST_JWT_SECRET=JWT_SECRET) as srv:
+    with throwaway_server(ws_impl, tmp_path, ROOMCAST_JWT_SECRET=JWT_SECRET) as srv:
         with open_ws(srv, "/ws") as ws:
             recv_frame(ws)
             for exp in (10**400, 10**20, "1" + "0" * 400):

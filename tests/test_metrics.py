@@ -1,4 +1,8 @@
-"""``GET /metrics``: Prometheus metrics that add up, on one process and across workers."""
+"""``GET /metrics``: Prometheus metrics that add up, on one process and across workers.
+
+Several workers are ``roomcast serve --workers`` processes on one Redis; one process is an
+in-process server on each WebSocket implementation.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ from helpers import (
     LEFT,
     TIMEOUT,
     RoomcastServer,
-    ServerFactory,
     async_wait_until,
     kernel_send_buffer_max,
     raw_ws_handshake,
@@ -31,8 +34,8 @@ from redis_server import (
     redis_server_fixture,  # noqa: F401 (a fixture)
     unique_prefix,
 )
+from servers import AppServer, Peer, ServerStarter, channel, in_server_loop, peer
 from test_cluster import connections_per_worker, worker_pids
-from test_protocol import Peer, channel, peer
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -43,13 +46,13 @@ ECHOES_EACH = 4
 PUBLICATIONS = 12
 
 
-async def get(server: RoomcastServer, path: str) -> httpx.Response:
+async def get(server: RoomcastServer | AppServer, path: str) -> httpx.Response:
     """One request, on a new connection (with several workers, any of them may answer)."""
     async with httpx.AsyncClient(timeout=TIMEOUT) as client:
         return await client.get(f"{server.http_url}{path}")
 
 
-async def scrape(server: RoomcastServer) -> Samples:
+async def scrape(server: RoomcastServer | AppServer) -> Samples:
     resp = await get(server, "/metrics")
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -188,8 +191,9 @@ PAD = 4096
 MAX_MESSAGES = (kernel_send_buffer_max() + (8 << 20)) // PAD
 
 
-async def test_fanout_histogram_and_slow_consumer(server_factory: ServerFactory) -> None:
-    server = server_factory(env={"ROOMCAST_OUTBOX_SIZE": str(OUTBOX)})
+@in_server_loop
+async def test_fanout_histogram_and_slow_consumer(start_server: ServerStarter) -> None:
+    server = await start_server(outbox_size=OUTBOX)
     path = f"/ws/chat/m-{uuid.uuid4().hex[:8]}"
     staller, _ = await asyncio.to_thread(raw_ws_handshake, server.port, path, rcvbuf=4096)
     with staller:
@@ -229,8 +233,9 @@ async def test_fanout_histogram_and_slow_consumer(server_factory: ServerFactory)
     assert value(samples, "roomcast_fanout_deliveries_total", kind="chat") >= sent + 1
 
 
-async def test_metrics_without_key_and_off_switch(server_factory: ServerFactory) -> None:
-    server = server_factory(env={"ROOMCAST_API_KEY": "k"})
+@in_server_loop
+async def test_metrics_without_key_and_off_switch(start_server: ServerStarter) -> None:
+    server = await start_server(api_key="k")
     resp = await get(server, "/openapi.json")
     assert "/metrics" not in resp.json()["paths"]
 
@@ -246,5 +251,5 @@ async def test_metrics_without_key_and_off_switch(server_factory: ServerFactory)
     assert value(samples, "roomcast_auth_failures_total", reason="unknown_token") == 1
     assert value(samples, "roomcast_auth_failures_total", reason="origin") == 0
     assert value(samples, "roomcast_connections_opened_total", endpoint="/ws/secure") == 0
-    off = server_factory(env={"ROOMCAST_METRICS": "false"})
+    off = await start_server(metrics=False)
     assert (await get(off, "/metrics")).status_code == 404
