@@ -1,16 +1,19 @@
-"""Memory bounded in bytes (docs/security.md, "Memory bounds"), against a real server.
+"""Memory bounded in bytes (docs/security.md, "Memory bounds").
 
 A peer that does not read, or that floods the server with frames that each cost next to nothing
 to send, must not make the server hold more than the documented bounds: outboxes are bounded in
 bytes as well as in frames, a history page in bytes as well as in publications, pongs to a peer
 that does not read them are not queued, and every frame of a fragmented message counts toward
 the message size limit. The pure pieces (message assembly, history pages) are tested first.
+
+What a test bounds is the server process's memory, so the servers here are ``roomcast serve``
+processes (on both WebSocket implementations where the bound is not the transport's own); the
+history paging, which measures no memory, runs in-process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 import uuid
@@ -21,7 +24,6 @@ import httpx
 import orjson
 import psutil
 import pytest
-from websockets.asyncio.client import ClientConnection
 
 from helpers import (
     LEFT,
@@ -42,6 +44,7 @@ from roomcast.codecs.roomcast_json import HISTORY_PAGE_BYTES, history_result
 from roomcast.settings import Settings
 from roomcast.transport.frames import FIN, OP_CONT, OP_TEXT, WebSocketProtocolError
 from roomcast.transport.messages import FRAGMENT_COST, MessageAssembler
+from servers import TRANSPORTS, Peer, ServerStarter, in_server_loop
 
 OWN = {"ROOMCAST_WS": "roomcast"}
 MiB = 1 << 20
@@ -131,23 +134,7 @@ HISTORY_REQUESTS = 64
 # each unread reply held the whole 3.8 MiB history, 1024 of them before a cut.
 RSS_BOUND = 48 * MiB
 
-
-class Peer:
-    """A reading `/ws` client: requests with fresh ids, replies matched by id."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self._ids = itertools.count(1)
-
-    async def ok(self, op: str, **body: Any) -> Any:
-        rid = next(self._ids)
-        await self.ws.send(json.dumps({"id": rid, "op": op, **body}))
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                frame = json.loads(await self.ws.recv())
-                if frame.get("id") == rid:
-                    assert frame["ok"], frame
-                    return frame["result"]
+on_both_transports = pytest.mark.parametrize("ws", list(TRANSPORTS.values()), ids=list(TRANSPORTS))
 
 
 def read_json(reader: RawFrameReader) -> Frame:
@@ -158,8 +145,11 @@ def read_json(reader: RawFrameReader) -> Frame:
     return frame
 
 
-async def test_history_flood_without_reading_is_cut_4008(server_factory: ServerFactory) -> None:
-    srv = server_factory(env={"ROOMCAST_CLOSE_TIMEOUT": "1"})
+@on_both_transports
+async def test_history_flood_without_reading_is_cut_4008(
+    server_factory: ServerFactory, ws: str
+) -> None:
+    srv = server_factory(env={"ROOMCAST_CLOSE_TIMEOUT": "1", "ROOMCAST_WS": ws})
     ch = channel()
     async with ws_connect(srv, "/ws") as a, ws_connect(srv, "/ws") as b:
         filler, bystander = Peer(a), Peer(b)
@@ -203,11 +193,10 @@ async def test_history_flood_without_reading_is_cut_4008(server_factory: ServerF
             assert sum(len(orjson.dumps(p)) for p in publications) <= HISTORY_PAGE_BYTES
 
 
-async def test_history_pages_page_on_from_the_last_offset(server_factory: ServerFactory) -> None:
+@in_server_loop
+async def test_history_pages_page_on_from_the_last_offset(start_server: ServerStarter) -> None:
     # A history of 64 publications of 60 KiB (3.8 MiB), whatever the history's own byte bound.
-    srv = server_factory(
-        env={"ROOMCAST_API_KEY": "bounds-key", "ROOMCAST_HISTORY_BYTES": "8388608"}
-    )
+    srv = await start_server(api_key="bounds-key", history_bytes=8 * MiB)
     ch = channel()
     async with ws_connect(srv, "/ws") as ws:
         peer = Peer(ws)
@@ -253,9 +242,12 @@ OUTBOX_BYTES = 4 * MiB  # the default ROOMCAST_OUTBOX_BYTES
 CHAT_MAX = (kernel_send_buffer_max() + OUTBOX_BYTES + 2 * MiB) // CHAT_PAD + 8
 
 
-async def test_chat_member_that_never_reads_is_cut_by_bytes(server_factory: ServerFactory) -> None:
+@on_both_transports
+async def test_chat_member_that_never_reads_is_cut_by_bytes(
+    server_factory: ServerFactory, ws: str
+) -> None:
     assert CHAT_MAX < OUTBOX_FRAMES // 4
-    srv = server_factory(env={"ROOMCAST_CLOSE_TIMEOUT": "1"})
+    srv = server_factory(env={"ROOMCAST_CLOSE_TIMEOUT": "1", "ROOMCAST_WS": ws})
     path = f"/ws/chat/bytes-{uuid.uuid4().hex[:8]}"
     staller, initial = await asyncio.to_thread(raw_ws_handshake, srv.port, path, rcvbuf=4096)
     with closing_socket(staller):
@@ -294,7 +286,7 @@ async def test_chat_member_that_never_reads_is_cut_by_bytes(server_factory: Serv
 
 @pytest.fixture(scope="module")
 def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
-    """roomcast's own transport, whatever the suite-wide implementation is."""
+    """roomcast's own transport (the bounds are its own)."""
     srv = RoomcastServer(tmp_path_factory.mktemp("own"), env=OWN)
     with srv:
         yield srv

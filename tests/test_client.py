@@ -1,7 +1,8 @@
-"""The Python client SDK (``roomcast.connect``) against real server processes.
+"""The Python client SDK (``roomcast.connect``) against in-process servers on both WebSocket
+implementations.
 
-The reconnect tests break the connection for real: a server process stopped and started again
-on the same port, a TCP proxy that resets every connection, a server that cuts a slow reader.
+The reconnect tests break the connection for real: a server stopped and a new one started on
+the same port, a TCP proxy that resets every connection, a server that cuts a slow reader.
 In each, the application reads one subscription and checks it saw every publication the server
 still held, once each, in order.
 """
@@ -11,30 +12,33 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
 import jwt
 import pytest
+import pytest_asyncio
 
 import roomcast
-from helpers import GOOD_TOKEN, TIMEOUT, USER, RoomcastServer, ServerFactory, async_wait_until
+from helpers import GOOD_TOKEN, TIMEOUT, USER, async_wait_until
 from roomcast.client import Disconnected, Presence, Publication, ServerError, Subscription
+from servers import AppServer, ServerStarter, serve
 from tcpproxy import TcpProxy
 
+# In-process servers serve in the module's event loop (tests/servers.py), and so do the
+# clients under test.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
 API_KEY = "test-api-key"
-API_ENV = {"ROOMCAST_API_KEY": API_KEY}
 FAST = {"backoff_min": 0.05, "backoff_max": 0.2, "request_timeout": 4 * TIMEOUT}
 
 
-@pytest.fixture(scope="module")
-def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoomcastServer]:
-    srv = RoomcastServer(tmp_path_factory.mktemp("api-server"), env=API_ENV)
-    with srv:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def api_server(ws_impl: str) -> AsyncIterator[AppServer]:
+    async with serve(ws_impl, api_key=API_KEY) as srv:
         yield srv
-    srv.assert_no_traceback()
 
 
 async def api_publish(http_url: str, channel: str, data: Any) -> int:
@@ -61,7 +65,7 @@ async def take(subscription: Subscription, n: int) -> list[Publication]:
     return got
 
 
-async def test_operations_round_trip(api_server: RoomcastServer) -> None:
+async def test_operations_round_trip(api_server: AppServer) -> None:
     url = api_server.url("/ws")
     async with (
         roomcast.connect(url, token=GOOD_TOKEN, **FAST) as alice,
@@ -105,13 +109,13 @@ async def test_operations_round_trip(api_server: RoomcastServer) -> None:
         assert [item async for item in bobs] == []  # an unsubscribed iterator ends
 
 
-async def test_bad_token_is_refused_without_retrying(api_server: RoomcastServer) -> None:
+async def test_bad_token_is_refused_without_retrying(api_server: AppServer) -> None:
     with pytest.raises(Disconnected, match="403"):
         async with roomcast.connect(api_server.url("/ws"), token="wrong", **FAST):
             pass
 
 
-async def test_disconnect_through_the_api_ends_the_client(api_server: RoomcastServer) -> None:
+async def test_disconnect_through_the_api_ends_the_client(api_server: AppServer) -> None:
     async with roomcast.connect(api_server.url("/ws"), token=GOOD_TOKEN, **FAST) as client:
         sub = await client.subscribe("sdk:kick")
         async with httpx.AsyncClient(base_url=api_server.http_url, timeout=TIMEOUT) as http:
@@ -125,7 +129,7 @@ async def test_disconnect_through_the_api_ends_the_client(api_server: RoomcastSe
         assert client.connections == 1  # it did not come back
 
 
-async def test_recovers_through_dropped_connections(api_server: RoomcastServer) -> None:
+async def test_recovers_through_dropped_connections(api_server: AppServer) -> None:
     """The network fails three times; publications made meanwhile arrive once each, in order."""
     async with (
         TcpProxy(api_server.port) as proxy,
@@ -153,45 +157,39 @@ async def test_recovers_through_dropped_connections(api_server: RoomcastServer) 
         assert [p.offset for p in await take(sub, 1)] == [after]
 
 
-async def test_reconnects_through_a_server_restart(
-    tmp_path: Path, server_factory: ServerFactory
-) -> None:
-    """The memory broker's history dies with the process: the client gets all of the new one."""
-    first = server_factory(env=API_ENV)
-    port = first.port
-    async with roomcast.connect(first.url("/ws"), **FAST) as client:
-        sub = await client.subscribe("sdk:restart")
-        before = [await api_publish(first.http_url, "sdk:restart", f"a{i}") for i in range(20)]
-        assert [p.data for p in await take(sub, 20)] == [f"a{i}" for i in range(20)]
-        assert before == list(range(1, 21))
+async def test_reconnects_through_a_server_restart(ws_impl: str) -> None:
+    """The memory broker's history dies with the server: the client gets all of the new one."""
+    async with AsyncExitStack() as first_life:
+        first = await first_life.enter_async_context(serve(ws_impl, api_key=API_KEY))
+        port = first.port
+        async with roomcast.connect(first.url("/ws"), **FAST) as client:
+            sub = await client.subscribe("sdk:restart")
+            before = [await api_publish(first.http_url, "sdk:restart", f"a{i}") for i in range(20)]
+            assert [p.data for p in await take(sub, 20)] == [f"a{i}" for i in range(20)]
+            assert before == list(range(1, 21))
 
-        await asyncio.to_thread(first.stop)
-        second = RoomcastServer(tmp_path / "second", env=API_ENV, port=port)
-        await asyncio.to_thread(second.start)
-        try:
-            # Published on the new server, maybe before the client is back: it must get them.
-            during = [await api_publish(second.http_url, "sdk:restart", f"b{i}") for i in range(5)]
-            await async_wait_until(lambda: client.connections == 2, what="the reconnect")
-            after = [await api_publish(second.http_url, "sdk:restart", f"c{i}") for i in range(5)]
-            got = await take(sub, 10)
-            assert [p.offset for p in got] == during + after == list(range(1, 11))
-            assert [p.data for p in got] == [f"b{i}" for i in range(5)] + [
-                f"c{i}" for i in range(5)
-            ]
-            assert sub.gaps == 1  # a new epoch: what the old server held is gone, and it says so
-        finally:
-            await asyncio.to_thread(second.stop)
-        second.assert_no_traceback()
+            await first_life.aclose()  # the first server stops; the client stays
+            async with serve(ws_impl, port=port, api_key=API_KEY) as second:
+                # Published on the new server, maybe before the client is back: it must get them.
+                during = [
+                    await api_publish(second.http_url, "sdk:restart", f"b{i}") for i in range(5)
+                ]
+                await async_wait_until(lambda: client.connections == 2, what="the reconnect")
+                after = [
+                    await api_publish(second.http_url, "sdk:restart", f"c{i}") for i in range(5)
+                ]
+                got = await take(sub, 10)
+                assert [p.offset for p in got] == during + after == list(range(1, 11))
+                assert [p.data for p in got] == [f"b{i}" for i in range(5)] + [
+                    f"c{i}" for i in range(5)
+                ]
+                # A new epoch: what the old server held is gone, and it says so.
+                assert sub.gaps == 1
 
 
-async def test_cut_for_reading_slowly_then_recovers(server_factory: ServerFactory) -> None:
+async def test_cut_for_reading_slowly_then_recovers(start_server: ServerStarter) -> None:
     """An application that stops reading gets its connection cut (4008), then catches up."""
-    env = {
-        **API_ENV,
-        "ROOMCAST_OUTBOX_SIZE": "64",
-        "ROOMCAST_HISTORY_SIZE": "64",
-    }
-    srv = server_factory(env=env)
+    srv = await start_server(api_key=API_KEY, outbox_size=64, history_size=64)
     # Random text: uvicorn's WebSocket protocol compresses (permessage-deflate), and "x" * n
     # would shrink to nothing and never fill a buffer.
     payload = secrets.token_urlsafe(12_000)
@@ -230,7 +228,7 @@ async def test_cut_for_reading_slowly_then_recovers(server_factory: ServerFactor
         assert client.connections >= 2
 
 
-async def test_requests_wait_for_the_reconnect(api_server: RoomcastServer) -> None:
+async def test_requests_wait_for_the_reconnect(api_server: AppServer) -> None:
     async with (
         TcpProxy(api_server.port) as proxy,
         roomcast.connect(f"ws://127.0.0.1:{proxy.port}/ws", **FAST) as client,
@@ -247,11 +245,11 @@ async def test_requests_wait_for_the_reconnect(api_server: RoomcastServer) -> No
         assert [(p.offset, p.data) for p in history] == [(offset, "queued")]
 
 
-async def test_token_function_refreshes_before_expiry(server_factory: ServerFactory) -> None:
+async def test_token_function_refreshes_before_expiry(start_server: ServerStarter) -> None:
     """With ``token=`` a function, the client answers the server's ``refresh`` push with a
     fresh token (``auth``): the connection outlives the first token's ``exp``."""
     secret = secrets.token_hex(16)
-    server = server_factory(env={"ROOMCAST_JWT_SECRET": secret, "ROOMCAST_REFRESH_AHEAD": "1.5"})
+    server = await start_server(jwt_secret=secret, refresh_ahead=1.5)
     issued: list[float] = []
 
     async def fresh_token() -> str:

@@ -23,10 +23,11 @@ from jwt.algorithms import RSAAlgorithm
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
-from helpers import HOST, ServerFactory, ws_connect
+from helpers import HOST, ws_connect
 from roomcast.auth import GUEST_KID, MAX_EXP, Authenticator, AuthError, origin_allowed
 from roomcast.errors import ConfigurationError
 from roomcast.settings import Settings
+from servers import ServerStarter, in_server_loop
 
 SECRET = "pins-secret-" + "s" * 40
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -94,8 +95,9 @@ def test_allowed_origins_list() -> None:
     assert origin_allowed(scope("h:1", "https://anything.example"), ["*"])
 
 
-async def test_same_host_other_port_refused_by_a_server(server_factory: ServerFactory) -> None:
-    server = server_factory(env={"ROOMCAST_ALLOWED_ORIGINS": "[]"})
+@in_server_loop
+async def test_same_host_other_port_refused_by_a_server(start_server: ServerStarter) -> None:
+    server = await start_server(allowed_origins=[])
     async with ws_connect(server, "/ws/echo", origin=Origin(f"http://{HOST}:{server.port}")):
         pass
     for other in (server.port + 1, 80):
