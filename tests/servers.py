@@ -2,9 +2,9 @@
 
 :func:`serve` runs ``create_app(settings)`` under ``uvicorn.Server`` inside the running event
 loop (the test's), on a free loopback port, the way uvicorn's own tests do (``tests/utils.py``
-``run_server``): real sockets, real clients, no subprocess. It configures uvicorn as
-``roomcast serve`` does (roomcast's HTTP protocol and, for ``ws="roomcast"``, its WebSocket
-transport), so the only thing missing is the process.
+``run_server``): real sockets, real clients, no subprocess. uvicorn is configured by
+``roomcast serve``'s own ``uvicorn_config`` (roomcast's HTTP protocol and, for
+``ws="roomcast"``, its WebSocket transport), so the only thing missing is the process.
 
 An in-process server serves only while its event loop runs. A test that uses a module-scoped
 one runs in the module's loop (``pytestmark = pytest.mark.asyncio(loop_scope="module")``), and
@@ -24,7 +24,6 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -48,9 +47,8 @@ from helpers import (
     ws_connect,
 )
 from roomcast import Settings, create_app
+from roomcast.cli import uvicorn_config
 from roomcast.logs import JsonFormatter
-from roomcast.transport import protocol_class
-from roomcast.transport.http import http_protocol_class
 
 #: The WebSocket implementations every endpoint test runs on: pytest id -> ``Settings.ws``.
 #: roomcast's own transport (pre-framed fan-out) and uvicorn's, where roomcast falls back to
@@ -92,32 +90,6 @@ def make_settings(ws: str = "roomcast", *, suite: bool = True, **overrides: Any)
     with ``suite=False`` roomcast's defaults (nothing configured), then ``overrides``."""
     values = {"host": HOST, "port": 0, **(SUITE_SETTINGS if suite else {}), "ws": ws}
     return GivenSettings.model_validate({**values, **overrides})
-
-
-def uvicorn_config(settings: Settings, port: int) -> uvicorn.Config:
-    """``roomcast serve``'s uvicorn configuration for ``settings``, on ``port``.
-
-    Logging is left to the test process (``log_config=None``): :func:`serve` captures it.
-    """
-    ws: str | type[asyncio.Protocol] = settings.ws
-    if settings.ws == "roomcast":
-        ws = protocol_class(close_timeout=settings.close_timeout)
-    return uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=port,
-        http=http_protocol_class(settings.handshake_timeout),
-        ws=ws,
-        ws_max_size=settings.max_message_size,
-        ws_ping_interval=settings.ping_interval or None,
-        ws_ping_timeout=settings.ping_timeout,
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
-        lifespan="on",
-        log_level=settings.log_level,
-        log_config=None,
-        access_log=settings.access_log,
-        server_header=False,
-    )
 
 
 class _LogCapture(logging.Handler):
@@ -285,7 +257,11 @@ async def serve(
         root.addHandler(capture)
         try:
             logging.getLogger("roomcast").setLevel(LOG_LEVELS[settings.log_level])
-            config = uvicorn_config(settings, port)
+            # roomcast serve's configuration, with logging left to the test process (the
+            # capture above) and no announcement of the address (port 0 is no address).
+            config = uvicorn_config(
+                settings, app=create_app(settings), port=port, log_config=None, lifespan="on"
+            )
             # uvicorn.Config set its loggers' levels (kept while this server runs) and, with
             # access_log off, cut uvicorn.access off from the root for good: undo that part,
             # this server writes no access lines anyway and the others still must.
