@@ -7,15 +7,15 @@ must not add the entry again; on a shared broker the node's heartbeat would then
 ghost alive for the node's whole life.
 
 The in-process tests make the race deterministic: the node's broker is a real one (each
-backend) whose chosen call waits at a gate the test opens. The last test does the same with
-``roomcast serve`` and a real Redis paused by ``CLIENT PAUSE ... WRITE``.
+backend) whose chosen call waits at a gate the test opens. The last test does the same through
+a whole server (in-process, on both WebSocket implementations) and a real Redis paused by
+``CLIENT PAUSE ... WRITE``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +25,7 @@ import httpx
 import orjson
 import pytest
 
-from helpers import TIMEOUT, RoomcastServer, async_wait_until, recv_until_closed
+from helpers import TIMEOUT, async_wait_until, recv_until_closed
 from redis_server import (
     RedisServer,
     redis_server_fixture,  # noqa: F401 (a fixture)
@@ -38,7 +38,7 @@ from roomcast.core.node import Node
 from roomcast.core.session import Session
 from roomcast.http.channels import ChannelRequests
 from roomcast.settings import Settings
-from test_protocol import Peer, peer
+from servers import AppServer, Peer, ServerStarter, in_server_loop, peer
 
 BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
 
@@ -350,12 +350,12 @@ async def test_close_stops_a_heartbeat_whose_cancellation_was_swallowed(
     assert done, "close() waited for a heartbeat whose cancellation was swallowed"
 
 
-# -- a real server and a real Redis --------------------------------------------------------------
+# -- a whole server and a real Redis ---------------------------------------------------------------
 
 API_KEY = "presence-api-key"
 
 
-async def api(server: RoomcastServer, method: str, path: str, body: Any = None) -> Any:
+async def api(server: AppServer, method: str, path: str, body: Any = None) -> Any:
     async with httpx.AsyncClient(base_url=server.http_url, timeout=2 * TIMEOUT) as http:
         reply = await http.request(
             method, path, json=body, headers={"Authorization": f"Bearer {API_KEY}"}
@@ -364,7 +364,7 @@ async def api(server: RoomcastServer, method: str, path: str, body: Any = None) 
     return reply.json()
 
 
-async def presence_of(server: RoomcastServer, ch: str) -> list[str]:
+async def presence_of(server: AppServer, ch: str) -> list[str]:
     return [e["client"] for e in (await api(server, "GET", f"/api/presence/{ch}"))["clients"]]
 
 
@@ -381,38 +381,35 @@ def paused_script(server: RedisServer) -> Callable[[], bool]:
 
 
 @pytest.mark.redis
+@in_server_loop
 async def test_api_disconnect_during_a_subscribe_leaves_no_ghost(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+    redis_server: RedisServer, start_server: ServerStarter
 ) -> None:
     ttl = 1
-    server = RoomcastServer(
-        tmp_path_factory.mktemp("presence-node"),
-        env={
-            "ROOMCAST_BROKER_URL": redis_server.url_for(unique_prefix("presence")),
-            "ROOMCAST_API_KEY": API_KEY,
-            "ROOMCAST_TOKENS": json.dumps({"alice-token": "alice", "bob-token": "bob"}),
-            "ROOMCAST_PRESENCE_TTL": str(ttl),
-        },
+    server = await start_server(
+        broker_url=redis_server.url_for(unique_prefix("presence")),
+        api_key=API_KEY,
+        tokens={"alice-token": "alice", "bob-token": "bob"},
+        presence_ttl=ttl,
     )
     ch = channel()
-    with server:
-        async with peer(server, "/ws?token=bob-token") as bob:
-            await bob.ok("subscribe", channel=ch)
-            async with peer(server, "/ws?token=alice-token") as alice:
-                await subscribe_while_paused(server, redis_server, alice, ch)
-            # Alice's handler ends (and /stats counts her out) only after her subscribe did.
-            await server.await_stats(lambda s: s["ws_clients"] == 1, what="alice to be gone")
-            assert await presence_of(server, ch) == [bob.client], "alice listed after she left"
-            deadline = time.monotonic() + 2 * ttl
-            while time.monotonic() < deadline:
-                assert await presence_of(server, ch) == [bob.client], "alice came back"
-                await asyncio.sleep(0.1)
-            await bob.still_works()
-        server.assert_no_traceback()
+    async with peer(server, "/ws?token=bob-token") as bob:
+        await bob.ok("subscribe", channel=ch)
+        async with peer(server, "/ws?token=alice-token") as alice:
+            await subscribe_while_paused(server, redis_server, alice, ch)
+        # Alice's handler ends (and /stats counts her out) only after her subscribe did.
+        await server.await_stats(lambda s: s["ws_clients"] == 1, what="alice to be gone")
+        assert await presence_of(server, ch) == [bob.client], "alice listed after she left"
+        deadline = time.monotonic() + 2 * ttl
+        while time.monotonic() < deadline:
+            assert await presence_of(server, ch) == [bob.client], "alice came back"
+            await asyncio.sleep(0.1)
+        await bob.still_works()
+    server.assert_no_traceback()
 
 
 async def subscribe_while_paused(
-    server: RoomcastServer, redis_server: RedisServer, alice: Peer, ch: str
+    server: AppServer, redis_server: RedisServer, alice: Peer, ch: str
 ) -> None:
     """Alice subscribes while Redis holds writes; the API disconnects her meanwhile."""
     with redis_server.client() as conn:
