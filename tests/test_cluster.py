@@ -1,17 +1,18 @@
-"""Scale-out: real ``roomcast serve`` processes sharing one ``redis-server``.
+"""Scale-out: roomcast nodes sharing one real ``redis-server``.
 
 Three nodes on three ports form one cluster: a `/ws` client of any node sees the channels,
 offsets, presence, history and HTTP API of all of them, and the guide's chat rooms span them.
-Then one ``roomcast serve --workers 4`` process, whose workers share the broker the same way.
+The nodes are in-process servers (on each WebSocket implementation): what they share goes
+through Redis alone. Then one ``roomcast serve --workers 4`` process, whose workers share the
+broker the same way.
 
-The `/ws` client used here is test_protocol's ``Peer``.
+The `/ws` client used here is the suite's ``Peer`` (tests/servers.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import secrets
 import socket
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 import pytest
+import pytest_asyncio
 from websockets.asyncio.client import ClientConnection
 
 from helpers import (
@@ -48,8 +50,8 @@ from redis_server import (
     redis_server_fixture,  # noqa: F401 (a fixture)
     unique_prefix,
 )
+from servers import AppServer, Peer, channel, in_server_loop, peer, publication, serve
 from tcpproxy import TcpProxy
-from test_protocol import Peer, channel, peer, publication
 
 pytestmark = pytest.mark.redis
 
@@ -59,44 +61,33 @@ API_INFO = {"client": None, "user": None}
 SAYS = "Client says: "
 
 
-def wait_ready(server: RoomcastServer, within: float = 2 * TIMEOUT) -> None:
+async def await_ready(server: AppServer, within: float = 2 * TIMEOUT) -> None:
     """Wait until ``/readyz`` says the node reaches its broker."""
 
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{server.http_url}/readyz", timeout=TIMEOUT).status_code == 200
-        except httpx.HTTPError:
-            return False
+    async def ready() -> bool:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+            return (await http.get(f"{server.http_url}/readyz")).status_code == 200
 
-    wait_until(ready, within, f"{server.http_url}/readyz to answer 200")
+    await async_wait_until(ready, within, f"{server.http_url}/readyz to answer 200")
 
 
-@pytest.fixture(scope="module")
-def cluster(
-    redis_server: RedisServer,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[list[RoomcastServer]]:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(ws_impl: str, redis_server: RedisServer) -> AsyncIterator[list[AppServer]]:
     """Three nodes (A, B, C) on one Redis, with the HTTP API on and three users' tokens."""
-    env = {
-        "ROOMCAST_BROKER_URL": redis_server.url_for(unique_prefix("cluster")),
-        "ROOMCAST_API_KEY": KEY,
-        "ROOMCAST_TOKENS": json.dumps(TOKENS),
-    }
-    nodes = [RoomcastServer(tmp_path_factory.mktemp(f"node-{name}"), env=env) for name in "ABC"]
-    try:
+    broker = redis_server.url_for(unique_prefix("cluster"))
+    async with AsyncExitStack() as stack:
+        nodes = [
+            await stack.enter_async_context(
+                serve(ws_impl, broker_url=broker, api_key=KEY, tokens=TOKENS)
+            )
+            for _ in "ABC"
+        ]
         for node in nodes:
-            node.start()
-        for node in nodes:
-            wait_ready(node)
+            await await_ready(node)
         yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
-    for node in nodes:
-        node.assert_no_traceback()
 
 
-async def api(server: RoomcastServer, method: str, path: str, body: Any = None) -> Any:
+async def api(server: AppServer, method: str, path: str, body: Any = None) -> Any:
     async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT) as http:
         reply = await http.request(
             method, path, json=body, headers={"Authorization": f"Bearer {KEY}"}
@@ -107,7 +98,7 @@ async def api(server: RoomcastServer, method: str, path: str, body: Any = None) 
 
 @asynccontextmanager
 async def peers(
-    servers: Sequence[RoomcastServer], tokens: Sequence[str | None] = ()
+    servers: Sequence[AppServer], tokens: Sequence[str | None] = ()
 ) -> AsyncIterator[list[Peer]]:
     """One `/ws` peer per server (``tokens[i]`` for the i-th, if given)."""
     async with AsyncExitStack() as stack:
@@ -122,8 +113,9 @@ async def peers(
 # -- channels across nodes -----------------------------------------------------------------------
 
 
+@in_server_loop
 async def test_a_publication_reaches_subscribers_on_every_node(
-    cluster: list[RoomcastServer],
+    cluster: list[AppServer],
 ) -> None:
     ch = channel("cl")
     a, b, c = cluster
@@ -139,7 +131,8 @@ async def test_a_publication_reaches_subscribers_on_every_node(
             await sub.still_works()
 
 
-async def test_offsets_are_cluster_wide(cluster: list[RoomcastServer]) -> None:
+@in_server_loop
+async def test_offsets_are_cluster_wide(cluster: list[AppServer]) -> None:
     ch = channel("cl")
     n = 30
     async with peers(cluster) as pubs, peers(cluster) as subs:
@@ -155,7 +148,8 @@ async def test_offsets_are_cluster_wide(cluster: list[RoomcastServer]) -> None:
             await sub.still_works()
 
 
-async def test_presence_lists_the_members_of_every_node(cluster: list[RoomcastServer]) -> None:
+@in_server_loop
+async def test_presence_lists_the_members_of_every_node(cluster: list[AppServer]) -> None:
     ch = channel("cl")
     async with peers(cluster, tokens=["alice-token", "bob-token", None]) as subs:
         for sub in subs:
@@ -175,7 +169,8 @@ async def test_presence_lists_the_members_of_every_node(cluster: list[RoomcastSe
             assert [e["client"] for e in clients] == [subs[0].client, subs[2].client]
 
 
-async def test_join_and_leave_cross_nodes(cluster: list[RoomcastServer]) -> None:
+@in_server_loop
+async def test_join_and_leave_cross_nodes(cluster: list[AppServer]) -> None:
     ch = channel("cl")
     a, b, c = cluster
     async with peer(a) as watcher, peer(b, "/ws?token=bob-token") as bob:
@@ -195,7 +190,8 @@ async def test_join_and_leave_cross_nodes(cluster: list[RoomcastServer]) -> None
         await watcher.still_works()
 
 
-async def test_recover_on_another_node(cluster: list[RoomcastServer]) -> None:
+@in_server_loop
+async def test_recover_on_another_node(cluster: list[AppServer]) -> None:
     ch = channel("cl")
     a, b, c = cluster
     async with peer(c) as pub:
@@ -225,7 +221,8 @@ async def test_recover_on_another_node(cluster: list[RoomcastServer]) -> None:
                 assert history == {"epoch": epoch, "offset": 20, "start": 1, "publications": sent}
 
 
-async def test_http_api_publish_reaches_other_nodes(cluster: list[RoomcastServer]) -> None:
+@in_server_loop
+async def test_http_api_publish_reaches_other_nodes(cluster: list[AppServer]) -> None:
     first, second = channel("cl"), channel("cl")
     a, b, c = cluster
     async with peers([b, c]) as subs:
@@ -253,8 +250,9 @@ async def test_http_api_publish_reaches_other_nodes(cluster: list[RoomcastServer
             await sub.still_works()
 
 
+@in_server_loop
 async def test_http_api_disconnect_closes_the_user_on_every_node(
-    cluster: list[RoomcastServer],
+    cluster: list[AppServer],
 ) -> None:
     ch = channel("cl")
     a, b, c = cluster
@@ -298,7 +296,7 @@ class Member:
                 self.got.append(message)
 
 
-async def join_chat(stack: AsyncExitStack, server: RoomcastServer, path: str, name: str) -> Member:
+async def join_chat(stack: AsyncExitStack, server: AppServer, path: str, name: str) -> Member:
     ws = await stack.enter_async_context(ws_connect(server, path))
     return Member(ws, name)
 
@@ -334,7 +332,8 @@ async def one_leave_notice_each(gone: Member, members: Sequence[Member], tag: st
         assert notices == 1, f"{member.name} got {notices} leave notices: {member.got[mark:]}"
 
 
-async def test_guide_chat_across_nodes(cluster: list[RoomcastServer]) -> None:
+@in_server_loop
+async def test_guide_chat_across_nodes(cluster: list[AppServer]) -> None:
     a, b, _ = cluster
     async with AsyncExitStack() as stack:
         members = [
@@ -365,34 +364,32 @@ class SlowLink(TcpProxy):
                 await writer.drain()
 
 
+@in_server_loop
 async def test_a_chat_member_hears_the_room_as_soon_as_it_is_in(
-    cluster: list[RoomcastServer],
-    redis_server: RedisServer,
-    tmp_path: Path,
+    cluster: list[AppServer], redis_server: RedisServer, ws_impl: str
 ) -> None:
     """A node with a slow link to Redis still lets a chat member in only once it hears the room.
 
     Whatever is said on another node right after the handshake reaches the new member.
     """
     a = cluster[0]
-    url = urlsplit(a.env["ROOMCAST_BROKER_URL"])
-    async with SlowLink(redis_server.port, delay=0.1) as link:
-        slow = RoomcastServer(
-            tmp_path / "slow",
-            env={**a.env, "ROOMCAST_BROKER_URL": f"redis://{HOST}:{link.port}?{url.query}"},
-        )
-        await asyncio.to_thread(slow.start)
-        try:
-            await asyncio.to_thread(wait_ready, slow, 4 * TIMEOUT)
-            for round_ in range(2):
-                room = f"/ws/chat/fresh-{round_}-{secrets.token_hex(4)}"
-                async with ws_connect(a, room) as talker, ws_connect(slow, room) as newcomer:
-                    await talker.send("right away")  # the moment the slow node let it in
-                    for ws in (talker, newcomer):
-                        assert await recv(ws, 2 * TIMEOUT) == f"{SAYS}right away"
-        finally:
-            await asyncio.to_thread(slow.stop)
-        slow.assert_no_traceback()
+    url = urlsplit(a.settings.broker_url)
+    async with (
+        SlowLink(redis_server.port, delay=0.1) as link,
+        serve(
+            ws_impl,
+            broker_url=f"redis://{HOST}:{link.port}?{url.query}",
+            api_key=KEY,
+            tokens=TOKENS,
+        ) as slow,
+    ):
+        await await_ready(slow, 4 * TIMEOUT)
+        for round_ in range(2):
+            room = f"/ws/chat/fresh-{round_}-{secrets.token_hex(4)}"
+            async with ws_connect(a, room) as talker, ws_connect(slow, room) as newcomer:
+                await talker.send("right away")  # the moment the slow node let it in
+                for ws in (talker, newcomer):
+                    assert await recv(ws, 2 * TIMEOUT) == f"{SAYS}right away"
 
 
 # -- several workers -----------------------------------------------------------------------------
