@@ -124,6 +124,13 @@ class Node:
 
     # -- sessions -------------------------------------------------------------------------
 
+    def new_id(self) -> str:
+        """A random session id, unique on this node (a ``/ws`` client id, which others see)."""
+        session_id = secrets.token_hex(6)
+        while session_id in self.sessions:
+            session_id = secrets.token_hex(6)
+        return session_id
+
     def open(
         self,
         conn: Connection,
@@ -134,18 +141,15 @@ class Node:
         info: bytes = b"",
         connected_at: str = "",
         farewell: bytes | None = None,
-        new_id: bool = False,
+        session_id: str | None = None,
     ) -> Session:
         """A session for ``conn`` (registered until :meth:`detach`).
 
-        ``new_id`` gives the connection a random id, unique on this node (a ``/ws`` client
-        id, which other clients see). A user's connection was counted with :meth:`claim_user`
+        ``session_id`` (from :meth:`new_id`) becomes the connection's id; without it the
+        connection keeps its own. A user's connection was counted with :meth:`claim_user`
         already; :meth:`detach` releases it.
         """
-        if new_id:
-            session_id = secrets.token_hex(6)
-            while session_id in self.sessions:
-                session_id = secrets.token_hex(6)
+        if session_id is not None:
             conn.id = ConnId(session_id)
         settings = self.settings
         outbox = Outbox(conn, settings.outbox_size, self.writers, settings.outbox_bytes)

@@ -92,10 +92,17 @@ class ChannelRequests:
                 if grant is None
                 else Grant(grant, EVERYTHING, EVERYTHING, None, "static")
             )
-        session = self.node.open(
-            conn, CODEC, grant, slow_code=CloseCode.SLOW, connected_at=utc_now(), new_id=True
+        node = self.node
+        session_id = node.new_id()
+        session = node.open(
+            conn,
+            CODEC,
+            grant,
+            slow_code=CloseCode.SLOW,
+            info=encode_info(session_id, grant.user),
+            connected_at=utc_now(),
+            session_id=session_id,
         )
-        session.info = encode_info(session.id, grant.user)
         session.send(connected_frame(session.id, grant.user, __version__))
         loop = asyncio.get_running_loop()
         if grant.user is None:
