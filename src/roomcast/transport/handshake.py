@@ -34,6 +34,13 @@ __all__ = [
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Largest request head accepted (request line + headers).
 MAX_HEAD: Final = 16 * 1024
+#: permessage-deflate with uvicorn's own protocols' parameters; broadcasts go uncompressed
+#: anyway. The factory only holds settings: each negotiation makes its own extension.
+_DEFLATE: Final = ServerPerMessageDeflateFactory(
+    server_max_window_bits=12,
+    client_max_window_bits=12,
+    compress_settings={"memLevel": 5},
+)
 
 
 class HandshakeError(Exception):
@@ -123,7 +130,7 @@ def parse_upgrade_request(head: bytes) -> UpgradeRequest:
 
 
 def negotiate_deflate(
-    offer: str, factory: ServerPerMessageDeflateFactory
+    offer: str, factory: ServerPerMessageDeflateFactory = _DEFLATE
 ) -> tuple[str, PerMessageDeflate] | None:
     """Accept the first acceptable permessage-deflate offer (RFC 7692), if any.
 

@@ -2,8 +2,10 @@
 
 uvicorn hands an upgrade request to the class named by its ``ws`` setting;
 ``roomcast serve`` names :class:`RoomcastWebSocketProtocol`. Framing and the handshake are the
-sans-I/O modules beside this one; this module moves bytes between them, the transport and the
-ASGI app.
+sans-I/O modules beside this one, and so is the connection's state
+(:class:`~roomcast.transport.state.ConnectionState`: what each frame does, the closing handshake,
+keepalive decisions); this module moves bytes between them, the transport and the ASGI app, and
+owns the timers, the corked writes and flow control.
 
 Beyond plain ASGI it advertises the ``roomcast.frames`` extension in ``scope["extensions"]``:
 
@@ -15,51 +17,26 @@ Beyond plain ASGI it advertises the ``roomcast.frames`` extension in ``scope["ex
 
 A broadcast builds one frame and hands the same bytes to every member (server frames are not
 masked, RFC 6455 section 5.1), instead of one ASGI message, one encode and one frame per member.
-
-Safety, each tied to a test: invalid UTF-8 ends the connection with 1007 and one log line; a
-message's size is bounded in total, however it is fragmented (each continuation frame counts,
-empty ones too); compressed data is inflated only up to the size limit (no deflate bomb); pongs
-for a peer that does not read them are not queued; the closing handshake is bounded by a timer.
+The closing handshake is bounded by a timer (``close_timeout``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import struct
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, ClassVar, Final
 from urllib.parse import unquote
 
 from uvicorn.config import Config
 from uvicorn.protocols.utils import ClientDisconnected, get_local_addr, get_remote_addr, is_ssl
 from uvicorn.server import ServerState
-from websockets.extensions.permessage_deflate import (
-    PerMessageDeflate,
-    ServerPerMessageDeflateFactory,
-)
-from websockets.frames import Frame, Opcode
+from websockets.extensions.permessage_deflate import PerMessageDeflate
 
 from roomcast.closecodes import CloseCode
 from roomcast.logs import log_safe
-from roomcast.transport.frames import (
-    FIN,
-    FRAMES_EXTENSION,
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    RSV1,
-    RSV_ALL,
-    FrameReader,
-    WebSocketProtocolError,
-    build_close_payload,
-    build_frame,
-    parse_close_payload,
-)
+from roomcast.transport.frames import FRAMES_EXTENSION, OP_BINARY, OP_TEXT
 from roomcast.transport.handshake import (
     MAX_HEAD,
     HandshakeError,
@@ -68,22 +45,24 @@ from roomcast.transport.handshake import (
     negotiate_deflate,
     parse_upgrade_request,
 )
-from roomcast.transport.messages import MessageAssembler
+from roomcast.transport.state import (
+    CLOSED,
+    CLOSING,
+    CONNECTING,
+    OPEN,
+    PONG,
+    REPLY,
+    CloseReceived,
+    ConnectionState,
+    Event,
+    Failure,
+)
 
 __all__ = ["FRAMES_EXTENSION", "RoomcastWebSocketProtocol", "protocol_class"]
 
 logger = logging.getLogger("roomcast.transport")
 access_logger = logging.getLogger("uvicorn.error")
 
-# Connection states.
-_HANDSHAKE: Final = 0  # waiting for the request head
-_CONNECTING: Final = 1  # app running, not accepted yet
-_OPEN: Final = 2
-_CLOSING: Final = 3  # our close frame is sent; waiting for the peer's
-_CLOSED: Final = 4
-
-#: Control opcodes: RSV1 (compression) is never allowed on them (RFC 7692 section 6.1).
-_CONTROL: Final = (OP_CLOSE, OP_PING, OP_PONG)
 #: Corked frames written at once, before the end of the loop turn, past this many...
 _CORK_LIMIT: Final = 256
 #: ... or past this many bytes (the transport's default high-water mark): the transport only
@@ -102,7 +81,6 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
     close_timeout: ClassVar[float] = 5.0
 
     __slots__ = (
-        "_app_task",
         "_close_timer",
         "_corked",
         "_corked_size",
@@ -110,21 +88,13 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         "_denial",
         "_drain_waiter",
         "_ext_header",
-        "_failed",
-        "_frames_ext",
         "_head",
         "_inbox",
-        "_messages",
-        "_ping_payload",
-        "_ping_timer",
-        "_pong_due",
-        "_pong_timer",
+        "_keepalive_timer",
         "_read_paused",
-        "_reader",
         "_recv_waiter",
         "_request_key",
-        "_state",
-        "_writable",
+        "_ws",
         "app",
         "app_state",
         "client",
@@ -158,31 +128,26 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         self.server: tuple[str, int | None] | None = None
         self.client: tuple[str, int] | None = None
         self.scope: dict[str, Any] = {}
-        self._state = _HANDSHAKE
-        self._head = b""
+        #: The connection's state; CONNECTING from the first byte until the app accepts.
+        self._ws = ConnectionState(
+            config.ws_max_size,
+            ping_interval=config.ws_ping_interval,
+            ping_timeout=config.ws_ping_timeout,
+        )
+        #: The request head so far; ``None`` once it was read (or refused).
+        self._head: bytes | None = b""
         self._request_key = b""
-        self._reader = FrameReader(config.ws_max_size)
         self._inbox: deque[dict[str, Any]] = deque()
         self._recv_waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._writable = True
         self._read_paused = False
         self._deflate: PerMessageDeflate | None = None
         self._ext_header: str | None = None
         self._denial: tuple[int, list[tuple[bytes, bytes]], list[bytes]] | None = None
-        self._messages = MessageAssembler(config.ws_max_size)
-        self._app_task: asyncio.Task[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
-        self._ping_timer: asyncio.TimerHandle | None = None
-        self._pong_timer: asyncio.TimerHandle | None = None
-        self._ping_payload = b""
-        self._frames_ext: dict[str, Any] | None = None
+        self._keepalive_timer: asyncio.TimerHandle | None = None
         self._corked: list[bytes] | None = None
         self._corked_size = 0
-        #: The payload of the latest ping not answered yet (the transport was full).
-        self._pong_due: bytes | None = None
-        #: Set by the first protocol failure (:meth:`_fail`).
-        self._failed = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -194,62 +159,57 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
-        was = self._state
-        self._state = _CLOSED
+        ws = self._ws
+        was = ws.state
+        ws.abort()
         self._corked = None
         self._cancel_timers()
-        if was in (_CONNECTING, _OPEN):
+        # The app runs from the end of the request head (CONNECTING with no head left).
+        if was is OPEN or (was is CONNECTING and self._head is None):
             self._deliver({"type": "websocket.disconnect", "code": CloseCode.ABNORMAL})
         self._wake_writers()
         if self._recv_waiter is not None and not self._recv_waiter.done():
             self._recv_waiter.set_result(None)
 
-    def eof_received(self) -> bool | None:
-        return None
-
     def pause_writing(self) -> None:
-        self._writable = False
+        self._ws.pause_writing()
 
     def resume_writing(self) -> None:
-        self._writable = True
-        pong = self._pong_due
-        if pong is not None:
-            self._pong_due = None
-            if self._state == _OPEN:
-                self._out(build_frame(OP_PONG, pong))
+        self._ws.resume_writing()
+        self._flush()  # the pong held back while the transport was full, if any
         self._wake_writers()
 
     def data_received(self, data: bytes) -> None:
-        if self._state == _HANDSHAKE:
-            self._head += data
-            end = self._head.find(b"\r\n\r\n")
+        so_far = self._head
+        if so_far is not None:
+            so_far += data
+            end = so_far.find(b"\r\n\r\n")
             if end < 0:
-                if len(self._head) > MAX_HEAD:
+                if len(so_far) > MAX_HEAD:
                     self._refuse(HandshakeError(431, "request head too large"))
+                else:
+                    self._head = so_far
                 return
-            head, rest = self._head[:end], self._head[end + 4 :]
-            self._head = b""
-            self._start(head)
+            self._head = None
+            self._start(so_far[:end])
+            rest = so_far[end + 4 :]
             if rest:
-                self._reader.feed(rest)
+                self._ws.receive_data(rest)
             return
-        self._reader.feed(data)
+        self._ws.receive_data(data)
         self._parse()
 
     # -- uvicorn's server hooks ----------------------------------------------------------
 
     def shutdown(self) -> None:
         """Server shutdown: close 1012 (service restart) to an open connection."""
-        if self._state == _OPEN:
+        ws = self._ws
+        if ws.state is OPEN:
             self._deliver({"type": "websocket.disconnect", "code": CloseCode.SERVICE_RESTART})
             self._write_close(CloseCode.SERVICE_RESTART, "server shutting down")
-            self._state = _CLOSING
             self.transport.close()
-        elif self._state in (_HANDSHAKE, _CONNECTING):
-            self._deliver({"type": "websocket.disconnect", "code": CloseCode.ABNORMAL})
-            self.transport.write(build_http_response(503, b"server shutting down"))
-            self._state = _CLOSED
-            self.transport.close()
+        elif ws.state is CONNECTING:
+            self._refuse_after_app(503, b"server shutting down")
         else:
             self.transport.close()
 
@@ -263,23 +223,12 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             return
         self._request_key = request.key
         if self.config.ws_per_message_deflate and request.extensions:
-            # Same parameters as uvicorn's own protocols; broadcasts go uncompressed anyway.
-            factory = ServerPerMessageDeflateFactory(
-                server_max_window_bits=12,
-                client_max_window_bits=12,
-                compress_settings={"memLevel": 5},
-            )
-            negotiated = negotiate_deflate(request.extensions, factory)
+            negotiated = negotiate_deflate(request.extensions)
             if negotiated is not None:
                 self._ext_header, self._deflate = negotiated
-                self._messages.deflate = self._deflate
         raw_path, _, query = request.target.partition("?")
         root = self.config.root_path
-        self._frames_ext = {
-            "write": self.write_frame,
-            "send": self.send_frame,
-            "buffered": self.buffered,
-        }
+        frames = {"write": self.write_frame, "send": self.send_frame, "buffered": self.buffered}
         self.scope = {
             "type": "websocket",
             "asgi": {"version": self.config.asgi_version, "spec_version": "2.4"},
@@ -294,12 +243,10 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             "headers": request.headers,
             "subprotocols": request.subprotocols,
             "state": self.app_state.copy(),
-            "extensions": {"websocket.http.response": {}, FRAMES_EXTENSION: self._frames_ext},
+            "extensions": {"websocket.http.response": {}, FRAMES_EXTENSION: frames},
         }
-        self._state = _CONNECTING
         self._inbox.append({"type": "websocket.connect"})
         task = self.loop.create_task(self._run_asgi())
-        self._app_task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -308,7 +255,8 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             "%s refused WebSocket handshake %d: %s", self._peer(), error.status, error.reason
         )
         self.transport.write(build_http_response(error.status, error.reason.encode()))
-        self._state = _CLOSED
+        self._head = None
+        self._ws.abort()
         self.transport.close()
 
     def _peer(self) -> str:
@@ -334,28 +282,29 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             access_logger.exception("Exception in ASGI application\n")
             self._abort_app(CloseCode.INTERNAL_ERROR)
         else:
-            if self._state == _CONNECTING:
+            if self._ws.state is CONNECTING:
                 access_logger.error("ASGI callable returned without completing handshake.")
                 self._abort_app(CloseCode.INTERNAL_ERROR)
             elif result is not None:
                 access_logger.error("ASGI callable should return None, but returned %r.", result)
         # An app that returns without closing: close normally (RFC 6455 section 7.1.2).
-        if self._state == _OPEN:
+        if self._ws.state is OPEN:
             self._begin_close(CloseCode.NORMAL, "")
 
     def _abort_app(self, code: CloseCode) -> None:
-        if self._state == _CONNECTING:
+        ws = self._ws
+        if ws.state is CONNECTING:
             self.transport.write(build_http_response(500, b"Internal Server Error"))
-            self._state = _CLOSED
+            ws.abort()
             self.transport.close()
-        elif self._state == _OPEN:
+        elif ws.state is OPEN:
             self._begin_close(code, "")
 
     async def receive(self) -> dict[str, Any]:
         """ASGI receive: the next event for the app."""
         inbox = self._inbox
         while not inbox:
-            if self._state == _CLOSED:
+            if self._ws.state is CLOSED:
                 return {"type": "websocket.disconnect", "code": CloseCode.ABNORMAL}
             waiter = self._recv_waiter = self.loop.create_future()
             try:
@@ -363,7 +312,9 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             finally:
                 self._recv_waiter = None
         message = inbox.popleft()
-        if (self._read_paused or self._reader.buffered) and len(inbox) < _INBOX_LIMIT:
+        # Complete frames are left unparsed only while reading is paused: each _parse reads
+        # every complete frame or pauses (a partial frame waits for bytes, not for a parse).
+        if self._read_paused and len(inbox) < _INBOX_LIMIT:
             self._parse()
         return message
 
@@ -372,23 +323,24 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         kind = message["type"]
         # A close does not wait for the peer to read what is queued: its close timer bounds
         # it, and a peer that stopped reading must not keep its connection open forever.
-        if not self._writable and self._state == _OPEN and kind != "websocket.close":
+        ws = self._ws
+        if not ws.writable and ws.state is OPEN and kind != "websocket.close":
             await self._wait_writable()
-        state = self._state
-        if state == _OPEN:
+        state = ws.state
+        if state is OPEN:
             if kind == "websocket.send":
                 data = message.get("bytes")
                 if data is not None:
-                    self._write_data(OP_BINARY, data)
+                    self._out(ws.data_frame(OP_BINARY, data))
                 else:
-                    self._write_data(OP_TEXT, message["text"].encode())
+                    self._out(ws.data_frame(OP_TEXT, message["text"].encode()))
             elif kind == "websocket.close":
                 code = message.get("code") or CloseCode.NORMAL
                 self._deliver({"type": "websocket.disconnect", "code": code})
                 self._begin_close(code, message.get("reason") or "")
             else:
                 raise RuntimeError(f"unexpected ASGI message {kind!r} on an open WebSocket")
-        elif state == _CONNECTING:
+        elif state is CONNECTING:
             self._send_before_accept(message)
         elif kind == "websocket.close" or kind.startswith("websocket.http.response"):
             return
@@ -406,10 +358,11 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
                     self._request_key, message.get("subprotocol"), self._ext_header, headers
                 )
             )
-            self._state = _OPEN
+            ws = self._ws
+            ws.accept(self.loop.time(), self._deflate)
             self._log_access("[accepted]")
-            self._start_keepalive()
-            if self._reader.buffered:
+            self._arm_keepalive()
+            if ws.unparsed:
                 self._parse()
         elif kind == "websocket.close":
             self._log_access("403")
@@ -422,17 +375,18 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             if not message.get("more_body", False):
                 self._denial = None
                 self._log_access(str(status))
-                self.transport.write(build_http_response(status, b"".join(body), headers))
-                self._deliver({"type": "websocket.disconnect", "code": CloseCode.ABNORMAL})
-                self._state = _CLOSED
-                self.transport.close()
+                self._refuse_after_app(status, b"".join(body), headers)
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r} before the handshake")
 
-    def _refuse_after_app(self, status: int, body: bytes) -> None:
-        self.transport.write(build_http_response(status, body))
+    def _refuse_after_app(
+        self, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """Answer the upgrade request with an HTTP response instead, while the app runs."""
+        self.transport.write(build_http_response(status, body, headers))
         self._deliver({"type": "websocket.disconnect", "code": CloseCode.ABNORMAL})
-        self._state = _CLOSED
+        self._head = None
+        self._ws.abort()
         self.transport.close()
 
     # -- the roomcast.frames extension ---------------------------------------------------
@@ -446,7 +400,8 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
         as soon as its buffer passes its high-water mark: the buffer then holds at most the
         high-water mark, 64 KiB and one frame.
         """
-        if self._state != _OPEN or not self._writable:
+        ws = self._ws
+        if ws.state is not OPEN or not ws.writable:
             return False
         corked = self._corked
         if corked is None:
@@ -461,32 +416,39 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
 
     def buffered(self) -> int:
         """Bytes taken for writing that the kernel has not taken yet."""
-        if self._state == _CLOSED:
+        if self._ws.state is CLOSED:
             return 0
         corked = self._corked_size if self._corked is not None else 0
         return self.transport.get_write_buffer_size() + corked
 
     async def send_frame(self, frame: bytes) -> None:
         """Write a prepared frame once the transport is under its high-water mark."""
-        if not self._writable and self._state == _OPEN:
+        ws = self._ws
+        if not ws.writable and ws.state is OPEN:
             await self._wait_writable()
-        if self._state != _OPEN:
+        if ws.state is not OPEN:
             raise ClientDisconnected()
         self._out(frame)
 
     def _uncork(self) -> None:
+        # Frames are corked only while OPEN, and every close writes through _out first, so
+        # what is corked always goes out before the connection's close frame.
         corked = self._corked
         if corked is not None:
             self._corked = None
             self._corked_size = 0
-            if self._state != _CLOSED:
-                self.transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
+            self.transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
 
     def _out(self, data: bytes) -> None:
         """Write after whatever frames are corked, keeping the order they were taken in."""
         if self._corked is not None:
             self._uncork()
         self.transport.write(data)
+
+    def _flush(self) -> None:
+        """Write what the connection's state produced (pongs, pings, close frames)."""
+        for data in self._ws.data_to_send():
+            self._out(data)
 
     async def _wait_writable(self) -> None:
         waiter = self._drain_waiter
@@ -501,50 +463,26 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             waiter.set_result(None)
         self._drain_waiter = None
 
-    # -- writing -------------------------------------------------------------------------
-
-    def _write_data(self, opcode: int, payload: bytes) -> None:
-        deflate = self._deflate
-        if deflate is not None and payload:
-            frame = deflate.encode(Frame(Opcode(opcode), payload))
-            self._out(build_frame(opcode, bytes(frame.data), rsv1=frame.rsv1))
-        else:
-            self._out(build_frame(opcode, payload))
+    # -- closing -------------------------------------------------------------------------
 
     def _write_close(self, code: int, reason: str) -> None:
-        payload = b"" if code == CloseCode.NO_STATUS else build_close_payload(code, reason)
-        self._out(build_frame(OP_CLOSE, payload))
+        """Start the closing handshake: our close frame, after whatever frames are corked."""
+        self._ws.send_close(code, reason)
+        self._flush()
 
     def _begin_close(self, code: int, reason: str) -> None:
         """Send our close frame and give the peer ``close timeout`` seconds to answer."""
         self._write_close(code, reason)
-        self._state = _CLOSING
+        self._await_close()
+
+    def _await_close(self) -> None:
+        """Our close frame is out: wait for the peer's, at most ``close_timeout`` seconds."""
         self._stop_keepalive()
         self._close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
         if self._read_paused:
             # Reading paused for an app that is behind (or gone): the peer's close frame must
             # still be read, and nothing read from now on is delivered.
             self.loop.call_soon(self._parse)
-
-    def _fail(self, code: CloseCode, reason: str) -> None:
-        """The peer broke the protocol: one log line, then close with ``code`` (section 7.1.7).
-
-        Only the first failure counts: the data frames that follow it are dropped unread (see
-        :meth:`_frame`), so a flood of broken frames costs one log line, not one per frame.
-        """
-        if self._failed:
-            return
-        self._failed = True
-        logger.info("%s WebSocket closed %d: %s", self._peer(), code, reason)
-        if self._state == _OPEN:
-            self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
-            self._begin_close(code, reason)
-            # Half-close after our close frame: the peer sees the end at once (Autobahn 7.3.6:
-            # a peer whose own close was malformed will not send another), while we can still
-            # read its close frame. The close timer bounds the rest.
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-        self._messages.reset()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -555,136 +493,96 @@ class RoomcastWebSocketProtocol(asyncio.Protocol):
             waiter.set_result(None)
 
     def _parse(self) -> None:
-        reader = self._reader
+        ws = self._ws
         inbox = self._inbox
         # Once closing, frames are read to find the peer's close and are not delivered, so
         # the app being behind no longer holds reading back.
-        while self._state == _CLOSING or (self._state == _OPEN and len(inbox) < _INBOX_LIMIT):
-            try:
-                frame = reader.next_frame()
-            except WebSocketProtocolError as error:
-                # The stream cannot be parsed past this point: close without waiting.
-                self._fail(error.code, error.reason)
-                self.transport.close()
-                return
-            if frame is None:
+        while ws.state is CLOSING or (ws.state is OPEN and len(inbox) < _INBOX_LIMIT):
+            event = ws.next_event()
+            if event is None:
                 break
-            self._frame(frame[0], frame[1])
+            # A message: what _deliver does, inline on the hot path.
+            if type(event) is str:
+                inbox.append({"type": "websocket.receive", "text": event})
+            elif type(event) is bytes:
+                inbox.append({"type": "websocket.receive", "bytes": event})
+            else:
+                self._handle(event)
+                continue
+            waiter = self._recv_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         # Backpressure: stop reading while the app is behind. With room in the inbox every
         # complete frame has been parsed, so the buffer holds at most one partial frame, which
         # the reader bounds by the size limit.
-        behind = len(inbox) >= _INBOX_LIMIT and self._state == _OPEN
-        if behind and not self._read_paused and self._state != _CLOSED:
+        behind = len(inbox) >= _INBOX_LIMIT and ws.state is OPEN
+        if behind and not self._read_paused and ws.state is not CLOSED:
             self._read_paused = True
             self.transport.pause_reading()
-        elif not behind and self._read_paused and self._state != _CLOSED:
+        elif not behind and self._read_paused and ws.state is not CLOSED:
             self._read_paused = False
             self.transport.resume_reading()
 
-    def _frame(self, first: int, payload: bytes) -> None:
-        opcode = first & 0x0F
-        if first & RSV_ALL and (
-            first & RSV_ALL != RSV1 or self._deflate is None or opcode in (OP_CONT, *_CONTROL)
-        ):
-            self._fail(CloseCode.PROTOCOL_ERROR, "reserved bits set")
-            return
-        if opcode >= OP_CLOSE:
-            if not first & FIN or len(payload) > 125:
-                self._fail(CloseCode.PROTOCOL_ERROR, "control frames must be whole and short")
-            elif opcode == OP_PING:
-                if self._state == _OPEN:
-                    self._answer_ping(payload)
-            elif opcode == OP_PONG:
-                self._pong(payload)
-            elif opcode == OP_CLOSE:
-                self._peer_close(payload)
-            else:
-                self._fail(CloseCode.PROTOCOL_ERROR, f"reserved opcode {opcode}")
-            return
-        if self._failed:
-            return  # the stream is broken: only the peer's close frame matters now
-        try:
-            message = self._messages.frame(first, payload, keep=self._state == _OPEN)
-        except WebSocketProtocolError as error:
-            self._fail(error.code, error.reason)
-            return
-        if message is None:
-            return
-        if type(message) is str:
-            self._deliver({"type": "websocket.receive", "text": message})
-        else:
-            self._deliver({"type": "websocket.receive", "bytes": message})
-
-    def _answer_ping(self, payload: bytes) -> None:
-        """Pong now, or once the transport drains if it is full (RFC 6455 section 5.5.3).
-
-        A peer that sends pings and reads nothing would otherwise fill the transport's buffer
-        with pongs without bound. While the buffer is over its high-water mark only the latest
-        ping's payload is kept, and answered when the transport resumes: section 5.5.3 allows
-        answering only the most recently processed ping.
-        """
-        if self._writable:
-            self._out(build_frame(OP_PONG, payload))
-        else:
-            self._pong_due = payload
-
-    def _peer_close(self, payload: bytes) -> None:
-        try:
-            code, reason = parse_close_payload(payload)
-        except WebSocketProtocolError as error:
-            self._fail(error.code, error.reason)
+    def _handle(self, event: Event) -> None:
+        """Act on an event of the connection's state other than a message."""
+        if event is REPLY:
+            self._flush()
+        elif event is PONG:
+            self._keepalive()
+        elif isinstance(event, CloseReceived):
+            if event.echoed:
+                self._deliver(
+                    {"type": "websocket.disconnect", "code": event.code, "reason": event.reason}
+                )
+                self._flush()
+            # The closing handshake is over: the server closes TCP first (section 7.1.1).
+            self._cancel_timers()
             self.transport.close()
-            return
-        if self._state == _OPEN:
-            # Echo the close (section 5.5.1), then the server closes TCP first (section 7.1.1).
-            self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
-            self._write_close(code, "")
-            self._stop_keepalive()
-        self._state = _CLOSED
-        self._cancel_timers()
-        self.transport.close()
+        elif isinstance(event, Failure):
+            # The peer broke the protocol (section 7.1.7): one log line, then close.
+            if event.first:
+                logger.info("%s WebSocket closed %d: %s", self._peer(), event.code, event.reason)
+                if event.sent_close:
+                    self._deliver(
+                        {"type": "websocket.disconnect", "code": event.code, "reason": event.reason}
+                    )
+                    self._flush()
+                    self._await_close()
+                    # Half-close after our close frame: the peer sees the end at once (Autobahn
+                    # 7.3.6: a peer whose own close was malformed will not send another), while
+                    # we can still read its close frame. The close timer bounds the rest.
+                    if self.transport.can_write_eof():
+                        self.transport.write_eof()
+            if event.drop:
+                # The stream cannot be parsed past this point: close without waiting.
+                self.transport.close()
 
     # -- keepalive -----------------------------------------------------------------------
 
-    def _start_keepalive(self) -> None:
-        interval = self.config.ws_ping_interval
-        if interval:
-            self._ping_timer = self.loop.call_later(interval, self._ping)
-
-    def _ping(self) -> None:
-        self._ping_timer = None
-        if self._state != _OPEN:
-            return
-        self._ping_payload = struct.pack("!I", random.getrandbits(32))
-        self._out(build_frame(OP_PING, self._ping_payload))
-        timeout = self.config.ws_ping_timeout
-        if timeout:
-            self._pong_timer = self.loop.call_later(timeout, self._pong_missed)
-        else:
-            self._start_keepalive()
-
-    def _pong(self, payload: bytes) -> None:
-        if self._pong_timer is not None and payload == self._ping_payload:
-            self._pong_timer.cancel()
-            self._pong_timer = None
-            self._start_keepalive()
-
-    def _pong_missed(self) -> None:
-        self._pong_timer = None
-        if self._state == _OPEN:
+    def _keepalive(self) -> None:
+        """Run the keepalive clock: on its timer, and when the peer answers our ping."""
+        if self._ws.keepalive(self.loop.time()):
             logger.info("%s WebSocket closed %d: no pong in time", self._peer(), 1011)
             self._deliver({"type": "websocket.disconnect", "code": CloseCode.INTERNAL_ERROR})
-            self._write_close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
-            self._state = _CLOSED
+            self._flush()
             self._cancel_timers()
             # The peer is unresponsive: do not wait for its buffers to drain.
             self.transport.abort()
+            return
+        self._flush()
+        self._arm_keepalive()
+
+    def _arm_keepalive(self) -> None:
+        """Set the keepalive timer for the connection's next keepalive deadline, if any."""
+        self._stop_keepalive()
+        at = self._ws.keepalive_at
+        if at is not None:
+            self._keepalive_timer = self.loop.call_at(at, self._keepalive)
 
     def _stop_keepalive(self) -> None:
-        for timer in (self._ping_timer, self._pong_timer):
-            if timer is not None:
-                timer.cancel()
-        self._ping_timer = self._pong_timer = None
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
 
     def _cancel_timers(self) -> None:
         self._stop_keepalive()
