@@ -294,13 +294,19 @@ AREAS: dict[str, Area] = {
     "size": Area(
         "src/roomcast/transport/frames.py",
         ("FrameReader.next_frame",),
-        (("tests/test_frames.py", "tests/test_pins_size.py"), ("tests/test_transport.py",)),
+        (
+            ("tests/test_frames.py", "tests/test_pins_size.py", "tests/test_transport_state.py"),
+            ("tests/test_transport.py",),
+        ),
         ("max_size", "125"),
     ),
     "size-messages": Area(
         "src/roomcast/transport/messages.py",
         ("MessageAssembler.frame", "MessageAssembler._inflate"),
-        (("tests/test_frames.py", "tests/test_pins_size.py"), ("tests/test_transport.py",)),
+        (
+            ("tests/test_frames.py", "tests/test_pins_size.py", "tests/test_transport_state.py"),
+            ("tests/test_transport.py",),
+        ),
         ("size", "budget"),
     ),
     "size-asgi": Area(
