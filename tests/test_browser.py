@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from chromium import CHROMIUM_ARGS, require_chromium
 from helpers import TIMEOUT, RoomcastServer
@@ -49,16 +50,29 @@ OPEN_AND_WATCH = """
 """
 
 
-@pytest.fixture
-async def page(server: RoomcastServer) -> AsyncIterator[Any]:
+# One Chromium for the module (its fixture lives in the module's event loop, so the tests run
+# there too); each test gets a page of its own.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def chromium() -> AsyncIterator[Any]:
     async with playwright_api.async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = await browser.new_page()
-            await page.goto(f"{server.http_url}/health")
-            yield page
+            yield browser
         finally:
             await browser.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def page(chromium: Any, server: RoomcastServer) -> AsyncIterator[Any]:
+    page = await chromium.new_page()
+    try:
+        await page.goto(f"{server.http_url}/health")
+        yield page
+    finally:
+        await page.close()
 
 
 async def watch(page: Any, server: RoomcastServer, path: str, send: str | None = None) -> Any:

@@ -49,10 +49,6 @@ def require_wstest() -> Path:
 
 @pytest.mark.timeout(RUN_TIMEOUT + 60)
 def test_autobahn_cases_1_to_11_do_not_fail(tmp_path: Path) -> None:
-    if (os.environ.get("ROOMCAST_TEST_WS") or "roomcast") != "roomcast":
-        # The suite's second pass (servers on uvicorn's protocol): this test always checks
-        # roomcast's transport, which the default pass has done already.
-        pytest.skip("Autobahn runs against roomcast's transport in the default pass")
     wstest = require_wstest()
     summary_file = tmp_path / "summary.json"
     proc = subprocess.run(
