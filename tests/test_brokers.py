@@ -626,7 +626,7 @@ async def test_a_stream_of_another_layout_begins_again(redis_server: RedisServer
         history_ttl=3600,
         presence_ttl=30,
     )
-    node = await start_node(broker)
+    await start_node(broker)
     try:
         ch = channel()
         await broker.position(ch)  # the scripts have run once: the generation is set
