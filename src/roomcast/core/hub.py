@@ -42,7 +42,9 @@ class Subscriber:
 
     __slots__ = ("channel", "epoch", "join_leave", "offset", "pending", "session")
 
-    def __init__(self, session: Session, channel: str, join_leave: bool = False) -> None:
+    def __init__(
+        self, session: Session, channel: str, join_leave: bool = False, history: bool = True
+    ) -> None:
         self.session = session
         self.channel = channel
         self.join_leave = join_leave
@@ -50,8 +52,9 @@ class Subscriber:
         self.offset = 0
         #: The epoch of the stream the session follows (from its subscribe reply).
         self.epoch = ""
-        #: Publications that arrived before the subscribe reply was sent; ``None`` once live.
-        self.pending: list[Publication] | None = []
+        #: Publications that arrived before the subscribe reply was sent; ``None`` once live
+        #: (from the start on a channel without history: nothing is replayed there).
+        self.pending: list[Publication] | None = [] if history else None
 
 
 class Channel:
@@ -155,7 +158,7 @@ class Hub:
             channel = self.channels[name] = Channel(
                 name, history, session.conn.endpoint, self.fanout_time[kind]
             )
-        subscriber = Subscriber(session, name, join_leave)
+        subscriber = Subscriber(session, name, join_leave, history)
         session.subscriptions[name] = subscriber
         channel.subscribers[session.id] = subscriber
         if history:

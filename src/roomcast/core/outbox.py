@@ -93,8 +93,9 @@ class Outbox:
         #: The outbox's bounds: messages, and bytes (the transport's buffer included).
         self.limit = limit
         self.max_bytes = max_bytes
-        #: Which bound the last refused push met, for the close reason and the log.
-        self.overflow = f"more than {limit} messages unread"
+        #: Which bound the last refused push met, for the close reason and the log (written
+        #: then, not for every connection up front).
+        self.overflow = ""
         #: Bytes of the items in the outbox, and of the one being sent (until it is written).
         self._queued = 0
         self._sending = 0

@@ -73,19 +73,29 @@ class Session:
         #: Published to the channels it leaves, for those who stay (the guide's chat notice).
         self.farewell = farewell
         self.subscriptions: dict[str, Subscriber] = {}
-        #: The authentication deadline, or the token's refresh and expiry timers.
-        self.timers: list[asyncio.TimerHandle] = []
+        #: The authentication deadline, or the token's refresh and expiry timers (a list only
+        #: once there is one: most sessions never have any).
+        self.timers: list[asyncio.TimerHandle] | None = None
 
     @property
     def active(self) -> bool:
         """False once the session is being closed or is gone."""
         return self.outbox.active
 
+    def add_timer(self, timer: asyncio.TimerHandle) -> None:
+        """Keep ``timer``, to be cancelled with the others by :meth:`cancel_timers`."""
+        if self.timers is None:
+            self.timers = [timer]
+        else:
+            self.timers.append(timer)
+
     def cancel_timers(self) -> None:
         """Cancel the deadline and expiry timers."""
-        for timer in self.timers:
-            timer.cancel()
-        self.timers.clear()
+        timers = self.timers
+        if timers:
+            for timer in timers:
+                timer.cancel()
+            timers.clear()
 
     def send(self, payload: bytes, *, force: bool = False) -> None:
         """Queue one frame for this session alone; a full outbox cuts it.

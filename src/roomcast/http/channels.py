@@ -106,7 +106,7 @@ class ChannelRequests:
         session.send(connected_frame(session.id, grant.user, __version__))
         loop = asyncio.get_running_loop()
         if grant.user is None:
-            session.timers.append(
+            session.add_timer(
                 loop.call_later(self.settings.auth_timeout, self._auth_deadline, session)
             )
         else:
@@ -126,10 +126,10 @@ class ChannelRequests:
         left = expires_at - time.time()
         ahead = self.settings.refresh_ahead
         if left > ahead:
-            session.timers.append(loop.call_later(left - ahead, self._ask_refresh, session))
+            session.add_timer(loop.call_later(left - ahead, self._ask_refresh, session))
         else:
             self._ask_refresh(session)
-        session.timers.append(
+        session.add_timer(
             loop.call_later(max(0.0, left + self.settings.jwt_leeway), self._expire, session)
         )
 
