@@ -126,6 +126,33 @@ def wait_until(
         time.sleep(_POLL)
 
 
+class HasStats(Protocol):
+    """A server whose ``/stats`` a test can read."""
+
+    async def astats(self) -> dict[str, int]: ...
+
+
+async def await_stats(
+    server: HasStats,
+    predicate: Callable[[dict[str, int]], bool],
+    within: float = TIMEOUT,
+    what: str = "",
+) -> dict[str, int]:
+    """Wait until ``server``'s ``/stats`` satisfies ``predicate``; returns the last read."""
+    last: dict[str, int] = {}
+
+    async def check() -> bool:
+        nonlocal last
+        last = await server.astats()
+        return predicate(last)
+
+    try:
+        await async_wait_until(check, within, what or "stats condition")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last /stats: {last}") from None
+    return last
+
+
 class RoomcastServer:
     """A roomcast server subprocess whose stdout+stderr go to ``log_dir/server.log``.
 
@@ -278,18 +305,7 @@ class RoomcastServer:
     async def await_stats(
         self, predicate: Callable[[dict[str, int]], bool], within: float = TIMEOUT, what: str = ""
     ) -> dict[str, int]:
-        last: dict[str, int] = {}
-
-        async def check() -> bool:
-            nonlocal last
-            last = await self.astats()
-            return predicate(last)
-
-        try:
-            await async_wait_until(check, within, what or "stats condition")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; last /stats: {last}") from None
-        return last
+        return await await_stats(self, predicate, within, what)
 
 
 async def async_wait_until(

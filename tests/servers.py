@@ -42,7 +42,7 @@ from helpers import (
     TIMEOUT,
     USER,
     Addressed,
-    async_wait_until,
+    await_stats,
     recv,
     ws_connect,
 )
@@ -204,18 +204,7 @@ class AppServer:
     async def await_stats(
         self, predicate: Callable[[dict[str, int]], bool], within: float = TIMEOUT, what: str = ""
     ) -> dict[str, int]:
-        last: dict[str, int] = {}
-
-        async def check() -> bool:
-            nonlocal last
-            last = await self.astats()
-            return predicate(last)
-
-        try:
-            await async_wait_until(check, within, what or "stats condition")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; last /stats: {last}") from None
-        return last
+        return await await_stats(self, predicate, within, what)
 
     async def _close_client(self) -> None:
         if self._http is not None:
