@@ -349,8 +349,8 @@ def store_presence(
                 e["client"]: orjson.dumps({**e, "at": now + (start + k) / 1e6})
                 for k, e in enumerate(part)
             }
-            pipe.hset(f"{broker.prefix}:p:{ch}", mapping=encoded)  # type: ignore[arg-type]
-            pipe.zadd(f"{broker.prefix}:z:{ch}", dict.fromkeys(encoded, expiry))
+            pipe.hset(f"{broker.prefix}:p:{{{ch}}}", mapping=encoded)  # type: ignore[arg-type]
+            pipe.zadd(f"{broker.prefix}:z:{{{ch}}}", dict.fromkeys(encoded, expiry))
         pipe.zadd(f"{broker.prefix}:channels", {ch: expiry}, gt=True)
         pipe.execute()
 
@@ -392,11 +392,11 @@ async def test_a_dead_nodes_presence_expires_whatever_its_size(
     assert await broker.channels() == {ch: 8_000}
     with server.client() as conn:
         # The dead node's entries are gone from Redis, not just left out.
-        assert (conn.hlen(f"{broker.prefix}:p:{ch}"), conn.zcard(f"{broker.prefix}:z:{ch}")) == (
+        assert (conn.hlen(f"{broker.prefix}:p:{{{ch}}}"), conn.zcard(f"{broker.prefix}:z:{{{ch}}}")) == (
             8_000,
             8_000,
         )
-        assert conn.exists(f"{broker.prefix}:p:{deserted}", f"{broker.prefix}:z:{deserted}") == 0
+        assert conn.exists(f"{broker.prefix}:p:{{{deserted}}}", f"{broker.prefix}:z:{{{deserted}}}") == 0
 
 
 def presence_command_sizes(log: list[Any], prefix: str) -> dict[str, list[int]]:
@@ -446,7 +446,7 @@ async def test_a_nodes_presence_is_written_in_bounded_commands(fresh_redis: Redi
         closed = True
         with fresh_redis.client() as conn:
             # Leaving, the node took its entries away.
-            assert conn.exists(f"{prefix}:p:{ch}", f"{prefix}:z:{ch}") == 0
+            assert conn.exists(f"{prefix}:p:{{{ch}}}", f"{prefix}:z:{{{ch}}}") == 0
             log = conn.execute_command("SLOWLOG", "GET", -1)
     finally:
         if not closed:
@@ -528,7 +528,7 @@ async def test_chat_rooms_are_channels_without_history(
         assert isinstance(node.broker, RedisBroker)
         with server.client() as conn:
             prefix = node.broker.prefix
-            assert conn.exists(f"{prefix}:m:{room}", f"{prefix}:h:{room}") == 0, "stored"
+            assert conn.exists(f"{prefix}:m:{{{room}}}", f"{prefix}:h:{{{room}}}") == 0, "stored"
     # Nothing stored, no offset taken.
     page = await node.broker.history(room, limit=10)
     assert (page.offset, page.start, page.publications) == (0, 1, [])
@@ -607,7 +607,7 @@ async def test_a_lost_stream_is_reported_as_a_reset(
     await async_wait_until(lambda: len(node.sink.of(ch)) == 2, what="2 publications")
     # Redis loses the channel (evicted, flushed): its next publication starts a new stream.
     with backend[1].client() as conn:
-        assert conn.delete(f"{broker.prefix}:m:{ch}", f"{broker.prefix}:h:{ch}") == 2
+        assert conn.delete(f"{broker.prefix}:m:{{{ch}}}", f"{broker.prefix}:h:{{{ch}}}") == 2
     new = await broker.publish(ch, data(ch, 2), INFO)
     assert new.offset == 1
     assert new.epoch != old
@@ -629,14 +629,12 @@ async def test_a_stream_of_another_layout_begins_again(redis_server: RedisServer
     await start_node(broker)
     try:
         ch = channel()
-        await broker.position(ch)  # the scripts have run once: the generation is set
+        await broker.position(ch)  # the meta now names this Redis process
         with redis_server.client() as conn:
-            # Absent when this Redis ran the scripts before, under another prefix (no NOSCRIPT,
-            # no boot): the scripts then read the generation as "".
-            generation = conn.get(f"{broker.prefix}:generation") or b""
-            meta, stream = f"{broker.prefix}:m:{ch}", f"{broker.prefix}:h:{ch}"
+            meta, stream = f"{broker.prefix}:m:{{{ch}}}", f"{broker.prefix}:h:{{{ch}}}"
             conn.delete(meta, stream)
-            conn.hset(meta, mapping={"epoch": "old", "gen": generation, "offset": 2, "bytes": 9})
+            run = conn.info("server")["run_id"]
+            conn.hset(meta, mapping={"epoch": "old", "gen": run, "offset": 2, "bytes": 9})
             conn.xadd(stream, {"t": 0, "f": b'{"frame":1}'}, id="1-1")
             conn.xadd(stream, {"t": 0, "f": b'{"frame":2}'}, id="2-1")
         page = await broker.history(ch, since=0, limit=10)

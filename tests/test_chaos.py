@@ -510,7 +510,7 @@ async def test_history_lost_under_live_subscribers(
                 await pub.ok("publish", channel=ch, data=i)
             await old.publications(3)
             with fresh_redis.client() as conn:
-                assert conn.delete(f"roomcast:m:{ch}", f"roomcast:h:{ch}") == 2
+                assert conn.delete(f"roomcast:m:{{{ch}}}", f"roomcast:h:{{{ch}}}") == 2
             if trigger == "history":
                 await other.ok("history", channel=ch)  # any client's request
             else:

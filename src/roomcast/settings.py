@@ -22,7 +22,9 @@ LogFormat = Literal["text", "json"]
 WsImplementation = Literal["roomcast", "websockets-sansio", "websockets", "wsproto"]
 
 #: Broker URL schemes whose rooms and channels are shared between processes.
-SHARED_BROKER_SCHEMES: frozenset[str] = frozenset({"redis", "rediss"})
+SHARED_BROKER_SCHEMES: frozenset[str] = frozenset(
+    {"redis", "rediss", "redis+cluster", "rediss+cluster"}
+)
 
 
 class Settings(BaseSettings):
@@ -37,7 +39,8 @@ class Settings(BaseSettings):
     )
     broker_url: str = Field(
         "memory://",
-        description="Where rooms and channels live: memory:// (this process) or redis://host:port.",
+        description="Where rooms and channels live: memory:// (this process), redis://host:port "
+        "or redis+cluster://host:port[,host:port...] (a Redis Cluster).",
     )
     presence_ttl: float = Field(
         30.0,
@@ -225,8 +228,8 @@ class Settings(BaseSettings):
         scheme = url.partition("://")[0]
         if scheme != "memory" and scheme not in SHARED_BROKER_SCHEMES:
             raise ValueError(
-                f"unsupported broker {url!r}: use memory:// or redis://host:port[/db] "
-                "(rediss:// for TLS)"
+                f"unsupported broker {url!r}: use memory://, redis://host:port[/db] "
+                "(rediss:// for TLS) or redis+cluster://host:port[,host:port...]"
             )
         return url
 

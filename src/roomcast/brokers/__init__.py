@@ -36,10 +36,15 @@ def from_settings(settings: Settings) -> Broker:
             history_bytes=settings.history_bytes,
             history_total_bytes=settings.history_total_bytes,
         )
-    if settings.broker_scheme in ("redis", "rediss"):
+    if settings.broker_scheme in ("redis", "rediss", "redis+cluster", "rediss+cluster"):
         from roomcast.brokers.redis import RedisBroker
 
-        return RedisBroker(
+        kind = RedisBroker
+        if settings.broker_scheme.endswith("+cluster"):
+            from roomcast.brokers.redis_cluster import RedisClusterBroker
+
+            kind = RedisClusterBroker
+        return kind(
             settings.broker_url,
             history_size=settings.history_size,
             history_ttl=settings.history_ttl,

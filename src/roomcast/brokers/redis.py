@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import secrets
 import time
@@ -49,13 +48,15 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast.brokers.base import BrokerUnavailable, HistoryPage, Position, Publication, Sink
+from roomcast.brokers.redis_pipe import AutoPipeline
 from roomcast.brokers.redis_scripts import (
-    BOOT,
     HISTORY,
     POSITION,
     PRESENCE,
     PRESENCE_BATCH,
     PUBLISH,
+    WHOAMI,
+    for_process,
 )
 from roomcast.counters import BROKER_BUCKETS, LocalHistogram
 
@@ -104,6 +105,8 @@ class RedisBroker:
         self.node_id = node_id or secrets.token_hex(4)
         self.available = False
         self._redis: aioredis.Redis | None = None
+        #: Publications, as many per round trip as are waiting (see redis_pipe).
+        self._pipe: AutoPipeline | None = None
         self._pubsub: Any = None
         #: The pub/sub connection's own client: one connection, never retried in place (see
         #: start()).
@@ -115,8 +118,14 @@ class RedisBroker:
         #: Presence entries of this node's clients: channel -> client -> encoded entry.
         self._mine: dict[str, dict[str, bytes]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        #: SHA1 of each stream script (run by EVALSHA only; see BOOT).
-        self._shas: dict[str, str] = {}
+        #: SHA1 of each stream script as loaded into each Redis process (run by EVALSHA only;
+        #: see _load_scripts), by node (the cluster's node name; "" for one Redis).
+        self._shas: dict[str, dict[str, str]] = {}
+        self._loading: dict[str, asyncio.Future[dict[str, str]]] = {}
+        #: PUBLISH; the cluster's SPUBLISH (sharded pub/sub).
+        self._publish_command = "PUBLISH"
+        #: Presence writes in one MULTI (a cluster cannot: the index of channels is elsewhere).
+        self._atomic = True
         self._presence_script: Any = None
         self._down_since: float | None = None
         #: Set while Redis is reachable through the listener's connection.
@@ -129,7 +138,9 @@ class RedisBroker:
     # -- keys -----------------------------------------------------------------------------
 
     def _key(self, kind: str, name: str) -> str:
-        return f"{self.prefix}:{kind}:{name}"
+        # The braces make the channel's name its keys' hash tag: on a Redis Cluster, every key of
+        # a channel is in one slot (channel names have no braces).
+        return f"{self.prefix}:{kind}:{{{name}}}"
 
     @property
     def _control(self) -> str:
@@ -139,33 +150,9 @@ class RedisBroker:
 
     async def start(self, sink: Sink) -> None:
         self._sink = sink
-        # A bounded pool whose callers wait for a free connection: a burst (hundreds of
-        # clients leaving at once at shutdown) queues instead of failing "Too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=64,
-            timeout=5,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            health_check_interval=10,
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._redis = self._open()
         r = self._redis
-        self._shas = {
-            source: hashlib.sha1(source.encode()).hexdigest()
-            for source in (PUBLISH, POSITION, HISTORY)
-        }
-        # The pub/sub connection must not reconnect behind the listener's back: redis-py
-        # retries a failed read by reconnecting and resubscribing in place, and whatever was
-        # published meanwhile would be lost without anyone knowing. With no retries the read
-        # fails, the listener reconnects itself, and the node catches up from the history.
-        self._listener = aioredis.Redis.from_url(
-            self.url,
-            retry=Retry(NoBackoff(), 0),
-            socket_connect_timeout=2,
-            health_check_interval=10,
-            client_name=f"roomcast-{self.node_id}-pubsub",
-        )
+        self._pipe = AutoPipeline(r)
         self._presence_script = r.register_script(PRESENCE)
         self._wanted.add(self._control)
         loop = asyncio.get_running_loop()
@@ -183,7 +170,47 @@ class RedisBroker:
                 "broker %s not reachable at start; serving, not ready, until it is", self._where
             )
 
+    def _open(self) -> Any:
+        """The client for commands; also makes the pub/sub connection's own client."""
+        # A bounded pool whose callers wait for a free connection: a burst (hundreds of
+        # clients leaving at once at shutdown) queues instead of failing "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=64,
+            timeout=5,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            health_check_interval=10,
+        )
+        # The pub/sub connection must not reconnect behind the listener's back: redis-py
+        # retries a failed read by reconnecting and resubscribing in place, and whatever was
+        # published meanwhile would be lost without anyone knowing. With no retries the read
+        # fails, the listener reconnects itself, and the node catches up from the history.
+        self._listener = aioredis.Redis.from_url(
+            self.url,
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=2,
+            health_check_interval=10,
+            client_name=f"roomcast-{self.node_id}-pubsub",
+        )
+        return aioredis.Redis(connection_pool=pool)
+
+    def _new_pubsub(self) -> Any:
+        """A pub/sub connection, not yet subscribed to anything."""
+        assert self._listener is not None
+        return self._listener.pubsub()
+
+    async def _check(self) -> None:
+        """Raise unless Redis answers (after a failure: with fresh connections)."""
+        if self._down_since is not None:
+            # Connections made before the failure are dead: drop the idle ones rather than
+            # fail one request on each.
+            await self._conn.connection_pool.disconnect(inuse_connections=False)
+        await self._conn.ping()
+
     async def close(self) -> None:
+        if self._pipe is not None:
+            await self._pipe.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -202,7 +229,10 @@ class RedisBroker:
         for client in (self._listener, self._redis):
             if client is not None:
                 with contextlib.suppress(RedisError, OSError):
-                    await client.aclose(close_connection_pool=True)
+                    if isinstance(client, aioredis.Redis):
+                        await client.aclose(close_connection_pool=True)
+                    else:  # a RedisCluster closes its nodes' connections
+                        await client.aclose()
         self._sink = None
 
     @property
@@ -250,19 +280,14 @@ class RedisBroker:
                 raise asyncio.CancelledError  # swallowed by redis-py (see _heartbeat)
             try:
                 if self._pubsub is None:
-                    assert self._listener is not None
-                    pubsub = self._listener.pubsub()
-                    await pubsub.subscribe(*self._wanted)
+                    pubsub = self._new_pubsub()
                     self._pubsub = pubsub
+                    await pubsub.subscribe(*self._wanted)
                 if not self.available:
                     # First start, or after a failure (here or in any request): check, and if
                     # we were down, catch up on what happened meanwhile.
                     was_down = self._down_since is not None
-                    if was_down:
-                        # Connections made before the failure are dead: drop the idle ones
-                        # rather than fail one request on each.
-                        await self._conn.connection_pool.disconnect(inuse_connections=False)
-                    await self._conn.ping()
+                    await self._check()
                     self.available = True
                     self._up.set()
                     self._down_since = None
@@ -281,6 +306,7 @@ class RedisBroker:
             except Exception as error:
                 if not isinstance(error, (*UNREACHABLE, RedisError)):
                     logger.warning("broker listener: unexpected %r; reconnecting", error)
+                logger.debug("broker listener: %r", error)
                 self._mark_down(error)
                 pubsub, self._pubsub = self._pubsub, None
                 if pubsub is not None:
@@ -292,15 +318,16 @@ class RedisBroker:
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         channel = message["channel"].decode()
-        if kind == "subscribe":
+        if kind in ("subscribe", "ssubscribe"):
             waiter = self._confirm.pop(channel, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
             return
-        if kind != "message":
+        if kind not in ("message", "smessage"):
             return
         data: bytes = message["data"]
         kind_, _, name = channel[len(self.prefix) + 1 :].partition(":")
+        name = name[1:-1]  # the braces of the hash tag
         sink = self._sink
         if sink is None:
             return
@@ -366,41 +393,91 @@ class RedisBroker:
     async def command(self, command: str, argument: str) -> int:
         """Send a command to every node (this one included); returns how many nodes got it."""
         received: int = await self._call(
-            "command", self._conn.publish(self._control, f"{command} {argument}")
+            "command", self._publish_raw(self._control, f"{command} {argument}".encode())
         )
         return received
 
     # -- publications and history ---------------------------------------------------------
 
-    async def _stream_script(self, source: str, channel: str, *args: Any) -> Any:
-        """Run a stream script on ``channel`` by its SHA; after a NOSCRIPT, boot first.
+    def _node(self, channel: str) -> str:
+        """The Redis process that holds ``channel`` (one Redis: "")."""
+        return ""
 
-        NOSCRIPT means this Redis process has not run roomcast's scripts yet: it is new (a
-        restart, a restore, a failover) or its script cache was flushed. BOOT then moves the
-        generation to this process's run id before any stream script can run in it.
+    async def _whoami(self, node: str) -> str:
+        run: bytes = await self._conn.eval(WHOAMI, 0)
+        return run.decode()
+
+    async def _script_load(self, node: str, source: str) -> str:
+        sha: bytes | str = await self._conn.script_load(source)
+        return sha.decode() if isinstance(sha, bytes) else sha
+
+    async def _load_scripts(self, node: str) -> dict[str, str]:
+        """Load the stream scripts into ``node``'s Redis process, built with its run id.
+
+        A script knows the process it was built for (see redis_scripts.PROLOGUE), and a new
+        process (a restart, a promoted replica) knows none of them: its first EVALSHA answers
+        NOSCRIPT, and the scripts are loaded again, built with the new run id. The run id is
+        read again after the load: if the process changed in between, the scripts are built
+        again rather than run under another process's id.
         """
-        keys = (self._key("m", channel), self._key("h", channel), self._generation)
-        argv = (secrets.token_hex(4), self.meta_ttl, *args)
-        conn = self._conn
+        pending = self._loading.get(node)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        self._loading[node] = future
         try:
-            return await conn.evalsha(self._shas[source], len(keys), *keys, *argv)
-        except NoScriptError:
-            await conn.eval(BOOT, 1, self._generation)
-            for script in self._shas:
-                await conn.script_load(script)
-            return await conn.evalsha(self._shas[source], len(keys), *keys, *argv)
+            for _ in range(3):
+                run = await self._whoami(node)
+                shas = {
+                    source: await self._script_load(node, for_process(source, run))
+                    for source in (PUBLISH, POSITION, HISTORY)
+                }
+                if await self._whoami(node) == run:
+                    self._shas[node] = shas
+                    future.set_result(shas)
+                    return shas
+            raise BrokerUnavailable("the broker (Redis) restarted while loading its scripts")
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved: the callers waiting on it get it too
+            raise
+        finally:
+            del self._loading[node]
 
-    @property
-    def _generation(self) -> str:
-        return f"{self.prefix}:generation"
+    async def _stream_script(
+        self, source: str, channel: str, *args: Any, pipelined: bool = False
+    ) -> Any:
+        """Run a stream script on ``channel`` by its SHA (loading it first where needed).
+
+        ``pipelined``: sent with the other commands waiting (publications: see redis_pipe).
+        """
+        keys = (self._key("m", channel), self._key("h", channel))
+        argv = (secrets.token_hex(4), self.meta_ttl, *args)
+        for _ in range(3):
+            node = self._node(channel)
+            shas = self._shas.get(node)
+            if shas is None:
+                shas = await self._load_scripts(node)
+            command = ("EVALSHA", shas[source], len(keys), *keys, *argv)
+            try:
+                if pipelined:
+                    assert self._pipe is not None
+                    return await self._pipe.submit(*command)
+                return await self._conn.execute_command(*command)
+            except NoScriptError:
+                # A new Redis process (or a flushed script cache) behind that node.
+                if self._shas.get(node) is shas:
+                    del self._shas[node]
+        raise BrokerUnavailable("the broker (Redis) keeps forgetting its scripts; retry later")
 
     async def publish(
         self, channel: str, data: bytes, info: bytes, *, history: bool = True
     ) -> Position:
+        """Publish; commands waiting are sent together (see redis_pipe), in the order given."""
         if not history:
             # No offset and no stream: one PUBLISH, the same live message with offset 0.
             message = b"P  0 %d %s%s" % (len(info), info, data)
-            await self._call("publish", self._conn.publish(self._key("c", channel), message))
+            await self._call("publish", self._send(channel, message))
             return Position("", 0)
         epoch, offset = await self._call(
             "publish",
@@ -413,10 +490,20 @@ class RedisBroker:
                 self.history_ttl,
                 self._key("c", channel),
                 self.history_bytes,
+                self._publish_command,
+                pipelined=True,
             ),
         )
         self.publications += 1
         return Position(epoch.decode(), int(offset))
+
+    def _send(self, channel: str, message: bytes) -> Awaitable[Any]:
+        """Publish ``message`` on ``channel``'s pub/sub channel, after the commands waiting."""
+        return self._publish_raw(self._key("c", channel), message)
+
+    def _publish_raw(self, pubsub_channel: str, message: bytes) -> Awaitable[Any]:
+        assert self._pipe is not None
+        return self._pipe.submit("PUBLISH", pubsub_channel, message)
 
     async def position(self, channel: str) -> Position:
         epoch, offset = await self._call("position", self._stream_script(POSITION, channel))
@@ -457,7 +544,7 @@ class RedisBroker:
     async def presence_add(self, channel: str, client: str, entry: dict[str, Any]) -> None:
         encoded = orjson.dumps({**entry, "at": time.time()})
         self._mine.setdefault(channel, {})[client] = encoded
-        pipe = self._conn.pipeline(transaction=True)
+        pipe = self._conn.pipeline(transaction=self._atomic)
         pipe.hset(self._key("p", channel), client, encoded)
         pipe.zadd(self._key("z", channel), {client: self._expiry_ms()})
         pipe.zadd(f"{self.prefix}:channels", {channel: self._expiry_ms()})
@@ -469,7 +556,7 @@ class RedisBroker:
             mine.pop(client, None)
             if not mine:
                 del self._mine[channel]
-        pipe = self._conn.pipeline(transaction=True)
+        pipe = self._conn.pipeline(transaction=self._atomic)
         pipe.hdel(self._key("p", channel), client)
         pipe.zrem(self._key("z", channel), client)
         await self._call("presence_remove", pipe.execute())
@@ -488,7 +575,7 @@ class RedisBroker:
 
     async def emit(self, channel: str, kind: str, client: str, info: bytes) -> None:
         message = b"E %s %s %s" % (kind.encode(), client.encode(), info)
-        await self._call("emit", self._conn.publish(self._key("c", channel), message))
+        await self._call("emit", self._send(channel, message))
 
     async def channels(self) -> dict[str, int]:
         now = int(time.time() * 1000)

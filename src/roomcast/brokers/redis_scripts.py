@@ -6,47 +6,82 @@ stores the publisher's bytes as they are and never parses them.
 
 from __future__ import annotations
 
-__all__ = ["BOOT", "HISTORY", "LAYOUT", "POSITION", "PRESENCE", "PRESENCE_BATCH", "PUBLISH"]
+__all__ = [
+    "HISTORY",
+    "LAYOUT",
+    "POSITION",
+    "PRESENCE",
+    "PRESENCE_BATCH",
+    "PUBLISH",
+    "WHOAMI",
+    "for_process",
+]
 
 #: The layout of the stream entries, kept in each channel's meta (``layout``): ``2`` is
 #: ``{t, d, i}``; the entries of 0.2's development builds held a finished frame (``{t, f}``).
 LAYOUT = "2"
 
-# Every stream script begins with this. KEYS[1] meta, KEYS[2] stream, KEYS[3] generation;
-# ARGV[1] a new epoch, ARGV[2] the meta key's TTL (s). A channel's stream begins again (a new
-# epoch, offset 0, no history) when it has no meta key, when its meta was written under another
-# generation of the Redis data (see BOOT), or for entries of another layout than LAYOUT (an
-# upgrade: they would be misread). Beginning again deletes whatever stream is left, so that
-# offsets and stream ids start together (an orphaned stream whose ids run ahead of a recreated
-# meta would make the next XADD fail).
-PROLOGUE = """
-local generation = redis.call('GET', KEYS[3]) or ''
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'gen', 'layout')
+#: A publication skips this many offsets per second of the time since its channel's last
+#: publication, when the Redis process it runs in did not write that publication (see PROLOGUE):
+#: far more than one channel's publications per second on any Redis.
+SKIP_RATE = 1_000_000
+#: Seconds added to that time for the clocks of two machines (a replica's and its master's).
+SKIP_SKEW = 10
+#: Past this many seconds, the channel's stream begins again (a new epoch) instead.
+SKIP_WINDOW = 600
+
+# Every stream script begins with this. KEYS[1] meta, KEYS[2] stream; ARGV[1] a new epoch, ARGV[2]
+# the meta key's TTL (s). @RUN@ is the run id of the Redis process the script is loaded into
+# (the broker builds the scripts for each process: see RedisBroker._scripts_for), so a script
+# knows whether this process wrote the channel's last publication (``gen`` in the meta).
+#
+# When it did not, the data came from elsewhere: a replica promoted by a failover, or a restart
+# that loaded a snapshot or an AOF. Publications made after that data was copied may be missing
+# here, and their offsets were handed out: they must never be handed out again under the same
+# epoch. So the channel skips every offset they can have had (SKIP_RATE per second since its
+# last publication here, plus SKIP_SKEW), keeping its epoch and its history: subscribers recover
+# across a failover. A channel whose last publication is older than SKIP_WINDOW, or without
+# meta, or with entries of another layout than LAYOUT (an upgrade: they would be misread),
+# begins again: a new epoch, offset 0, no history. Beginning again deletes whatever stream is
+# left, so that offsets and stream ids start together (an orphaned stream whose ids run ahead of
+# a recreated meta would make the next XADD fail).
+PROLOGUE = (
+    """
+local run = '@RUN@'
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'gen', 'layout', 'at', 'offset')
 local epoch = meta[1]
-if not epoch or meta[2] ~= generation or meta[3] ~= '@LAYOUT@' then
+if epoch and meta[3] == '@LAYOUT@' and meta[2] ~= run then
+  local since = math.max(0, now - tonumber(meta[4] or 0))
+  if meta[4] and since <= @WINDOW@ * 1000 then
+    local skip = math.floor((since + @SKEW@ * 1000) * @RATE@ / 1000)
+    redis.call('HSET', KEYS[1], 'gen', run, 'offset', tonumber(meta[5] or 0) + skip, 'at', now)
+  else
+    epoch = false
+  end
+end
+if not epoch or meta[3] ~= '@LAYOUT@' then
   epoch = ARGV[1]
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'gen', generation, 'offset', 0, 'bytes', 0,
-    'layout', '@LAYOUT@')
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'gen', run, 'offset', 0, 'bytes', 0,
+    'layout', '@LAYOUT@', 'at', now)
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 """.replace("@LAYOUT@", LAYOUT)
+    .replace("@WINDOW@", str(SKIP_WINDOW))
+    .replace("@SKEW@", str(SKIP_SKEW))
+    .replace("@RATE@", str(SKIP_RATE))
+)
 
-# KEYS: generation. Sets the generation to this Redis process's run id, which is new at every
-# start: a restart (with whatever it restored: an RDB snapshot, an AOF, nothing) and a promoted
-# replica each get a new one. Roomcast's scripts are run only by their SHA, which the script
-# cache of a new process does not know; the broker answers that NOSCRIPT by running this first,
-# then loading the scripts. So no stream script runs in a Redis process before the generation
-# names it, and every stream written before it begins again under a new epoch: offsets handed
-# out before a restore can never be handed out again under the same epoch. Idempotent, so any
-# number of nodes may run it.
-BOOT = """
-local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
-if redis.call('GET', KEYS[1]) ~= run then
-  redis.call('SET', KEYS[1], run)
-end
-return run
-"""
+#: The run id of the Redis process that runs it (the broker builds the scripts with it).
+WHOAMI = "return string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')"
+
+
+def for_process(source: str, run: str) -> str:
+    """``source`` (a stream script) as loaded into the Redis process whose run id is ``run``."""
+    return source.replace("@RUN@", run)
+
 
 # Drops the oldest history entries while there are more than ARGV[size] of them or they hold
 # more than ARGV[bytes] bytes of data and info; keeps the meta's byte count. (Expects `count`.)
@@ -62,17 +97,18 @@ end
 redis.call('HSET', KEYS[1], 'bytes', total)
 """
 
-# KEYS: meta, stream, generation. ARGV: new epoch, meta TTL (s), data, info, history size,
-# history TTL (s), pubsub channel, history bytes. Stores the entry {t: ms, d: data, i: info};
-# returns {epoch, offset}. Live message: "P <epoch> <offset> <len(info)> <info><data>".
+# KEYS: meta, stream. ARGV: new epoch, meta TTL (s), data, info, history size, history TTL (s),
+# pubsub channel, history bytes, the publishing command (PUBLISH; a cluster's SPUBLISH). Stores
+# the entry {t: ms, d: data, i: info}; returns {epoch, offset}. Live message:
+# "P <epoch> <offset> <len(info)> <info><data>".
 PUBLISH = (
     PROLOGUE
     + """
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+redis.call('HSET', KEYS[1], 'at', now)
 local size = tonumber(ARGV[5])
 if size > 0 then
-  local now = redis.call('TIME')
-  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local ms = now
   local id = offset .. '-1'
   if not pcall(redis.call, 'XADD', KEYS[2], id, 't', ms, 'd', ARGV[3], 'i', ARGV[4]) then
     -- A stream left from before (its ids ahead of this offset): it cannot be this epoch's.
@@ -88,13 +124,13 @@ if size > 0 then
     + """
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-redis.call('PUBLISH', ARGV[7],
+redis.call(ARGV[9], ARGV[7],
   'P ' .. epoch .. ' ' .. offset .. ' ' .. string.len(ARGV[4]) .. ' ' .. ARGV[4] .. ARGV[3])
 return {epoch, offset}
 """
 )
 
-# KEYS: meta, stream, generation. ARGV: new epoch, meta TTL (s). Returns {epoch, offset}.
+# KEYS: meta, stream. ARGV: new epoch, meta TTL (s). Returns {epoch, offset}.
 POSITION = (
     PROLOGUE
     + """
@@ -102,16 +138,14 @@ return {epoch, tonumber(redis.call('HGET', KEYS[1], 'offset'))}
 """
 )
 
-# KEYS: meta, stream, generation. ARGV: new epoch, meta TTL (s), history TTL (s), mode
+# KEYS: meta, stream. ARGV: new epoch, meta TTL (s), history TTL (s), mode
 # (since|before|latest), bound, limit. Drops entries older than the history TTL first; returns
 # {epoch, offset, start, id1, data1, info1, id2, ...}.
 HISTORY = (
     PROLOGUE
     + """
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
-local now = redis.call('TIME')
-local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  - tonumber(ARGV[3]) * 1000
+local cutoff = now - tonumber(ARGV[3]) * 1000
 local expired = 0
 while true do
   local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)

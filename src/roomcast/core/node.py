@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,11 @@ from roomcast.settings import Settings
 __all__ = ["Node", "Subscribed"]
 
 logger = logging.getLogger("roomcast.node")
+
+#: Publications one session may have under way at once (see :meth:`Node.pipeline`): enough for a
+#: burst to cross a shared broker in one round trip, few enough that a sender cannot queue
+#: without bound (past it, its next message is not read until the oldest is done).
+PUBLISH_WINDOW = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +175,9 @@ class Node:
 
     async def detach(self, session: Session, *, notify: bool = True) -> None:
         """The connection ended: drop its subscriptions, presence and writer."""
+        # Its last publications go out before its farewell (and a /ws client's replies with
+        # them, while it may still read).
+        await self.settle(session)
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
         session.outbox.active = False
@@ -255,6 +264,42 @@ class Node:
         except BrokerUnavailable:
             self.hub.on_publication(channel, "", Publication(0, data, info))
             return Position("", 0)
+
+    async def pipeline(self, session: Session, work: Coroutine[Any, Any, None]) -> None:
+        """Start ``work`` (a publication of ``session``'s, and its reply) without waiting for it.
+
+        A sender's publications then cross the broker together instead of one per round trip,
+        still in the order they were sent: tasks start in the order they are created, and each
+        hands its command to the broker before it first waits. ``work`` answers its own
+        failures. Returns at once, unless ``PUBLISH_WINDOW`` of the session's publications are
+        under way: then once the oldest is done.
+        """
+        pending = session.publishing
+        if pending is None:
+            pending = session.publishing = deque()
+        while len(pending) >= PUBLISH_WINDOW:
+            await asyncio.wait((pending[0],))
+        task = asyncio.get_running_loop().create_task(work)
+        pending.append(task)
+        self.tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self.tasks.discard(task)
+            if pending[0] is task:
+                pending.popleft()
+            else:
+                pending.remove(task)
+            if not task.cancelled() and (error := task.exception()) is not None:
+                logger.error("conn=%s a publication failed", session.id, exc_info=error)
+
+        task.add_done_callback(done)
+
+    async def settle(self, session: Session) -> None:
+        """Wait until ``session``'s publications under way are done (before its next request,
+        which must see them)."""
+        pending = session.publishing
+        while pending:
+            await asyncio.wait((pending[0],))
 
     async def presence(self, channel: str) -> list[dict[str, Any]]:
         """Who is subscribed to ``channel``, on every node."""

@@ -10,6 +10,7 @@ ends it with :meth:`roomcast.core.node.Node.detach`.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import TYPE_CHECKING
 
 from roomcast.auth import Grant
@@ -38,6 +39,7 @@ class Session:
         "info",
         "node",
         "outbox",
+        "publishing",
         "slow_code",
         "subscriptions",
         "timers",
@@ -76,6 +78,9 @@ class Session:
         #: The authentication deadline, or the token's refresh and expiry timers (a list only
         #: once there is one: most sessions never have any).
         self.timers: list[asyncio.TimerHandle] | None = None
+        #: Its publications under way, oldest first (see :meth:`Node.pipeline`); created with
+        #: the first one.
+        self.publishing: deque[asyncio.Task[None]] | None = None
 
     @property
     def active(self) -> bool:

@@ -70,7 +70,6 @@ class ChannelRequests:
         self._ops: dict[str, Callable[[Session, Request], Awaitable[Outcome]]] = {
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
-            "publish": self._publish,
             "presence": self._presence,
             "history": self._history,
             "ping": self._ping,
@@ -159,11 +158,23 @@ class ChannelRequests:
     # -- requests -------------------------------------------------------------------------
 
     async def handle(self, session: Session, frame: str | bytes) -> None:
-        """Answer one client frame with exactly one reply."""
+        """Answer one client frame with exactly one reply.
+
+        A ``publish`` is answered when the broker has it, without holding up the next frame:
+        a client's publications are under way together (see :meth:`Node.pipeline`), in order.
+        Any other request waits for them first, so that it sees them (a ``history`` after a
+        ``publish`` holds it) and replies keep the order of the requests.
+        """
         request_id: int | str | None = None
+        node = self.node
         try:
             request = parse_request(frame)
             request_id = request.id
+            if request.op == "publish":
+                channel, data = self._publication(session, request)
+                await node.pipeline(session, self._publish(session, request.id, channel, data))
+                return
+            await node.settle(session)
             result, after = await self._ops[request.op](session, request)
         except RequestError as error:
             session.send(error_reply(error.request_id, error.code, error.message))
@@ -303,7 +314,8 @@ class ChannelRequests:
         await self.node.unsubscribe(session, channel)
         return EMPTY, None
 
-    async def _publish(self, session: Session, request: Request) -> Outcome:
+    def _publication(self, session: Session, request: Request) -> tuple[str, bytes]:
+        """The channel and data of a ``publish`` request; :class:`RequestError` if refused."""
         channel = self._allowed(session, request, "publish")
         body = request.body
         if "data" not in body:
@@ -314,9 +326,21 @@ class ChannelRequests:
                 "data: integers must fit in 64 bits (send larger ones as strings)",
                 request.id,
             )
-        data = encode_data(body["data"], self.settings.max_publication_size, request.id)
-        position = await self.node.publish(channel, data, session.info)
-        return orjson.dumps({"epoch": position.epoch, "offset": position.offset}), None
+        return channel, encode_data(body["data"], self.settings.max_publication_size, request.id)
+
+    async def _publish(
+        self, session: Session, request_id: int | str | None, channel: str, data: bytes
+    ) -> None:
+        try:
+            position = await self.node.publish(channel, data, session.info)
+        except BrokerUnavailable as error:
+            session.send(error_reply(request_id, ErrorCode.UNAVAILABLE, str(error)))
+        except Exception:
+            logger.exception("conn=%s /ws publish failed", session.id)
+            session.send(error_reply(request_id, ErrorCode.INTERNAL, "the server failed"))
+        else:
+            result = orjson.dumps({"epoch": position.epoch, "offset": position.offset})
+            session.send(ok_reply(request_id, result))
 
     async def _presence(self, session: Session, request: Request) -> Outcome:
         channel = self._allowed(session, request, "subscribe")

@@ -132,6 +132,9 @@ def guide_routes(node: Node) -> list[WebSocketRoute]:
         if await conn.accept():
             await _reply_to_text(conn, "Echo: ")
 
+    async def say(channel: str, message: bytes) -> None:
+        await node.publish(channel, message, b"", history=False)
+
     async def chat(conn: Connection, room: str = DEFAULT_ROOM) -> None:
         channel = chat_channel(room)
         session = node.open(
@@ -151,7 +154,7 @@ def guide_routes(node: Node) -> list[WebSocketRoute]:
                 # finish) but speaks no more.
                 if session.active:
                     message = f"Client says: {text}".encode()
-                    await node.publish(channel, message, b"", history=False)
+                    await node.pipeline(session, say(channel, message))
         finally:
             # When the server restarts everyone leaves at once: n leave notices to n members
             # would be n² messages that nobody will read.
