@@ -241,9 +241,9 @@ class GatedBroker(MemoryBroker):
     """The memory broker whose chosen calls wait at a gate that the test opens.
 
     ``gate(op)`` closes the gate of ``op`` (``subscribe``, ``position``, ``history``,
-    ``presence_add``) and returns ``(reached, release)``: ``reached`` is set once a call is
-    waiting there, and setting ``release`` lets it (and every later one) through. A race that a
-    real broker makes by being slow then happens at exactly the chosen await, every time.
+    ``publish``, ``presence_add``) and returns ``(reached, release)``: ``reached`` is set once a
+    call is waiting there, and setting ``release`` lets it (and every later one) through. A race
+    that a real broker makes by being slow then happens at exactly the chosen await, every time.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -275,6 +275,10 @@ class GatedBroker(MemoryBroker):
     async def history(self, channel: str, **kwargs: Any) -> Any:
         await self._pass("history")
         return await super().history(channel, **kwargs)
+
+    async def publish(self, channel: str, data: bytes, info: bytes, *, history: bool = True) -> Any:
+        await self._pass("publish")
+        return await super().publish(channel, data, info, history=history)
 
     async def presence_add(self, channel: str, client: str, entry: dict[str, Any]) -> None:
         await self._pass("presence_add")
