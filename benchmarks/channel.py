@@ -13,6 +13,9 @@ publication is built in advance, and the received bytes are compared with the fr
 publication the subscriber is due next, which checks its channel, offset, data and info, and
 the order, at once; a time stamp and a count follow. Anything else is parsed as JSON on the
 slow path, where an offset not above the last one seen counts as an error.
+
+The subscribers may be spread over several servers (the nodes of one cluster; the publisher is
+on the first), and the burst pipelined or paced (``FanoutConfig.interval_s``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from picows import WSFrame, WSMsgType, WSTransport
 from chat import PREFIX, TAG_MEASURED, TAG_WARM, WARMUP_TIMEOUT_S, WARMUP_TRIES, make_payload
 from clients import Client, close_all, connect_many
 from cpu import CpuProbe, measuring
-from fanout import BurstResult, Receipts, Receiver
+from fanout import BurstResult, Receipts, Receiver, pace, split
 from roomcast.tools.loadgen import wait_until
 
 perf_counter = time.perf_counter
@@ -121,11 +124,13 @@ def subscribe_request(
 
 
 class Publisher(Client):
-    """A ``/ws`` client that publishes pre-built requests with a bounded window.
+    """A ``/ws`` client that publishes pre-built requests with a bounded window, or paced.
 
-    ``start`` sends up to ``window`` requests; each reply sends the next one. Replies are
-    parsed as JSON (one per publication, not per delivery). The ``connected`` push gives the
-    client id, which every publication's ``info`` carries.
+    ``start`` sends up to ``window`` requests; each reply sends the next one. Paced, the
+    replies send nothing: :meth:`send_next` sends the next request when it is due, whatever is
+    unanswered (as a chat member sends its messages). Replies are parsed as JSON (one per
+    publication, not per delivery). The ``connected`` push gives the client id, which every
+    publication's ``info`` carries.
     """
 
     def __init__(self) -> None:
@@ -136,6 +141,7 @@ class Publisher(Client):
         self.send_times: list[float] = []
         self.offsets: list[int | None] = []
         self.window = 1
+        self.paced = False
         self.next = 0
         self.replies = 0
         self.errors = 0
@@ -143,15 +149,25 @@ class Publisher(Client):
         self.other_replies: dict[int | str, dict[str, Any]] = {}
         self.next_id = 1_000_000  # ids of one-off requests (presence, warm-up)
 
-    def start(self, requests: Sequence[bytes], window: int) -> None:
-        """Send ``requests`` (ids 0..n-1), keeping at most ``window`` unanswered."""
+    def start(self, requests: Sequence[bytes], window: int, *, paced: bool = False) -> None:
+        """Send ``requests`` (ids 0..n-1), keeping at most ``window`` unanswered; ``paced``:
+        send none yet, :meth:`send_next` will."""
         self.requests = requests
         self.send_times = [0.0] * len(requests)
         self.offsets = [None] * len(requests)
         self.window = max(1, window)
+        self.paced = paced
         self.next = 0
         self.replies = 0
-        self._send_more()
+        if not paced:
+            self._send_more()
+
+    def send_next(self, _: int = 0) -> None:
+        """Send the next request now (paced publishing)."""
+        i = self.next
+        self.send_times[i] = perf_counter()
+        self.transport.send(TEXT, self.requests[i])
+        self.next = i + 1
 
     def _send_more(self) -> None:
         send, requests, times = self.transport.send, self.requests, self.send_times
@@ -189,7 +205,8 @@ class Publisher(Client):
                 self.errors += 1
                 self.first_error = self.first_error or str(msg.get("error"))
             self.replies += 1
-            self._send_more()
+            if not self.paced:
+                self._send_more()
         elif rid is not None:
             self.other_replies[rid] = msg
 
@@ -385,6 +402,9 @@ class FanoutConfig:
     channel: str = FANOUT_CHANNEL
     drain_timeout_s: float = 30.0
     idle_timeout_s: float = 5.0
+    #: Seconds between two publications; 0: pipelined within ``window`` (see
+    #: :func:`fanout.pace`).
+    interval_s: float = 0.0
 
 
 @dataclass
@@ -464,17 +484,21 @@ async def run_channel(
     cfg: ChannelConfig,
     server_cpu: CpuProbe,
     stop_server: Callable[[], Awaitable[None]],
+    nodes: Sequence[str] = (),
 ) -> ChannelResult:
     """Run one ``/ws`` fan-out: subscribe, warm up, publish the measured burst, count.
 
-    The server is stopped (``stop_server``) before the clients disconnect, as in the chat run.
+    ``nodes``: the ``/ws`` URLs of other servers sharing the channel, if any; the subscribers
+    are shared out over ``host:port`` and those, the publisher is on the first. The servers are
+    stopped (``stop_server``) before the clients disconnect, as in the chat run.
     """
     url = f"ws://{host}:{port}{WS_PATH}"
     state = FanoutState(cfg.channel, cfg.messages, cfg.size)
     start = perf_counter()
-    subscribers = await connect_many(url, lambda: Subscriber(state), cfg.members)
-    clients: list[Client] = list(subscribers)
+    clients: list[Client] = []
     try:
+        for node, share in zip([url, *nodes], split(cfg.members, 1 + len(nodes)), strict=True):
+            clients += await connect_many(node, lambda: Subscriber(state), share)
         publisher = await connect_publisher(url)
         clients.append(publisher)
         await confirm_subscriptions(state, cfg.members)
@@ -485,7 +509,9 @@ async def run_channel(
         requests = [publish_request(i, cfg.channel, data) for i, data in enumerate(state.data)]
         expected = cfg.messages * cfg.members
         with measuring(server_cpu) as meter:
-            publisher.start(requests, cfg.window)
+            publisher.start(requests, cfg.window, paced=cfg.interval_s > 0)
+            if cfg.interval_s > 0:
+                await pace(publisher.send_next, cfg.messages, cfg.interval_s)
             outcome = await state.drain(expected, cfg.drain_timeout_s, cfg.idle_timeout_s)
             burst = state.burst(expected, outcome, meter.stop())
         # The replies may trail the last delivery a little (the server answers a publish

@@ -5,6 +5,9 @@ Optionally one extra member connects with a tiny receive buffer and then never r
 guide's broadcast awaits every member in turn, so its room stops; every phase here is bounded
 by a timeout and by an idle timeout (no delivery for a while), so a stopped room is reported as
 "stalled" instead of hanging the harness.
+
+The members may be spread over several servers (the nodes of one cluster, which share the room
+through their broker), and the burst sent back to back or paced (``ChatConfig.interval_s``).
 """
 
 from __future__ import annotations
@@ -13,14 +16,14 @@ import asyncio
 import functools
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from picows import WSFrame, WSMsgType, WSTransport
 
 from clients import close_all, connect_many
 from cpu import CpuProbe, measuring
-from fanout import BurstResult, Receipts, Receiver
+from fanout import BurstResult, Receipts, Receiver, pace, split
 from roomcast.tools.loadgen import wait_until
 from staller import StalledMember
 
@@ -139,6 +142,8 @@ class ChatConfig:
     drain_timeout_s: float = 30.0
     idle_timeout_s: float = 5.0
     fill_timeout_s: float = 30.0
+    #: Seconds between two measured messages; 0: back to back (see :func:`fanout.pace`).
+    interval_s: float = 0.0
 
 
 def _reached(counts: Counter[int], key: int, target: int) -> bool:
@@ -167,17 +172,27 @@ async def run_chat(
     cfg: ChatConfig,
     server_cpu: CpuProbe,
     stop_server: Callable[[], Awaitable[None]],
+    nodes: Sequence[str] = (),
 ) -> ChatResult:
     """Run one fan-out: connect, warm up, (fill), send the measured burst, count receipts.
 
-    The server is stopped (``stop_server``) before the members disconnect: the guide's chat
-    would otherwise broadcast a leave notice to every remaining member for every leaver.
+    ``nodes``: the URLs of the room on other servers (``path`` on them), if the room spans
+    several; the members are shared out over ``host:port`` and those, the sender (and the
+    stalled member) on the first. The servers are stopped (``stop_server``) before the members
+    disconnect: the guide's chat would otherwise broadcast a leave notice to every remaining
+    member for every leaver.
     """
-    url = f"ws://{host}:{port}{path}"
+    urls = [f"ws://{host}:{port}{path}", *nodes]
     state = ChatState(cfg.messages, cfg.size)
     start = time.perf_counter()
-    members = await connect_many(url, lambda: ChatMember(state), cfg.members)
+    members: list[ChatMember] = []
     staller: StalledMember | None = None
+    try:
+        for url, share in zip(urls, split(cfg.members, len(urls)), strict=True):
+            members += await connect_many(url, lambda: ChatMember(state), share)
+    except BaseException:
+        await close_all(members)
+        raise
     try:
         if cfg.with_staller:
             staller = StalledMember(host, port, path, cfg.rcvbuf)
@@ -201,11 +216,14 @@ async def run_chat(
 
         expected = cfg.messages * cfg.members
         send_times = [0.0] * cfg.messages
+        transport_send, payloads = sender.transport.send, state.payloads
+
+        def send(i: int) -> None:
+            send_times[i] = perf_counter()
+            transport_send(TEXT, payloads[i])
+
         with measuring(server_cpu) as meter:
-            send = sender.transport.send
-            for i, payload in enumerate(state.payloads):
-                send_times[i] = time.perf_counter()
-                send(WSMsgType.TEXT, payload)
+            await pace(send, cfg.messages, cfg.interval_s)
             outcome = await state.drain(expected, cfg.drain_timeout_s, cfg.idle_timeout_s)
             # Snapshot now: draining the stalled member below may unblock a stopped room.
             burst = state.burst(expected, outcome, meter.stop())

@@ -47,17 +47,12 @@ from channel import (
 from chat import TAG_MEASURED, TAG_WARM, WARMUP_TIMEOUT_S, WARMUP_TRIES, make_payload
 from clients import Client, close_all, connect_many
 from cpu import CpuProbe, measuring
+from fanout import split
 from roomcast.tools.loadgen import percentile_ms, wait_until
 
 perf_counter = time.perf_counter
 TEXT = WSMsgType.TEXT
 CLUSTER_CHANNEL = "bench:cluster"
-
-
-def split(total: int, parts: int) -> list[int]:
-    """Split ``total`` into ``parts`` shares that differ by one at most (larger ones first)."""
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 class ClusterState(FanoutCounters):

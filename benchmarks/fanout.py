@@ -6,12 +6,17 @@ the room stopped: a time limit, and an idle limit with no frame at all), and rep
 figures (:class:`BurstResult`): deliveries per second from the first send to the last receipt,
 and the latency of each message that reached every receiver, from its send to its last
 receipt.
+
+A burst is sent at one of two load shapes (:func:`pace`): back to back ("max rate"), or one
+message every ``interval_s`` ("paced"). Receivers may be spread over several servers (the
+nodes of one cluster): :func:`split` shares them out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +27,36 @@ from cpu import Usage
 from roomcast.tools.loadgen import Outcome, percentile_ms, wait_until
 
 perf_counter = time.perf_counter
+
+
+def split(total: int, parts: int) -> list[int]:
+    """Split ``total`` into ``parts`` shares that differ by one at most (larger ones first)."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+async def pace(send: Callable[[int], None], count: int, interval_s: float) -> None:
+    """Call ``send(i)`` for i in 0..count-1: back to back if ``interval_s`` is 0, else message
+    i at ``i * interval_s`` after the first.
+
+    Paced sends wait on the event loop's timer (millisecond resolution, and late whenever
+    frame callbacks hold the loop); a message whose time has passed is sent at once, so the
+    burst keeps its rate on average. ``send`` stamps its own send time: latencies run from
+    when a message really left, not from when it was due.
+    """
+    if interval_s <= 0:
+        for i in range(count):
+            send(i)
+        return
+    start = perf_counter()
+    i = 0
+    while i < count:
+        due = min(count, int((perf_counter() - start) / interval_s) + 1)
+        while i < due:
+            send(i)
+            i += 1
+        if i < count:
+            await asyncio.sleep(max(0.0, start + i * interval_s - perf_counter()))
 
 
 class Receipts:
