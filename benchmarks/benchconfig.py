@@ -12,6 +12,7 @@ SCENARIOS = (
     "channel",
     "recovery",
     "cluster",
+    "scale",
     "connect",
     "memory",
     "deflate",
@@ -21,6 +22,11 @@ WS_ROLES = ("roomcast", "roomcast-asgi")
 #: The configurations of the cluster scenario (the columns of its table): N nodes on Redis,
 #: one node on memory://, one node on Redis; each takes the same load.
 CLUSTER_KINDS = ("cluster", "single-memory", "single-redis")
+#: The roomcast configurations of the scale scenario (rows of its tables): one node on
+#: memory://, on redis://, on redis+cluster://, and N nodes on redis://.
+SCALE_CONFIGS = ("memory", "redis", "redis-cluster", "nodes")
+#: The other servers in the scale scenario's chat rows (chat only: they have no /ws).
+SCALE_PEERS = ("baseline", "node", "socketify")
 
 
 @dataclass
@@ -54,3 +60,8 @@ class Config:
     cluster_nodes: int = 3
     cluster_subscribers: int = 300  # per node
     cluster_rounds: int = 3
+    scale_paced_messages: int = 2000
+    scale_interval_ms: float = 1.0
+    scale_rounds: int = 1
+    cluster_masters: int = 3  # the scale scenario's Redis Cluster
+    cluster_replicas: int = 1  # per master

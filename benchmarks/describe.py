@@ -18,9 +18,11 @@ import psutil
 from benchconfig import Config
 from channel import FANOUT_CHANNEL, ChannelConfig, matched_chat_size, mean_frame_bytes
 from chat import PREFIX, TAG_MEASURED, make_payload
-from cluster import CLUSTER_CHANNEL, describe_frame, split
+from cluster import CLUSTER_CHANNEL, describe_frame
 from deflate import MEM_LEVEL, MEMBERS
+from fanout import split
 from recovery import RECOVERY_CHANNEL
+from scale import PACED_DRAIN_S
 from servers import NODE_DIR, REPO_DIR, ROOMCAST_ENV, ROOMCAST_WS, redis_argv, redis_version
 
 VERSIONED = (
@@ -33,6 +35,7 @@ VERSIONED = (
     "picows",
     "psutil",
     "redis",
+    "socketify",
     "roomcast",
 )
 
@@ -132,6 +135,15 @@ def how_it_was_run(
         f"ws {_ws_version()} from package-lock.json, perMessageDeflate off, no optional native "
         "add-ons)",
         *roomcast_lines,
+        *(
+            [
+                "- socketify: `python benchmarks/socketify_server.py --port PORT` (socketify "
+                f"{_version('socketify')}: the guide's `/ws/chat` on uWebSockets' pub/sub, "
+                "compression off; scale scenario only)"
+            ]
+            if "scale" in cfg.only and "socketify" in cfg.servers
+            else []
+        ),
         *(cluster_lines(cfg, pinned) if "cluster" in cfg.only else []),
         "- A fresh server process for every chat, /ws channel, /ws recovery, cluster, connect "
         "and memory run; the echo runs share one process per server. Every server runs on "
@@ -214,6 +226,15 @@ def scenario_text(cfg: Config) -> list[str]:
                 "above; only the roomcast servers have `/ws`, so only they run them."
             ]
             if {"channel", "recovery"} & set(cfg.only)
+            else []
+        ),
+        *(
+            [
+                "- **scale-out**: roomcast on memory://, redis://, redis+cluster:// and "
+                f"{cfg.cluster_nodes} nodes on redis://, with the peers in the chat rows, at max "
+                "rate and paced; described in its own section above."
+            ]
+            if "scale" in cfg.only
             else []
         ),
         *(
@@ -390,4 +411,49 @@ def cluster_section_text(cfg: Config, pinned: bool) -> list[str]:
         f"{cfg.cluster_rounds} round(s) per repeat, the three configurations taking turns, the "
         "order flipped every round; rates and latencies are medians, failure counts the worst "
         "run. " + where
+    ]
+
+
+def scale_section_text(cfg: Config, pinned: bool) -> list[str]:
+    """Return the method paragraph of the scale section."""
+    nodes, masters, replicas = cfg.cluster_nodes, cfg.cluster_masters, cfg.cluster_replicas
+    every = "ms" if cfg.scale_interval_ms == 1 else f"{cfg.scale_interval_ms:g} ms"
+    where = (
+        "Everything server side runs on core 0 (`taskset -c 0`; the cluster's redis-servers "
+        "are pinned once started), the load generator on core 1"
+        if pinned
+        else "Nothing is pinned (fewer than 2 cores)"
+    )
+    return [
+        "One roomcast node on each broker, under the same loads: **memory://** (the "
+        "single-process broker), **redis://** (a private `redis-server`, as in the cluster "
+        f"scenario), **redis+cluster://** (a private Redis Cluster of {masters} masters with "
+        f"{replicas} replica(s) each, started by `tests/redis_cluster.py`'s `LocalCluster`, "
+        "Redis " + redis_version() + "), and "
+        f"**{nodes} nodes on redis://** (the receivers shared out over the nodes, the sender on "
+        "the first). The chat rows add the peers: the guide's code, Node's `ws` and socketify "
+        "(`benchmarks/socketify_server.py`: every member subscribes to one uWebSockets topic, "
+        "each message is published to it, so the fan-out is uWebSockets' C++). Two loads: "
+        f"**chat**, {cfg.members:,} members of one room on `/ws/chat` and one sender (the chat "
+        f"scenario's), and **/ws**, {cfg.members:,} subscribers of one channel on `/ws` and "
+        "one publisher connection (the /ws channel fan-out's, its frames checked the same "
+        f"way); each at two shapes: **max rate** ({cfg.messages} messages back to back; "
+        f"`/ws` publishes pipelined, at most {cfg.publish_window} unanswered) and **paced** "
+        f"({cfg.scale_paced_messages:,} messages, one every {every}: the sender waits on the "
+        "event loop's timer and sends whatever is due, so a late wake-up sends a few at once; "
+        "`/ws` publishes go out on time whatever is unanswered). Latency runs from when a "
+        "message really left. Deliveries/s = deliveries ÷ (last receipt − first send); p50/p99 "
+        "= time the last receiver got message i − send time of i; server CPU per delivery = "
+        "the CPU of every server-side process of the run (roomcast nodes, redis-server(s), or "
+        "the peer) over the measured window ÷ deliveries; lost = expected − received after "
+        f"waiting up to {cfg.drain_timeout:g} s past the last send at max rate, "
+        f"{max(cfg.drain_timeout, PACED_DRAIN_S):g} s paced (or {cfg.idle_timeout:g} s "
+        "without any delivery): a server that falls further behind than that loses the rest "
+        "here. Redis and the cluster are started once per repeat and emptied "
+        "(FLUSHALL) before every run; every run gets fresh roomcast (or peer) processes. "
+        f"{cfg.scale_rounds} round(s) per repeat, the configurations taking turns within each "
+        "endpoint and shape, the order flipped every round; rates and latencies are medians, "
+        f"lost the worst run. {where}: a configuration's nodes and Redis share one core, so "
+        f"{nodes} nodes have no more CPU than one. The bar compares each Redis configuration "
+        "with memory:// of the same run."
     ]

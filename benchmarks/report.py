@@ -13,6 +13,7 @@ from benchconfig import CLUSTER_KINDS
 from deflate import DEFLATE_HEADER, deflate_rows
 from readme import markdown_rows, readme_figures
 from samples import MetricSpec, Results, RunRecord, cluster_nodes, fmt, fmt_ratio, ratio
+from scale_report import BAR_HEADER, SCALE_SECTION_TITLE, bar_headline, bar_rows, scale_tables
 from specs import (
     CHANNEL_BAR,
     CLUSTER_RATIOS,
@@ -331,6 +332,11 @@ def print_console(
     sections = [s for s in sections if s[3]]
     cluster_head, cluster_body = cluster_table(results, specs)
     cluster_line = cluster_headline(results)
+    scale = [(f"{SCALE_SECTION_TITLE}: {t}", h, b) for t, h, b in scale_tables(results, specs)]
+    bars = bar_rows(results, specs)
+    if bars:
+        scale.append((f"{SCALE_SECTION_TITLE}: the bar", list(BAR_HEADER), bars))
+    bar_line = bar_headline(results)
     try:
         from rich.console import Console
         from rich.table import Table
@@ -350,6 +356,12 @@ def print_console(
             if cluster_line:
                 printer(cluster_line.replace("**", ""))
             printer(markdown_table(cluster_head, cluster_body))
+        for title, head, body in scale:
+            printer("")
+            printer(title)
+            printer(markdown_table(head, body))
+        if bar_line:
+            printer(bar_line.replace("**", ""))
         if ceiling:
             printer("")
             printer(markdown_table(CEILING_HEADER, ceiling))
@@ -394,6 +406,10 @@ def print_console(
         show(CLUSTER_SECTION_TITLE, cluster_head, cluster_body)
         if cluster_line:
             console.print(cluster_line.replace("**", ""), markup=False)
+    for title, head, body in scale:
+        show(title, head, body)
+    if bar_line:
+        console.print(bar_line.replace("**", ""), markup=False)
     if ceiling:
         show("load generator ceiling (minimal picows server)", CEILING_HEADER, ceiling)
     if deflate:
@@ -442,6 +458,27 @@ def cluster_section_markdown(
     return [*parts, *text, "", markdown_table(header, rows), ""]
 
 
+def scale_section_markdown(
+    results: Results, specs: Sequence[MetricSpec], text: Sequence[str]
+) -> list[str]:
+    """Return the scale section (if it was measured): the bar's headline and table, the method
+    paragraph, one table per endpoint."""
+    tables = scale_tables(results, specs)
+    if not tables:
+        return []
+    parts = [f"## {SCALE_SECTION_TITLE}", ""]
+    headline = bar_headline(results)
+    if headline:
+        parts += [headline + ".", ""]
+    bars = bar_rows(results, specs)
+    if bars:
+        parts += [markdown_table(BAR_HEADER, bars), ""]
+    parts += [*text, ""]
+    for title, header, rows in tables:
+        parts += [f"### {title}", "", markdown_table(header, rows), ""]
+    return parts
+
+
 def render_markdown(
     results: Results,
     specs: Sequence[MetricSpec],
@@ -451,9 +488,10 @@ def render_markdown(
     deflate_text: Sequence[str],
     ws_text: Mapping[str, Sequence[str]] | None = None,
     cluster_text: Sequence[str] = (),
+    scale_text: Sequence[str] = (),
 ) -> str:
     """Return the full docs/benchmarks.md text (``ws_text``: the /ws sections' prose,
-    ``cluster_text``: the cluster section's)."""
+    ``cluster_text``: the cluster section's, ``scale_text``: the scale section's)."""
     targets = judge_targets(results, specs, idle_counts)
     roles = results.roles()
     ratios = ", ".join(f"{a} ÷ {b}" for a, b in ratio_pairs(roles)) or "none"
@@ -493,6 +531,7 @@ def render_markdown(
         "",
         *ws_sections_markdown(results, specs, ws_text or {}),
         *cluster_section_markdown(results, specs, cluster_text),
+        *scale_section_markdown(results, specs, scale_text),
     ]
     ceiling = ceiling_rows(results)
     if ceiling:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from benchconfig import CLUSTER_KINDS, SCENARIOS, WS_ROLES, Config
+from benchconfig import CLUSTER_KINDS, SCALE_CONFIGS, SCALE_PEERS, SCENARIOS, WS_ROLES, Config
 from channel import ChannelConfig, ChannelResult, matched_chat_size, run_channel
 from chat import PREFIX, ChatConfig, ChatResult, run_chat, run_cut_check
 from clients import EchoResult, run_echo, run_idle
@@ -30,6 +30,7 @@ from describe import (
     cluster_section_text,
     deflate_text,
     how_it_was_run,
+    scale_section_text,
     scenario_text,
     ws_section_text,
 )
@@ -37,6 +38,7 @@ from recovery import RecoveryConfig, RecoveryResult, run_recovery
 from report import print_console, render_markdown
 from roomcast.tools.loadgen import raise_file_limit
 from samples import ROLES, Results, RunRecord, fmt, mem_key
+from scale import ScaleScenario
 from servers import (
     HOST,
     REPO_DIR,
@@ -61,6 +63,8 @@ QUIET_WAIT_BUDGET_S = 120.0  # the most a whole invocation waits for quiet
 NOISY_OTHER = 0.25  # cores used by others during a run above which the run is called noisy
 BUSY_LOADGEN = 0.9  # load generator CPU share above which it may have been the bottleneck
 DEFAULT_OUTPUT = REPO_DIR / "docs" / "benchmarks.md"
+#: Every server --servers may name: the compared ones, and socketify (scale scenario only).
+SERVERS = (*ROLES, "socketify")
 MAX_MISSED = 256  # ROOMCAST_HISTORY_SIZE's default: recovery beyond it cannot be complete
 
 
@@ -84,12 +88,15 @@ def parse_args(argv: Sequence[str]) -> Config:
         + ", ".join(SCENARIOS)
         + " (chat runs the plain fan-out and the one with a stalled member; channel and "
         "recovery use /ws and run on the roomcast servers only; cluster runs roomcast nodes on "
-        "a private redis-server)",
+        "a private redis-server; scale runs roomcast on each broker, and the peers, at max "
+        "rate and paced)",
     )
     p.add_argument(
         "--servers",
-        default=",".join(ROLES),
-        help="comma-separated servers among: " + ", ".join(ROLES),
+        default=",".join(SERVERS),
+        help="comma-separated servers among: "
+        + ", ".join(SERVERS)
+        + " (socketify is in the scale scenario's chat rows only)",
     )
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats (median kept)")
     p.add_argument("--duration", type=float, help="echo: measured seconds per run (3)")
@@ -131,6 +138,29 @@ def parse_args(argv: Sequence[str]) -> Config:
         "--cluster-rounds",
         type=int,
         help="cluster: rounds per repeat of the 3 configurations taking turns, medians kept (3)",
+    )
+    p.add_argument(
+        "--scale-paced",
+        type=int,
+        help="scale: messages of the paced load (2000; --quick: 500)",
+    )
+    p.add_argument(
+        "--scale-interval",
+        type=float,
+        default=1.0,
+        help="scale: milliseconds between two messages of the paced load (1)",
+    )
+    p.add_argument(
+        "--scale-rounds",
+        type=int,
+        default=1,
+        help="scale: rounds per repeat of every configuration taking turns, medians kept (1)",
+    )
+    p.add_argument(
+        "--cluster-replicas",
+        type=int,
+        default=1,
+        help="scale: replicas per master of the Redis Cluster (3 masters) (1)",
     )
     p.add_argument(
         "--missed",
@@ -187,8 +217,8 @@ def parse_args(argv: Sequence[str]) -> Config:
     if unknown:
         p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     wanted = {s.strip() for s in a.servers.split(",") if s.strip()}
-    if wanted - set(ROLES):
-        p.error(f"unknown server(s): {', '.join(sorted(wanted - set(ROLES)))}")
+    if wanted - set(SERVERS):
+        p.error(f"unknown server(s): {', '.join(sorted(wanted - set(SERVERS)))}")
     if not wanted:
         p.error("--servers names no server")
     if not 1 <= a.missed <= MAX_MISSED:
@@ -197,13 +227,17 @@ def parse_args(argv: Sequence[str]) -> Config:
         p.error("--publish-window must be at least 1")
     if a.cluster_nodes < 2:
         p.error("--cluster-nodes must be at least 2")
+    if a.scale_interval <= 0:
+        p.error("--scale-interval must be above 0")
+    if a.cluster_replicas < 0:
+        p.error("--cluster-replicas must be 0 or more")
     quick = a.quick
     idle_counts = a.idle_conns or ((500, 1000) if quick else (2000, 5000))
     if not idle_counts or min(idle_counts) <= 0:
         p.error("--idle-conns needs positive counts")
     cfg = Config(
         only=only,
-        servers=tuple(r for r in ROLES if r in wanted),
+        servers=tuple(r for r in SERVERS if r in wanted),
         repeats=max(1, a.repeats),
         duration=a.duration or (1.5 if quick else 3.0),
         echo_rounds=max(1, a.echo_rounds or (1 if quick else 3)),
@@ -229,6 +263,10 @@ def parse_args(argv: Sequence[str]) -> Config:
         cluster_nodes=a.cluster_nodes,
         cluster_subscribers=max(1, a.cluster_subscribers or (100 if quick else 300)),
         cluster_rounds=max(1, a.cluster_rounds or (1 if quick else 3)),
+        scale_paced_messages=max(1, a.scale_paced or (500 if quick else 2000)),
+        scale_interval_ms=a.scale_interval,
+        scale_rounds=max(1, a.scale_rounds),
+        cluster_replicas=a.cluster_replicas,
     )
     return cfg
 
@@ -1060,7 +1098,8 @@ class Bench:
     async def run_all(self) -> Results:
         """Run every selected scenario for every server, ``repeats`` times, interleaved."""
         cfg = self.cfg
-        roles = cfg.servers
+        roles = tuple(r for r in cfg.servers if r in ROLES)
+        scale = ScaleScenario(cfg, self.results, self.guarded)
         if "ceiling" in cfg.only:
             print("load generator ceiling (minimal picows server)")
             await self.ceiling()
@@ -1082,6 +1121,8 @@ class Bench:
                     await self.ws_scenarios(repeat, order)
             if "cluster" in cfg.only:
                 await self.cluster(repeat)
+            if "scale" in cfg.only:
+                await scale.run(repeat)
             if "chat" in cfg.only:
                 for role in order:
                     await self.guarded(
@@ -1123,7 +1164,7 @@ def auto_notes(cfg: Config, results: Results) -> None:
                 f"other processes used {r.other_cpu * 100:.0f} % of a core during "
                 f"'{r.scenario}' on {r.role}: that figure is noisy."
             )
-        busy_role = r.role in ROLES or r.role in CLUSTER_KINDS
+        busy_role = r.role in (*ROLES, *CLUSTER_KINDS, *SCALE_CONFIGS, *SCALE_PEERS)
         if busy_role and r.loadgen_cpu is not None and r.loadgen_cpu >= BUSY_LOADGEN:
             results.notes.append(
                 f"load generator at {r.loadgen_cpu * 100:.0f} % of its core in "
@@ -1211,6 +1252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.missed,
         cfg.cluster_nodes,
         cfg.cluster_subscribers,
+        cfg.scale_paced_messages,
+        cfg.scale_interval_ms,
     )
     print_console(results, specs, cfg.idle_counts)
     print(f"took {wall:.0f} s; server logs in {log_dir()}")
@@ -1224,6 +1267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             deflate_text(),
             ws_section_text(cfg),
             cluster_section_text(cfg, pinned),
+            scale_section_text(cfg, pinned),
         )
         cfg.output.parent.mkdir(parents=True, exist_ok=True)
         text += kept_soak_section(cfg.output)

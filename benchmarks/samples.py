@@ -139,6 +139,9 @@ def scenario_prefixes(scenario: str) -> tuple[str, ...]:
         return ("ceiling",)
     if scenario.startswith("memory "):
         return ("mem",)
+    if scenario.startswith("scale: "):  # "scale: chat, max", "scale: /ws, paced"
+        endpoint, shape = scenario.removeprefix("scale: ").split(", ", 1)
+        return (f"scale.{'chat' if endpoint == 'chat' else 'ws'}.{shape.split()[0].rstrip(',')}",)
     return {
         "chat": ("chat", "stall"),  # "÷ own unstalled" divides by the plain chat run
         "chat + stalled member": ("stall",),

@@ -2,8 +2,9 @@
 
 Roles: "baseline" (the guide's code), "node" (Node's ws library, benchmarks/node/), "roomcast"
 (its own WebSocket transport, ``ROOMCAST_WS=roomcast``), "roomcast-asgi" (the same app on
-uvicorn's websockets-sansio protocol: the plain-ASGI fallback) and "reference" (a minimal picows
-server that measures the load generator only).
+uvicorn's websockets-sansio protocol: the plain-ASGI fallback), "socketify" (the guide's chat on
+uWebSockets' Python binding, benchmarks/socketify_server.py: chat only) and "reference" (a
+minimal picows server that measures the load generator only).
 
 Every server runs in its own subprocess, pinned to core 0 when the machine has two or more
 cores (the load generator takes core 1), listens on a free loopback port, and is always killed
@@ -11,7 +12,8 @@ when its ``running_server`` context exits, including on Ctrl-C.
 
 The cluster scenario adds "redis" (a private ``redis-server`` without persistence) and roomcast
 nodes on a given broker (``cluster_node_spec``): all of them on core 0 too, so several nodes and
-Redis share one core.
+Redis share one core. Processes started otherwise (a Redis Cluster's nodes) are pinned to core 0
+and measured the same way (``pin_to_server_core``, ``threads_cpu_seconds``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 BASELINE_DIR = BENCH_DIR / "baseline"
 NODE_DIR = BENCH_DIR / "node"
+SOCKETIFY_SERVER = BENCH_DIR / "socketify_server.py"
 BASELINE_MODULES = {"echo": "echo_server", "chat": "chat_server"}
 ROOMCAST_ENV = {
     "ROOMCAST_LOG_LEVEL": "warning",
@@ -138,6 +141,11 @@ def server_spec(role: str, app: str, *, roomcast_as_baseline: bool = False) -> S
     if role == "node":
         argv = [node_binary(), str(NODE_DIR / "server.js"), "--port", str(port)]
         return ServerSpec(role, app, _pinned(argv), NODE_DIR, env, port, "/health", need_ok=True)
+    if role == "socketify":
+        if app != "chat":
+            raise ValueError("the socketify server has /ws/chat only")
+        argv = [sys.executable, str(SOCKETIFY_SERVER), "--port", str(port)]
+        return ServerSpec(role, app, _pinned(argv), BENCH_DIR, env, port, "/health", need_ok=True)
     if role not in ROOMCAST_WS:
         raise ValueError(f"unknown server role {role!r}")
     env.update(ROOMCAST_ENV)
@@ -258,6 +266,74 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def socketify_importable() -> tuple[bool, str]:
+    """Check that socketify imports (its native library loads); return (ok, version or why).
+
+    In a subprocess: the import loads uWebSockets' shared library, which needs libuv and zlib.
+    """
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import importlib.metadata, socketify; print(importlib.metadata.version('socketify'))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode == 0:
+        return True, proc.stdout.strip()
+    lines = proc.stderr.strip().splitlines()
+    return False, lines[-1] if lines else f"exit status {proc.returncode}"
+
+
+def pin_to_server_core(pids: Sequence[int]) -> bool:
+    """Pin processes started by others to the servers' core (every thread); return whether
+    pinning happened."""
+    if not can_pin():
+        return False
+    for pid in pids:
+        for tid in _threads(pid):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, {SERVER_CORE})
+    return True
+
+
+def _threads(pid: int) -> list[int]:
+    """Return the thread ids of process ``pid`` (none if it is gone)."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except (OSError, ValueError):
+        return []
+
+
+def threads_cpu_seconds(pids: Sequence[int]) -> float:
+    """Return the CPU seconds the live threads of ``pids`` have used, to the nanosecond.
+
+    Reads ``/proc/PID/task/TID/schedstat`` (psutil's figures move in 10 ms clock ticks,
+    coarse for a burst measured over a few hundred ms). A thread that exits between two
+    readings takes its time with it, so this is for windows where the threads live on.
+    Without schedstat, psutil's figures.
+    """
+    if not _SCHEDSTAT:
+        seconds = 0.0
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = psutil.Process(pid).cpu_times()
+                seconds += times.user + times.system
+        return seconds
+    total = 0
+    for pid in pids:
+        for tid in _threads(pid):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue  # the thread ended meanwhile
+    return total / 1e9
+
+
 def roomcast_importable() -> tuple[bool, str]:
     """Check that ``roomcast.cli`` imports (from src/ first); return (ok, error text)."""
     spec = server_spec("roomcast", "echo")
@@ -333,19 +409,7 @@ class ServerProcess:
         """
         if not _SCHEDSTAT:
             return self.cpu_seconds()
-        total = 0
-        for proc in self.tree():
-            try:
-                tasks = os.listdir(f"/proc/{proc.pid}/task")
-            except OSError:
-                continue
-            for task in tasks:
-                try:
-                    with open(f"/proc/{proc.pid}/task/{task}/schedstat", "rb") as f:
-                        total += int(f.read().split()[0])
-                except (OSError, ValueError, IndexError):
-                    continue  # the thread ended meanwhile
-        return total / 1e9
+        return threads_cpu_seconds([proc.pid for proc in self.tree()])
 
     async def wait_ready(self, limit_s: float = READY_TIMEOUT_S) -> None:
         """Poll the port with HTTP GET until the server answers (bounded by ``limit_s``)."""

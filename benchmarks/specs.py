@@ -38,9 +38,11 @@ def metric_specs(
     missed: int = 100,
     cluster_nodes: int = 3,
     cluster_per_node: int = 300,
+    paced_messages: int = 2000,
+    interval_ms: float = 1.0,
 ) -> list[MetricSpec]:
-    """Return every figure of the results table and of the /ws and cluster sections, labelled
-    with this run's sizes."""
+    """Return every figure of the results table and of the /ws, cluster and scale sections,
+    labelled with this run's sizes."""
     chat = f"chat, {members:,} members:"
     stall = "chat + 1 stalled member:"
     conn = f"new connections ({connect_clients} clients):"
@@ -86,6 +88,7 @@ def metric_specs(
         specs
         + ws_specs(members, messages, missed)
         + cluster_specs(cluster_nodes, cluster_per_node, messages)
+        + scale_specs(messages, paced_messages, interval_ms)
     )
 
 
@@ -236,4 +239,57 @@ def cluster_specs(nodes: int, per_node: int, messages: int) -> list[MetricSpec]:
         cl("srv_us", "server side CPU per delivery", "µs", "lower", 2),
         cl("loadgen", "load generator CPU", "%", "", 0),
         cl("lg_us", "load generator CPU per delivery", "µs", "", 2),
+    ]
+
+
+#: The rows of the scale tables: roomcast on each broker, then the peers (chat only).
+SCALE_TITLES = {
+    "memory": "roomcast, memory://",
+    "redis": "roomcast, redis://",
+    "redis-cluster": "roomcast, redis+cluster://",
+    "nodes": "{n} roomcast nodes, redis://",
+    "baseline": "the guide's code (baseline)",
+    "node": "Node ws",
+    "socketify": "socketify (uWebSockets)",
+}
+
+#: The endpoints of the scale tables, and what their receivers are.
+SCALE_ENDPOINTS = {"chat": "chat (`/ws/chat`)", "ws": "`/ws` channel"}
+
+#: The scale figures of every load shape: (key, label, unit, better, digits, aggregation).
+SCALE_FIGURES: tuple[tuple[str, str, str, Better, int, Agg], ...] = (
+    ("dps", "deliveries", "/s", "higher", 0, "median"),
+    ("p50_ms", "p50 send → last receiver", "ms", "lower", 1, "median"),
+    ("p99_ms", "p99 send → last receiver", "ms", "lower", 1, "median"),
+    ("srv_us", "server CPU per delivery", "µs", "lower", 2, "median"),
+    ("lost", "lost", "", "", 0, "max"),
+)
+
+
+def shape_title(messages: int, interval_ms: float) -> str:
+    """Name a load shape: "max rate, 200 msgs" (``interval_ms`` 0), "paced, 1 msg per ms,
+    2,000 msgs"."""
+    if interval_ms <= 0:
+        return f"max rate, {messages:,} msgs"
+    every = "ms" if interval_ms == 1 else f"{interval_ms:g} ms"
+    return f"paced, 1 msg per {every}, {messages:,} msgs"
+
+
+def scale_specs(messages: int, paced_messages: int, interval_ms: float) -> list[MetricSpec]:
+    """Return the figures of the scale tables, ``scale.<endpoint>.<shape>.<figure>``, each
+    labelled "<shape>: <figure>"."""
+    shapes = {"max": shape_title(messages, 0), "paced": shape_title(paced_messages, interval_ms)}
+    return [
+        MetricSpec(
+            f"scale.{endpoint}.{shape}.{key}",
+            f"{title}: {label}",
+            unit,
+            better,
+            digits,
+            agg,
+            "scale",
+        )
+        for endpoint in SCALE_ENDPOINTS
+        for shape, title in shapes.items()
+        for key, label, unit, better, digits, agg in SCALE_FIGURES
     ]

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from samples import MetricSpec, Results, fmt, fmt_ratio, mem_key, ratio
+from scale_report import BAR_BROKERS, BAR_DPS, BAR_P99, scale_bars
 from specs import CHANNEL_BAR, MATCHED_WHY
 
 #: Load generator CPU (% of its core) from which a figure may be limited by the client side.
@@ -230,6 +231,41 @@ def judge_targets(
             crashed=failed(("roomcast",), "recovery"),
         )
     )
+    # Issue 16's: a node on Redis (one Redis, a Redis Cluster) at memory speed.
+    bars = scale_bars(results)
+    for broker, url in BAR_BROKERS.items():
+        mine = [b for b in bars if b.broker == broker]
+        verdicts = [b.met for b in mine]
+        met = None
+        if False in verdicts:
+            met = False
+        elif verdicts and all(verdicts):
+            met = True
+        loads = [
+            f"{'chat' if b.endpoint == 'chat' else '/ws'} {b.shape} {fmt_ratio(b.dps)} "
+            f"(p99 {fmt_ratio(b.p99)}, lost {fmt(b.lost)})"
+            for b in mine
+        ]
+        targets.append(
+            Target(
+                f"roomcast on {url}: deliveries/s ≥ {BAR_DPS:.2f}× and p99 ≤ {BAR_P99:.2f}× "
+                "the same node on memory://, 0 lost, chat and /ws, max rate and paced",
+                "; ".join(loads) if any(b.dps is not None for b in mine) else "not run",
+                met,
+                ", ".join(
+                    x
+                    for b in mine
+                    if (
+                        x := busy(
+                            f"scale.{b.endpoint}.{b.shape}.loadgen",
+                            ("memory", broker),
+                            f" {b.endpoint} {b.shape}",
+                        )
+                    )
+                ),
+                "; ".join(c for b in mine for c in b.crashed),
+            )
+        )
     return targets
 
 

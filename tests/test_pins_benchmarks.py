@@ -169,3 +169,69 @@ def test_readme_figures_follow_the_tables(report: object) -> None:
         "| missed publications never replayed (lost) |  | 7 |",
     )
     assert "with 7 lost" in figures(lost)
+
+
+def scale_run(
+    results: object, row: str, endpoint: str, shape: str, dps: float, p99: float, lost: float = 0
+) -> None:
+    add = results.add  # type: ignore[attr-defined]
+    key = f"scale.{endpoint}.{shape}"
+    add(row, f"{key}.dps", dps)
+    add(row, f"{key}.p99_ms", p99)
+    add(row, f"{key}.lost", lost)
+    add(row, f"{key}.errors", 0)
+    add(row, f"{key}.runs", 1)
+
+
+def scale_target(report: object, results: object, url: str = "redis://") -> object:
+    specs = report.metric_specs(  # type: ignore[attr-defined]
+        echo_conns=64, members=1000, idle_counts=[100], connect_clients=32
+    )
+    targets = report.judge_targets(results, specs, [100])  # type: ignore[attr-defined]
+    (target,) = [t for t in targets if t.text.startswith(f"roomcast on {url}:")]
+    return target
+
+
+def scale_all(results: object, redis_dps: float = 900.0, redis_p99: float = 150.0) -> None:
+    for endpoint in ("chat", "ws"):
+        for shape in ("max", "paced"):
+            scale_run(results, "memory", endpoint, shape, 1000.0, 100.0)
+            scale_run(results, "redis", endpoint, shape, redis_dps, redis_p99)
+
+
+def test_scale_bar_met_only_when_every_load_clears_it(report: object) -> None:
+    results = report.Results()  # type: ignore[attr-defined]
+    scale_all(results)
+    assert report.verdict(scale_target(report, results)) == "met"  # type: ignore[attr-defined]
+    # The cluster was not run: its bar is not measured, not met.
+    text = report.verdict(scale_target(report, results, "redis+cluster://"))  # type: ignore[attr-defined]
+    assert text == "not measured"
+
+
+@pytest.mark.parametrize(
+    ("dps", "p99", "lost"), [(790.0, 150.0, 0), (900.0, 201.0, 0), (900.0, 150.0, 1)]
+)
+def test_scale_bar_not_met(report: object, dps: float, p99: float, lost: float) -> None:
+    """Below 0.8 times memory's deliveries/s, above twice its p99, or one delivery lost: not met."""
+    results = report.Results()  # type: ignore[attr-defined]
+    scale_all(results)
+    scale_run(results, "redis", "ws", "paced", dps, p99, lost)  # a second /ws paced run
+    scale_run(results, "redis", "ws", "paced", dps, p99, lost)  # (the median moves)
+    assert report.verdict(scale_target(report, results)) == "NOT met"  # type: ignore[attr-defined]
+
+
+def test_scale_bar_without_a_lost_count_is_not_measured(report: object) -> None:
+    results = report.Results()  # type: ignore[attr-defined]
+    scale_all(results)
+    results.add("redis", "scale.chat.max.runs", 1)  # a run that recorded no counts
+    assert report.verdict(scale_target(report, results)) == "not measured"  # type: ignore[attr-defined]
+
+
+def test_scale_bar_with_a_crashed_run_fails(report: object) -> None:
+    results = report.Results()  # type: ignore[attr-defined]
+    scale_all(results)
+    results.runs.append(
+        report.RunRecord("scale: /ws, paced", "memory", "1.2", "FAILED", None, None, "boom")  # type: ignore[attr-defined]
+    )
+    text = report.verdict(scale_target(report, results))  # type: ignore[attr-defined]
+    assert text == "failed (crashed: scale: /ws, paced on memory (run 1.2))"
