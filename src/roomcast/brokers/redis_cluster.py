@@ -145,7 +145,9 @@ class ShardedPubSub:
         wanted = self.broker._wanted
         try:
             while True:
-                message = await pubsub.get_message(timeout=None)
+                # A timeout, so that redis-py's health check (a PING every 10 s) runs on a
+                # quiet connection: a shard that stopped answering is noticed.
+                message = await pubsub.get_message(timeout=1.0)
                 if message is None:
                     continue
                 if message["type"] == "sunsubscribe" and message["channel"].decode() in wanted:
