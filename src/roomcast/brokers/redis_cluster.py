@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 import redis.asyncio as aioredis
@@ -39,12 +40,22 @@ from roomcast.brokers.redis_scripts import WHOAMI
 
 __all__ = ["RedisClusterBroker", "ShardedPubSub", "parse_cluster_url"]
 
+T = TypeVar("T")
+
 #: Publishes a message by sharded pub/sub from a script: KEYS[1] routes it (its slot is the pub/sub
 #: channel's); ARGV: command, channel, message.
 SEND = "return redis.call(ARGV[1], ARGV[2], ARGV[3])"
 
 #: Messages read from the shards and not yet dispatched, at most (the readers wait beyond it).
 BACKLOG = 4096
+
+#: Connections per cluster node, and commands under way at once (below it: redis-py's cluster
+#: client fails a command past its connections, then rebuilds its map of the cluster, closing
+#: connections that other commands are using).
+CONNECTIONS = 64
+CONCURRENCY = 32
+#: The operations sent through the broker's AutoPipeline.
+PIPELINED = frozenset({"publish", "emit", "command"})
 
 
 def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any], dict[str, str]]:
@@ -195,6 +206,7 @@ class RedisClusterBroker(RedisBroker):
         self._publish_command = "SPUBLISH"
         self._atomic = False
         self._cluster: RedisCluster | None = None
+        self._concurrency = asyncio.Semaphore(CONCURRENCY)
 
     @property
     def cluster(self) -> RedisCluster:
@@ -215,10 +227,17 @@ class RedisClusterBroker(RedisBroker):
             socket_connect_timeout=2,
             socket_timeout=5,
             health_check_interval=10,
-            max_connections=64,
+            max_connections=CONNECTIONS,
             **self.options,
         )
         return self._cluster
+
+    async def _call(self, op: str, operation: Awaitable[T]) -> T:
+        if op in PIPELINED:  # one connection per node, whatever their number
+            return await super()._call(op, operation)
+        # A burst of requests (a thousand clients subscribing at once) waits its turn here.
+        async with self._concurrency:
+            return await super()._call(op, operation)
 
     def _new_pubsub(self) -> Any:
         return ShardedPubSub(self)
