@@ -485,6 +485,18 @@ class LocalCluster:
                 self._orphans[port] = mine[0].slots
         self._sigkill(node)
 
+    def pause(self, port: int) -> None:
+        """SIGSTOP the node on ``port``: it reads nothing and answers nothing until resumed."""
+        node = self.nodes[port]
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self, port: int) -> None:
+        """SIGCONT a paused node."""
+        node = self.nodes[port]
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGCONT)
+
     def _sigkill(self, node: ClusterNode) -> None:
         assert node.proc is not None
         if node.proc.poll() is None:
@@ -503,7 +515,7 @@ class LocalCluster:
         def missing() -> str | None:
             if (why := self._whole(replicated=False)) is not None:
                 return why
-            owners = set()
+            owners: set[int] = set()
             for port in self.living():
                 served = [v for v in self.view(port) if v.is_master and _covers(v, first)]
                 owners.update(v.port for v in served)
@@ -548,6 +560,23 @@ class LocalCluster:
             return self._lag(port)
 
         self._wait(missing, max(0.0, deadline - time.monotonic()), f"node {port} to rejoin")
+
+    def kill_all(self) -> None:
+        """SIGKILL every node: the whole cluster is gone at once, with its data."""
+        for port in self.living():
+            self._sigkill(self.nodes[port])
+
+    def restart_all(self, timeout: float = 6 * TIMEOUT) -> None:
+        """Start every dead node again with its cluster configuration (and whatever an
+        explicit SAVE left in its directory); wait until the cluster is whole and replicated."""
+        deadline = time.monotonic() + timeout
+        dead = [node for node in self.nodes.values() if not node.running]
+        for node in dead:
+            self._spawn(node)
+        for node in dead:
+            self._await_ping(node, deadline, set())
+            self._orphans.pop(node.port, None)
+        self.wait_whole(max(0.0, deadline - time.monotonic()), replicated=True)
 
     # -- diagnostics ---------------------------------------------------------------------------
 

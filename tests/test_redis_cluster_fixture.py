@@ -17,6 +17,7 @@ from redis_cluster_fixtures import (
     redis_cluster_url_fixture,  # noqa: F401 (a fixture)
     require_redis_cluster,
     restore,
+    restored_cluster_fixture,  # noqa: F401 (a fixture)
 )
 
 pytestmark = pytest.mark.redis
