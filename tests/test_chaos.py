@@ -1,9 +1,11 @@
 """Failures of a real cluster: Redis killed and restarted empty, a node killed, history lost.
 
 Three ``roomcast serve`` nodes share a ``redis-server`` of the test's own, which the tests kill
-with SIGKILL. Redis runs without persistence, so a restart loses every channel's history: each
-channel starts a new stream (a new epoch) at its next use, and the subscribers of the old one
-are closed with 1012 and recover (``recovered: false``, everything the new stream holds).
+with SIGKILL; then each test runs again on a Redis Cluster (``fresh_redis[cluster]``), all of
+whose nodes it kills instead. Redis runs without persistence, so a restart loses every
+channel's history: each channel starts a new stream (a new epoch) at its next use, and the
+subscribers of the old one are closed with 1012 and recover (``recovered: false``, everything
+the new stream holds).
 
 What "every message the history still holds" means in (a): at the end, the channel's history
 (``ROOMCAST_HISTORY_SIZE`` is larger than everything published, so nothing is trimmed) is the
@@ -37,10 +39,11 @@ from helpers import (
     wait_until,
     ws_connect,
 )
-from redis_server import (
-    RedisServer,
-    fresh_redis_fixture,  # noqa: F401 (a fixture)
+from redis_cluster_fixtures import (
+    fresh_redis_or_cluster_fixture,  # noqa: F401 (a fixture: fresh_redis, on each)
+    redis_cluster_fixture,  # noqa: F401 (a fixture)
 )
+from redis_server import RedisServer
 from roomcast.client import Publication
 from tcpproxy import TcpProxy
 from test_protocol import Peer, channel, peer

@@ -29,15 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from helpers import TIMEOUT, async_wait_until, wait_until
-from redis_server import (
-    RedisServer,
-    fresh_redis_fixture,  # noqa: F401 (a fixture)
-    unique_prefix,
+from helpers import TIMEOUT, RoomcastServer, async_wait_until, wait_until
+from redis_cluster_fixtures import (
+    ClusterAsOneRedis,
+    fresh_redis_or_cluster_fixture,  # noqa: F401 (a fixture: fresh_redis, on each)
+    redis_cluster_fixture,  # noqa: F401 (a fixture)
 )
+from redis_server import RedisServer, unique_prefix
 from roomcast.brokers import Position
 from roomcast.brokers.redis import RedisBroker
 from roomcast.codecs.roomcast_json import encode_info
@@ -53,6 +55,11 @@ pytestmark = pytest.mark.redis
 
 INFO = encode_info("c0ffee000001", "alice")
 
+#: The tests through ``roomcast serve`` nodes run on one Redis and on a Redis Cluster
+#: (``fresh_redis[cluster]``: killing "the" Redis kills every node); those that drive a
+#: ``RedisBroker`` in this process run on one Redis only.
+single_redis = pytest.mark.parametrize("fresh_redis", ["redis"], indirect=True)
+
 
 # -- the node's pub/sub connection killed, again and again ---------------------------------------
 
@@ -60,10 +67,32 @@ KILLS = 20
 TOTAL = 10_000
 
 
-def pubsub_clients(redis: RedisServer, min_subscriptions: int) -> list[dict[str, Any]]:
-    """The nodes' pub/sub connections with at least ``min_subscriptions`` subscriptions."""
-    with redis.client() as conn:
-        return [c for c in conn.client_list() if int(c["sub"]) >= min_subscriptions]
+def pubsub_clients(
+    redis: RedisServer | ClusterAsOneRedis, node: RoomcastServer, ch: str
+) -> list[tuple[int, int]]:
+    """``node``'s pub/sub connections to the Redis that holds ``ch`` (on a cluster, the master
+    of its slot), as (that Redis' port, client id)."""
+    assert node.proc is not None
+    mine = {c.laddr.port for c in psutil.Process(node.proc.pid).net_connections("tcp")}
+    if isinstance(redis, ClusterAsOneRedis):
+        port = redis.cluster.master_of("{" + ch + "}")
+        conn = redis.cluster.client(port)
+    else:
+        port, conn = redis.port, redis.client()
+    with conn:
+        return [
+            (port, int(c["id"]))
+            for c in conn.client_list()
+            if int(c["sub"]) + int(c.get("ssub", 0)) > 0
+            and int(str(c["addr"]).rpartition(":")[2]) in mine
+        ]
+
+
+def kill_client(redis: RedisServer | ClusterAsOneRedis, port: int, client_id: int) -> None:
+    """``CLIENT KILL`` one connection of the Redis on ``port``."""
+    conn = redis.cluster.client(port) if isinstance(redis, ClusterAsOneRedis) else redis.client()
+    with conn:
+        assert conn.client_kill_filter(_id=client_id) == 1
 
 
 async def test_pubsub_connection_killed_20_times_while_two_nodes_publish(
@@ -71,9 +100,9 @@ async def test_pubsub_connection_killed_20_times_while_two_nodes_publish(
 ) -> None:
     """Every subscriber ends with every publication, in order: no silent gap, no duplicate.
 
-    Node 0 holds the subscribers (its pub/sub connection subscribes to the control channel and
-    to the test's channel: two subscriptions); nodes 1 and 2 publish 5,000 each. Each kill waits
-    until node 0 is back before the next, so all 20 are whole reconnections.
+    Node 0 holds the subscribers (the victim: its pub/sub connection that carries the test's
+    channel; on a cluster, the one to the channel's master); nodes 1 and 2 publish 5,000 each.
+    Each kill waits until node 0 is back before the next, so all 20 are whole reconnections.
     """
     nodes = start_nodes(tmp_path, fresh_redis, ROOMCAST_HISTORY_SIZE=str(2 * TOTAL))
     ch = channel("kill")
@@ -82,7 +111,8 @@ async def test_pubsub_connection_killed_20_times_while_two_nodes_publish(
         for s in subscribers:
             await s.start()
         await async_wait_until(
-            lambda: len(pubsub_clients(fresh_redis, 2)) == 1, what="node 0's subscription"
+            lambda: len(pubsub_clients(fresh_redis, nodes[0], ch)) == 1,
+            what="node 0's subscription",
         )
         publishers = [Publisher(node, ch, i, TOTAL // 2) for i, node in enumerate(nodes[1:])]
         tasks = [asyncio.create_task(p.run()) for p in publishers]
@@ -91,11 +121,11 @@ async def test_pubsub_connection_killed_20_times_while_two_nodes_publish(
             acked = sum(len(p.acked) for p in publishers)
             if acked >= (kills + 1) * TOTAL // (KILLS + 1) or all(t.done() for t in tasks):
                 await async_wait_until(
-                    lambda: len(pubsub_clients(fresh_redis, 2)) == 1, what="node 0's subscription"
+                    lambda: len(pubsub_clients(fresh_redis, nodes[0], ch)) == 1,
+                    what="node 0's subscription",
                 )
-                (victim,) = pubsub_clients(fresh_redis, 2)
-                with fresh_redis.client() as conn:
-                    assert conn.client_kill_filter(_id=victim["id"]) == 1
+                ((port, victim),) = pubsub_clients(fresh_redis, nodes[0], ch)
+                kill_client(fresh_redis, port, victim)
                 kills += 1
                 # Each kill is one whole reconnection before the next one.
                 await async_wait_until(
@@ -290,6 +320,7 @@ def attach(requests: ChannelRequests) -> tuple[AsgiPeer, Session]:
     return asgi, requests.attach(conn, None)
 
 
+@single_redis
 async def test_a_second_subscriber_waits_for_the_node_subscription(
     held_node: tuple[Node, RedisBroker],
 ) -> None:
@@ -342,6 +373,7 @@ async def broker(fresh_redis: RedisServer) -> AsyncIterator[RedisBroker]:
         await b.close()
 
 
+@single_redis
 async def test_a_recreated_position_next_to_an_old_stream(
     broker: RedisBroker, fresh_redis: RedisServer
 ) -> None:
@@ -361,6 +393,7 @@ async def test_a_recreated_position_next_to_an_old_stream(
     assert (page.epoch, page.start, offsets) == (position.epoch, 1, [1])
 
 
+@single_redis
 async def test_history_is_bounded_in_bytes(broker: RedisBroker) -> None:
     """history_bytes=2000: the oldest publications go once their data and info hold more
     than that."""
@@ -377,6 +410,7 @@ async def test_history_is_bounded_in_bytes(broker: RedisBroker) -> None:
     assert page.start == offsets[0]
 
 
+@single_redis
 async def test_the_index_of_channels_in_use_forgets_expired_ones(fresh_redis: RedisServer) -> None:
     """``P:channels`` lists channels with presence; one whose entries expired leaves it."""
     b = RedisBroker(
