@@ -43,8 +43,14 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast.brokers.base import BrokerUnavailable, HistoryPage, Position, Publication, Sink
@@ -71,7 +77,17 @@ STARTUP_WAIT = 5.0
 
 #: Failures that mean "Redis cannot be reached now" (as opposed to a bug). RuntimeError: redis-py
 #: writing on a transport that closed under it while it reconnected ("the handler is closed").
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, RuntimeError)
+#: The cluster's: no node answers (RedisClusterException), a slot without a master during a
+#: failover (ClusterDownError, TryAgainError).
+UNREACHABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    RuntimeError,
+    RedisClusterException,
+    ClusterDownError,
+    TryAgainError,
+)
 
 
 class RedisBroker:
@@ -217,18 +233,18 @@ class RedisBroker:
         self._tasks = []
         if self._mine and self.available:
             # Leave no presence behind (a node that dies leaves it to expire instead).
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, *UNREACHABLE):
                 async with asyncio.timeout(2):
                     pipe = self._conn.pipeline(transaction=False)
                     for channel, entries in self._mine.items():
                         self._forget_presence(pipe, channel, list(entries))
                     await pipe.execute()
         if self._pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, *UNREACHABLE):
                 await self._pubsub.aclose()
         for client in (self._listener, self._redis):
             if client is not None:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(RedisError, *UNREACHABLE):
                     if isinstance(client, aioredis.Redis):
                         await client.aclose(close_connection_pool=True)
                     else:  # a RedisCluster closes its nodes' connections
@@ -310,7 +326,7 @@ class RedisBroker:
                 self._mark_down(error)
                 pubsub, self._pubsub = self._pubsub, None
                 if pubsub is not None:
-                    with contextlib.suppress(RedisError, OSError):
+                    with contextlib.suppress(RedisError, *UNREACHABLE):
                         await pubsub.aclose()
                 await asyncio.sleep(backoff * (0.5 + secrets.randbelow(1000) / 1000))
                 backoff = min(backoff * 2, 5.0)

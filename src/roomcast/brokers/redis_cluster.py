@@ -35,7 +35,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from roomcast.brokers.redis import RedisBroker
+from roomcast.brokers.redis import UNREACHABLE, RedisBroker
 from roomcast.brokers.redis_scripts import WHOAMI
 
 __all__ = ["RedisClusterBroker", "ShardedPubSub", "parse_cluster_url"]
@@ -189,7 +189,7 @@ class ShardedPubSub:
             reader.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
         for pubsub in self._shards.values():
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, *UNREACHABLE):
                 await pubsub.aclose()
                 await pubsub.connection_pool.disconnect()
         self._shards.clear()
