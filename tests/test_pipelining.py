@@ -24,7 +24,7 @@ from redis_server import (
     unique_prefix,
 )
 from roomcast.brokers.redis import RedisBroker
-from roomcast.core.node import PUBLISH_WINDOW
+from roomcast.core.node import PUBLISH_WINDOW, PUBLISH_WINDOW_BYTES
 
 CH = "pipe:c"
 ANYONE = {"anonymous_subscribe": ["*"], "anonymous_publish": ["*"]}
@@ -64,6 +64,36 @@ async def test_a_sender_has_at_most_a_window_of_publications_under_way() -> None
         replies = [f for f in peer.frames if f.get("id") is not None]
         assert [f["id"] for f in replies] == list(range(PUBLISH_WINDOW + 20)), "replies in order"
         assert [f["result"]["offset"] for f in replies] == list(range(1, PUBLISH_WINDOW + 21))
+
+
+async def test_a_sender_has_at_most_a_mebibyte_of_publications_under_way() -> None:
+    """Big messages fill the window by their bytes first: 64 kB each, 16 under way at most."""
+    broker = GatedBroker()
+    size = 64_000
+    async with running_node(broker, max_publication_size=size + 100, **ANYONE) as node:
+        peer, session, requests = attach_ws(node, user=None)  # type: ignore[arg-type]
+        reached, release = broker.gate("publish")
+        big = "x" * (size - 2)  # a JSON string of size bytes
+
+        async def sender() -> None:
+            for i in range(40):
+                frame = json.dumps({"id": i, "op": "publish", "channel": CH, "data": big})
+                await requests.handle(session, frame)
+
+        task = asyncio.create_task(sender())
+        await reached.wait()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert session.publishing is not None
+        assert len(session.publishing) == PUBLISH_WINDOW_BYTES // size
+        assert session.publishing_bytes <= PUBLISH_WINDOW_BYTES
+        release.set()
+        async with asyncio.timeout(TIMEOUT):
+            await task
+            await node.settle(session)
+        assert session.publishing_bytes == 0
+        replies = [f for f in peer.frames if f.get("id") is not None]
+        assert [f["result"]["offset"] for f in replies] == list(range(1, 41))
 
 
 async def test_a_request_after_publications_sees_them_and_is_answered_after_them() -> None:

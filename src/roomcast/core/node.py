@@ -33,10 +33,12 @@ __all__ = ["Node", "Subscribed"]
 
 logger = logging.getLogger("roomcast.node")
 
-#: Publications one session may have under way at once (see :meth:`Node.pipeline`): enough for a
-#: burst to cross a shared broker in one round trip, few enough that a sender cannot queue
-#: without bound (past it, its next message is not read until the oldest is done).
-PUBLISH_WINDOW = 64
+#: Publications one session may have under way at once (see :meth:`Node.pipeline`), and their
+#: bytes: enough for a burst to cross a shared broker in one round trip, few enough that a sender
+#: cannot queue without bound (past either, its next message is not read until the oldest is
+#: done). A publication under way costs about 1 kB besides its data.
+PUBLISH_WINDOW = 256
+PUBLISH_WINDOW_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,26 +267,33 @@ class Node:
             self.hub.on_publication(channel, "", Publication(0, data, info))
             return Position("", 0)
 
-    async def pipeline(self, session: Session, work: Coroutine[Any, Any, None]) -> None:
+    async def pipeline(
+        self, session: Session, work: Coroutine[Any, Any, None], size: int = 0
+    ) -> None:
         """Start ``work`` (a publication of ``session``'s, and its reply) without waiting for it.
 
         A sender's publications then cross the broker together instead of one per round trip,
         still in the order they were sent: tasks start in the order they are created, and each
         hands its command to the broker before it first waits. ``work`` answers its own
         failures. Returns at once, unless ``PUBLISH_WINDOW`` of the session's publications are
-        under way: then once the oldest is done.
+        under way, or ``PUBLISH_WINDOW_BYTES`` of their data (``size``: this one's): then once
+        enough of the oldest are done.
         """
         pending = session.publishing
         if pending is None:
             pending = session.publishing = deque()
-        while len(pending) >= PUBLISH_WINDOW:
+        while pending and (
+            len(pending) >= PUBLISH_WINDOW or session.publishing_bytes + size > PUBLISH_WINDOW_BYTES
+        ):
             await asyncio.wait((pending[0],))
         task = asyncio.get_running_loop().create_task(work)
         pending.append(task)
+        session.publishing_bytes += size
         self.tasks.add(task)
 
         def done(task: asyncio.Task[None]) -> None:
             self.tasks.discard(task)
+            session.publishing_bytes -= size
             if pending[0] is task:
                 pending.popleft()
             else:

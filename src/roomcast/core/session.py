@@ -40,6 +40,7 @@ class Session:
         "node",
         "outbox",
         "publishing",
+        "publishing_bytes",
         "slow_code",
         "subscriptions",
         "timers",
@@ -81,6 +82,7 @@ class Session:
         #: Its publications under way, oldest first (see :meth:`Node.pipeline`); created with
         #: the first one.
         self.publishing: deque[asyncio.Task[None]] | None = None
+        self.publishing_bytes = 0
 
     @property
     def active(self) -> bool:

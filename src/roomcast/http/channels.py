@@ -172,7 +172,8 @@ class ChannelRequests:
             request_id = request.id
             if request.op == "publish":
                 channel, data = self._publication(session, request)
-                await node.pipeline(session, self._publish(session, request.id, channel, data))
+                work = self._publish(session, request.id, channel, data)
+                await node.pipeline(session, work, len(data))
                 return
             await node.settle(session)
             result, after = await self._ops[request.op](session, request)

@@ -154,7 +154,7 @@ def guide_routes(node: Node) -> list[WebSocketRoute]:
                 # finish) but speaks no more.
                 if session.active:
                     message = f"Client says: {text}".encode()
-                    await node.pipeline(session, say(channel, message))
+                    await node.pipeline(session, say(channel, message), len(message))
         finally:
             # When the server restarts everyone leaves at once: n leave notices to n members
             # would be n² messages that nobody will read.
