@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +27,29 @@ from roomcast.version import __version__
 __all__ = ["create_app"]
 
 logger = logging.getLogger("roomcast.app")
+
+#: The collector's thresholds under ``ROOMCAST_TUNE_GC`` (Python's: 700, 10, 10). With a thousand
+#: sessions a full collection took 70-180 ms, in the middle of a fan-out: measured on a chat burst
+#: (1,000 members, 200 messages) on redis://, 437k deliveries/s with Python's thresholds, 639k
+#: with these.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def tune_gc() -> tuple[int, ...]:
+    """Fewer, shorter collector pauses: what exists at start (modules, the app) is never
+    scanned again, and the young generation is collected every 20,000 allocations. Returns
+    the thresholds before, for :func:`untune_gc`."""
+    before = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    return before
+
+
+def untune_gc(before: tuple[int, ...]) -> None:
+    """Undo :func:`tune_gc` (the app stopped; the process may go on)."""
+    gc.unfreeze()
+    gc.set_threshold(*before)
 
 
 def create_app(settings: Settings | None = None, *, announce: bool = False) -> FastAPI:
@@ -69,11 +93,14 @@ def create_app(settings: Settings | None = None, *, announce: bool = False) -> F
                     ", ".join(cfg.guests),
                 )
         await node.start()
+        before = tune_gc() if cfg.tune_gc else None
         if metrics is not None:
             metrics.start()
         try:
             yield
         finally:
+            if before is not None:
+                untune_gc(before)
             await node.stop()
             if metrics is not None:
                 await metrics.stop()

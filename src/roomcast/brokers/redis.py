@@ -54,7 +54,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast.brokers.base import BrokerUnavailable, HistoryPage, Position, Publication, Sink
-from roomcast.brokers.redis_pipe import AutoPipeline
+from roomcast.brokers.redis_pipe import AutoPipeline, ConnectionPipeline
 from roomcast.brokers.redis_scripts import (
     HISTORY,
     POSITION,
@@ -122,7 +122,7 @@ class RedisBroker:
         self.available = False
         self._redis: aioredis.Redis | None = None
         #: Publications, as many per round trip as are waiting (see redis_pipe).
-        self._pipe: AutoPipeline | None = None
+        self._pipe: AutoPipeline | ConnectionPipeline | None = None
         self._pubsub: Any = None
         #: The pub/sub connection's own client: one connection, never retried in place (see
         #: start()).
@@ -168,7 +168,7 @@ class RedisBroker:
         self._sink = sink
         self._redis = self._open()
         r = self._redis
-        self._pipe = AutoPipeline(r)
+        self._pipe = self._new_pipe()
         self._presence_script = r.register_script(PRESENCE)
         self._wanted.add(self._control)
         loop = asyncio.get_running_loop()
@@ -211,6 +211,10 @@ class RedisBroker:
         )
         return aioredis.Redis(connection_pool=pool)
 
+    def _new_pipe(self) -> AutoPipeline | ConnectionPipeline:
+        """Where publications go: a connection of their own, several batches under way."""
+        return ConnectionPipeline(self._conn.connection_pool)
+
     def _new_pubsub(self) -> Any:
         """A pub/sub connection, not yet subscribed to anything."""
         assert self._listener is not None
@@ -222,6 +226,8 @@ class RedisBroker:
             # Connections made before the failure are dead: drop the idle ones rather than
             # fail one request on each.
             await self._conn.connection_pool.disconnect(inuse_connections=False)
+            if isinstance(self._pipe, ConnectionPipeline):
+                self._pipe.reset()
         await self._conn.ping()
 
     async def close(self) -> None:

@@ -36,6 +36,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from roomcast.brokers.redis import UNREACHABLE, RedisBroker
+from roomcast.brokers.redis_pipe import AutoPipeline
 from roomcast.brokers.redis_scripts import WHOAMI
 
 __all__ = ["RedisClusterBroker", "ShardedPubSub", "parse_cluster_url"]
@@ -238,6 +239,11 @@ class RedisClusterBroker(RedisBroker):
         # A burst of requests (a thousand clients subscribing at once) waits its turn here.
         async with self._concurrency:
             return await super()._call(op, operation)
+
+    def _new_pipe(self) -> AutoPipeline:
+        # redis-py's cluster pipeline routes each command to its slot's master (and follows
+        # redirections): one batch under way at a time.
+        return AutoPipeline(self.cluster)
 
     def _new_pubsub(self) -> Any:
         return ShardedPubSub(self)
