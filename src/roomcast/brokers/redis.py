@@ -1,17 +1,17 @@
 """``redis://`` / ``rediss://``: channels shared by every node that uses the same Redis (>= 6).
 
-Keys (``P`` is the prefix, ``roomcast`` unless the URL says ``?prefix=...``):
+Keys (``P`` is the prefix, ``roomcast`` unless the URL says ``?prefix=...``; the braces are
+literal: a channel's name is its keys' hash tag, for :mod:`roomcast.brokers.redis_cluster`):
 
-- ``P:m:{channel}`` hash ``epoch``, ``offset``, ``gen``, ``bytes``: the channel's stream
-  position. Offsets come from ``HINCRBY`` inside the publish script, so a channel has one
+- ``P:m:{channel}`` hash ``epoch``, ``offset``, ``gen``, ``at``, ``bytes``: the channel's
+  stream position; ``gen`` and ``at`` name the Redis process that wrote the last publication
+  and when (see :data:`roomcast.brokers.redis_scripts.PROLOGUE`: a restored or promoted copy
+  skips the offsets lost writes can have had). Offsets come from ``HINCRBY`` inside the publish script, so a channel has one
   sequence cluster-wide. It lives ``history_meta_ttl`` after its last use (not the history TTL:
   a quiet channel keeps its offsets).
 - ``P:h:{channel}`` stream: the history, one entry per publication with the explicit id
   ``{offset}-1``, trimmed to the history size and to ``history_bytes`` bytes of data and info
   (``bytes`` in the meta counts them) on every publish, and by age on every read.
-- ``P:generation``: the run id of the Redis process the streams were written in (see
-  ``BOOT``). A stream whose ``gen`` differs begins again under a new epoch, so a Redis restored
-  from a snapshot or a promoted replica never hands out an offset twice under one epoch.
 - ``P:p:{channel}`` hash client -> presence entry, and ``P:z:{channel}`` sorted set client ->
   expiry time: each node refreshes the expiry of its own clients' entries, in the channels it
   delivers; the entries of a node that died expire after ``presence_ttl`` seconds (the presence
@@ -26,6 +26,8 @@ A publication gets its offset, is stored and published in one atomic step (the s
 :mod:`roomcast.brokers.redis_scripts`), so it crosses Redis once. The broker stores and carries
 the publisher's bytes as they are; each node encodes them once per wire format. Each node holds
 one Redis subscription per channel that has local subscribers, whatever their number.
+Publications go on a connection of their own, as many per round trip as are waiting
+(:mod:`roomcast.brokers.redis_pipe`).
 """
 
 from __future__ import annotations
