@@ -6,9 +6,9 @@ literal: a channel's name is its keys' hash tag, for :mod:`roomcast.brokers.redi
 - ``P:m:{channel}`` hash ``epoch``, ``offset``, ``gen``, ``at``, ``bytes``: the channel's
   stream position; ``gen`` and ``at`` name the Redis process that wrote the last publication
   and when (see :data:`roomcast.brokers.redis_scripts.PROLOGUE`: a restored or promoted copy
-  skips the offsets lost writes can have had). Offsets come from ``HINCRBY`` inside the publish script, so a channel has one
-  sequence cluster-wide. It lives ``history_meta_ttl`` after its last use (not the history TTL:
-  a quiet channel keeps its offsets).
+  skips the offsets lost writes can have had). Offsets come from ``HINCRBY`` inside the
+  publish script, so a channel has one sequence cluster-wide. It lives ``history_meta_ttl``
+  after its last use (not the history TTL: a quiet channel keeps its offsets).
 - ``P:h:{channel}`` stream: the history, one entry per publication with the explicit id
   ``{offset}-1``, trimmed to the history size and to ``history_bytes`` bytes of data and info
   (``bytes`` in the meta counts them) on every publish, and by age on every read.
