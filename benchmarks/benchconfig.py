@@ -62,6 +62,6 @@ class Config:
     cluster_rounds: int = 3
     scale_paced_messages: int = 2000
     scale_interval_ms: float = 1.0
-    scale_rounds: int = 1
+    scale_rounds: int = 3
     cluster_masters: int = 3  # the scale scenario's Redis Cluster
     cluster_replicas: int = 1  # per master

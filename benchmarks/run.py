@@ -153,8 +153,8 @@ def parse_args(argv: Sequence[str]) -> Config:
     p.add_argument(
         "--scale-rounds",
         type=int,
-        default=1,
-        help="scale: rounds per repeat of every configuration taking turns, medians kept (1)",
+        default=3,
+        help="scale: rounds per repeat of every configuration taking turns, medians kept (3)",
     )
     p.add_argument(
         "--cluster-replicas",
