@@ -41,7 +41,6 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -57,11 +56,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomcast.brokers.base import BrokerUnavailable, HistoryPage, Position, Publication, Sink
 from roomcast.brokers.redis_pipe import AutoPipeline, ConnectionPipeline
+from roomcast.brokers.redis_presence import RedisPresence
 from roomcast.brokers.redis_scripts import (
     HISTORY,
     POSITION,
     PRESENCE,
-    PRESENCE_BATCH,
     PUBLISH,
     WHOAMI,
     for_process,
@@ -92,7 +91,7 @@ UNREACHABLE = (
 )
 
 
-class RedisBroker:
+class RedisBroker(RedisPresence):
     """Channels in Redis, shared by every node connected to it."""
 
     shared = True
@@ -487,7 +486,7 @@ class RedisBroker:
                 if pipelined:
                     assert self._pipe is not None
                     return await self._pipe.submit(*command)
-                return await self._conn.execute_command(*command)
+                return await self._conn.execute_command(*command)  # type: ignore[no-untyped-call]
             except NoScriptError:
                 # A new Redis process (or a flushed script cache) behind that node.
                 if self._shas.get(node) is shas:
@@ -560,114 +559,6 @@ class RedisBroker:
         ]
         return HistoryPage(epoch, offset, start, publications)
 
-    # -- presence -------------------------------------------------------------------------
-
-    def _expiry_ms(self) -> int:
-        return int((time.time() + self.presence_ttl) * 1000)
-
-    async def presence_add(self, channel: str, client: str, entry: dict[str, Any]) -> None:
-        encoded = orjson.dumps({**entry, "at": time.time()})
-        self._mine.setdefault(channel, {})[client] = encoded
-        pipe = self._conn.pipeline(transaction=self._atomic)
-        pipe.hset(self._key("p", channel), client, encoded)
-        pipe.zadd(self._key("z", channel), {client: self._expiry_ms()})
-        pipe.zadd(f"{self.prefix}:channels", {channel: self._expiry_ms()})
-        await self._call("presence_add", pipe.execute())
-
-    async def presence_remove(self, channel: str, client: str) -> None:
-        mine = self._mine.get(channel)
-        if mine is not None:
-            mine.pop(client, None)
-            if not mine:
-                del self._mine[channel]
-        pipe = self._conn.pipeline(transaction=self._atomic)
-        pipe.hdel(self._key("p", channel), client)
-        pipe.zrem(self._key("z", channel), client)
-        await self._call("presence_remove", pipe.execute())
-
-    async def presence(self, channel: str) -> list[dict[str, Any]]:
-        raw = await self._call(
-            "presence",
-            self._presence_script(
-                keys=[self._key("p", channel), self._key("z", channel)],
-                args=[int(time.time() * 1000), PRESENCE_BATCH],
-            ),
-        )
-        entries = [orjson.loads(item) for item in raw if item is not None]
-        entries.sort(key=lambda entry: entry.pop("at", 0))
-        return entries
-
     async def emit(self, channel: str, kind: str, client: str, info: bytes) -> None:
         message = b"E %s %s %s" % (kind.encode(), client.encode(), info)
         await self._call("emit", self._send(channel, message))
-
-    async def channels(self) -> dict[str, int]:
-        now = int(time.time() * 1000)
-        raw: list[Any] = await self._call(
-            "channels", self._conn.zrangebyscore(f"{self.prefix}:channels", f"({now}", "+inf")
-        )
-        names = [bytes(name).decode() for name in raw]
-        if not names:
-            return {}
-        pipe = self._conn.pipeline(transaction=False)
-        for name in names:
-            pipe.zcount(self._key("z", name), f"({now}", "+inf")
-        counts = await self._call("channels", pipe.execute())
-        return {name: n for name, n in zip(names, counts, strict=True) if n}
-
-    async def _heartbeat(self) -> None:
-        """Keep this node's presence entries alive; a dead node's expire on their own."""
-        task = asyncio.current_task()
-        while True:
-            await asyncio.sleep(self.presence_ttl / 3)
-            if not self.available:
-                continue
-            try:
-                await self._refresh_presence()
-                # Channels whose entries all expired leave the index of channels in use.
-                await self._call(
-                    "presence_refresh",
-                    self._conn.zremrangebyscore(
-                        f"{self.prefix}:channels", "-inf", int(time.time() * 1000)
-                    ),
-                )
-            except (BrokerUnavailable, RedisError):
-                pass  # the listener notices and reconnects; entries are rewritten then
-            except Exception as error:
-                logger.warning("broker presence refresh failed: %r", error)
-            if task is not None and task.cancelling():
-                # Cancelled during the refresh, but redis-py (8.1) may finish a pipeline
-                # normally all the same, swallowing the CancelledError: stop anyway, or close()
-                # would wait for this task forever.
-                raise asyncio.CancelledError
-
-    async def _refresh_presence(self) -> None:
-        """Write this node's presence entries again with a new expiry (heartbeat, reconnection).
-
-        Only those of the channels this node still delivers: the last local subscriber of a
-        channel unsubscribes it, so an entry left for a channel no longer delivered belongs to
-        no client here; it is removed rather than kept alive for the node's whole life.
-        """
-        if not self._mine:
-            return
-        pipe = self._conn.pipeline(transaction=False)
-        for channel in [c for c in self._mine if self._key("c", c) not in self._wanted]:
-            self._forget_presence(pipe, channel, list(self._mine.pop(channel)))
-        expiry = self._expiry_ms()
-        for channel, entries in self._mine.items():
-            clients = list(entries)
-            for first in range(0, len(clients), PRESENCE_BATCH):
-                batch = clients[first : first + PRESENCE_BATCH]
-                pipe.hset(self._key("p", channel), mapping={c: entries[c] for c in batch})
-                pipe.zadd(self._key("z", channel), dict.fromkeys(batch, expiry))
-            pipe.zadd(f"{self.prefix}:channels", {channel: expiry})
-            # A channel with subscribers keeps its stream position even when nobody publishes.
-            pipe.expire(self._key("m", channel), self.meta_ttl)
-        await self._call("presence_refresh", pipe.execute())
-
-    def _forget_presence(self, pipe: Any, channel: str, clients: list[str]) -> None:
-        """Queue on ``pipe`` the removal of ``clients``' entries, a batch per command."""
-        for first in range(0, len(clients), PRESENCE_BATCH):
-            batch = clients[first : first + PRESENCE_BATCH]
-            pipe.hdel(self._key("p", channel), *batch)
-            pipe.zrem(self._key("z", channel), *batch)

@@ -110,7 +110,7 @@ class ShardedPubSub:
         if pubsub is None:
             client = aioredis.Redis(
                 host=node.host,
-                port=node.port,
+                port=int(node.port),
                 retry=Retry(NoBackoff(), 0),
                 socket_connect_timeout=2,
                 health_check_interval=10,
@@ -119,7 +119,7 @@ class ShardedPubSub:
             )
             pubsub = client.pubsub()
             self._shards[node.name] = pubsub
-            await pubsub.connect()
+            await pubsub.connect()  # type: ignore[no-untyped-call]
             self._readers.append(
                 asyncio.get_running_loop().create_task(
                     self._read(pubsub), name=f"roomcast-redis-shard-{node.name}"
@@ -136,7 +136,7 @@ class ShardedPubSub:
             self._fresh = True
         by_node: dict[str, tuple[ClusterNode, list[str]]] = {}
         for channel in channels:
-            node = cluster.get_node_from_key(channel)
+            node = self.broker.master_of(channel)
             by_node.setdefault(node.name, (node, []))[1].append(channel)
         for node, names in by_node.values():
             pubsub = await self._shard(node)
@@ -148,7 +148,7 @@ class ShardedPubSub:
                 await pubsub.ssubscribe(*group)
 
     async def unsubscribe(self, channel: str) -> None:
-        node = self.broker.cluster.get_node_from_key(channel)
+        node = self.broker.master_of(channel)
         pubsub = self._shards.get(node.name)
         if pubsub is not None:
             await pubsub.sunsubscribe(channel)
@@ -255,8 +255,16 @@ class RedisClusterBroker(RedisBroker):
         # Every master answers: each holds a part of the channels.
         await cluster.ping(target_nodes=RedisCluster.PRIMARIES)
 
+    def master_of(self, key: str) -> ClusterNode:
+        """The master that serves ``key``'s slot (a channel's keys and pub/sub channel share
+        it)."""
+        node = self.cluster.get_node_from_key(key)
+        if node is None:
+            raise RedisConnectionError(f"no master serves the slot of {key!r} now")
+        return node
+
     def _node(self, channel: str) -> str:
-        return str(self.cluster.get_node_from_key(self._key("m", channel)).name)
+        return str(self.master_of(self._key("m", channel)).name)
 
     def _target(self, node: str) -> ClusterNode:
         target = self.cluster.get_node(node_name=node)

@@ -330,7 +330,7 @@ class ChannelRequests:
         return channel, encode_data(body["data"], self.settings.max_publication_size, request.id)
 
     async def _publish(
-        self, session: Session, request_id: int | str | None, channel: str, data: bytes
+        self, session: Session, request_id: int | str, channel: str, data: bytes
     ) -> None:
         try:
             position = await self.node.publish(channel, data, session.info)
