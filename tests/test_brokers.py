@@ -392,11 +392,10 @@ async def test_a_dead_nodes_presence_expires_whatever_its_size(
     assert await broker.channels() == {ch: 8_000}
     with server.client() as conn:
         # The dead node's entries are gone from Redis, not just left out.
-        assert (conn.hlen(f"{broker.prefix}:p:{{{ch}}}"), conn.zcard(f"{broker.prefix}:z:{{{ch}}}")) == (
-            8_000,
-            8_000,
-        )
-        assert conn.exists(f"{broker.prefix}:p:{{{deserted}}}", f"{broker.prefix}:z:{{{deserted}}}") == 0
+        p, z = f"{broker.prefix}:p:{{{ch}}}", f"{broker.prefix}:z:{{{ch}}}"
+        assert (conn.hlen(p), conn.zcard(z)) == (8_000, 8_000)
+        p, z = f"{broker.prefix}:p:{{{deserted}}}", f"{broker.prefix}:z:{{{deserted}}}"
+        assert conn.exists(p, z) == 0
 
 
 def presence_command_sizes(log: list[Any], prefix: str) -> dict[str, list[int]]:
