@@ -98,7 +98,7 @@ class AutoPipeline:
             await asyncio.gather(task, return_exceptions=True)
 
 
-class ConnectionPipeline:
+class ConnectionPipeline(AutoPipeline):
     """Batches on one connection of its own, several under way at once, replies read in order.
 
     A failed connection fails the commands written on it (their outcome is unknown: Redis may
@@ -106,35 +106,24 @@ class ConnectionPipeline:
     """
 
     def __init__(self, pool: Any) -> None:
-        #: The pool whose settings (address, credentials, TLS, timeouts) the connection takes.
-        self.pool = pool
+        #: ``client`` is the pool whose settings (address, credentials, TLS, timeouts) the
+        #: connection takes.
+        super().__init__(pool)
         self._conn: Any = None
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._sent: deque[list[asyncio.Future[Any]]] = deque()
-        self._writer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
-        self.batches = 0
-        self.commands = 0
-
-    def submit(self, *args: Any) -> asyncio.Future[Any]:
-        """Queue one command now; await its reply."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((args, future))
-        if self._writer is None:
-            self._writer = loop.create_task(self._write(), name="roomcast-redis-writer")
-        return future
 
     async def _connection(self) -> Any:
         conn = self._conn
         if conn is None:
-            conn = self.pool.connection_class(**self.pool.connection_kwargs)
+            pool = self.client
+            conn = pool.connection_class(**pool.connection_kwargs)
             await conn.connect()
             self._conn = conn
         return conn
 
-    async def _write(self) -> None:
+    async def _run(self) -> None:
         try:
             while self._queue:
                 while len(self._sent) >= IN_FLIGHT:
@@ -161,7 +150,7 @@ class ConnectionPipeline:
                         self._read(conn), name="roomcast-redis-reader"
                     )
         finally:
-            self._writer = None
+            self._task = None
             if self._queue and asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 self._cancel_all()
 
@@ -219,7 +208,7 @@ class ConnectionPipeline:
         self._sent.clear()
 
     async def close(self) -> None:
-        tasks = [task for task in (self._writer, self._reader) if task is not None]
+        tasks = [task for task in (self._task, self._reader) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
